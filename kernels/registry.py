@@ -1,0 +1,55 @@
+"""The implementations an attention site can be replaced by, and what each one can take.
+
+A variant turns canonical operands (q (B,H,M,E), k/v (B,Hkv,N,E|F), optional mask/slopes/lengths)
+into a call `target(*args, **kwargs)`. The same call is emitted into an fx graph by the rewriter and
+run eagerly by tests and verification, so what is verified is exactly what runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from attnfx.cost_model.spec import AttentionSpec
+
+
+@dataclass(frozen=True)
+class Operands:
+    """Canonical inputs of one site: fx nodes when emitting, tensors when running eagerly."""
+
+    q: Any
+    k: Any
+    v: Any
+    mask: Any = None  # bool (True = attend) or additive, 4-D, broadcastable to (B, H, M, N)
+    slopes: Any = None  # (H,) ALiBi slopes
+    kv_lengths: Any = None  # (B,) int, keys at n >= length are masked
+
+
+@dataclass(frozen=True)
+class Call:
+    """`target(*args, **kwargs)`, then `[output_index]` when the op returns a tuple."""
+
+    target: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output_index: int | None = None
+
+    def run(self) -> Any:
+        out = self.target(*self.args, **self.kwargs)
+        return out if self.output_index is None else out[self.output_index]
+
+
+class Variant(Protocol):
+    """An implementation a site can be rewritten to.
+
+    `algorithm` names the cascade the cost model prices it with (see attnfx.cost_model).
+    `refusal()` returns why it cannot take this site on this device, or None if it can.
+    """
+
+    name: str
+    algorithm: str
+    exact: bool
+    description: str
+
+    def refusal(self, spec: AttentionSpec, device: str) -> str | None: ...
+
+    def call(self, spec: AttentionSpec, operands: Operands) -> Call: ...

@@ -1,0 +1,45 @@
+"""PyTorch's fused `scaled_dot_product_attention` as a rewrite target.
+
+On CPU it dispatches to a flash-style 1-pass kernel; elsewhere to flash / memory-efficient / cuDNN.
+It takes a scale, a top-left `is_causal` flag *or* one mask tensor, and GQA through `enable_gqa`.
+"""
+from __future__ import annotations
+
+import torch
+
+from attnfx.cost_model.spec import AttentionSpec, Causal, MaskInput
+
+from .registry import Call, Operands
+
+
+class SdpaVariant:
+    name = "sdpa"
+    algorithm = "sdpa"
+    exact = True
+    description = "torch.nn.functional.scaled_dot_product_attention"
+
+    def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        if spec.softcap is not None:
+            return "SDPA has no softcap"
+        if spec.alibi:
+            return "SDPA takes no ALiBi slopes (the bias-tensor form can)"
+        if spec.window is not None:
+            return "SDPA has no sliding-window flag (the mask-tensor form can)"
+        if spec.key_padding:
+            return "SDPA takes no per-batch key lengths (the mask-tensor form can)"
+        if spec.causal is Causal.BOTTOM_RIGHT:
+            return "SDPA's is_causal is top-left aligned and this site's diagonal is bottom-right with M != N"
+        if spec.causal is not Causal.NONE and spec.mask is not MaskInput.NONE:
+            return "SDPA cannot combine is_causal with a mask tensor"
+        return None
+
+    def call(self, spec: AttentionSpec, operands: Operands) -> Call:
+        kwargs = {"scale": spec.scale}
+        if spec.kv_heads != spec.heads:
+            kwargs["enable_gqa"] = True
+        is_causal = spec.causal is Causal.TOP_LEFT
+        return Call(
+            torch.ops.aten.scaled_dot_product_attention.default,
+            (operands.q, operands.k, operands.v, operands.mask, 0.0, is_causal),
+            kwargs,
+        )

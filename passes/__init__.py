@@ -1,0 +1,1 @@
+"""Graph passes: canonical views of fx nodes, attention matching into the cascade IR, rewriting."""
