@@ -1,5 +1,12 @@
-"""attnfx: find every attention in a PyTorch model and replace it with the fastest exact kernel."""
+"""attnfx: find every attention in a PyTorch model and replace it with the fastest exact kernel.
+
+    opt = attnfx.optimize(model, example_args, example_kwargs)
+    print(opt.report)
+"""
 from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable, MatchError, VerificationError
+from .module import OptimizedModule
+from .optimize import optimize
+from .report import Report, SiteEntry
 
 __all__ = [
     "AttnfxError",
@@ -7,5 +14,9 @@ __all__ = [
     "ExportError",
     "KernelUnavailable",
     "MatchError",
+    "OptimizedModule",
+    "Report",
+    "SiteEntry",
     "VerificationError",
+    "optimize",
 ]

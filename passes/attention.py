@@ -1,0 +1,305 @@
+"""The attention rule: lift `softmax(QK-scores) @ V`, however it is spelled, into a `Site`.
+
+Matches: a softmax over the key axis of scores produced by a two-operand contraction (matmul, bmm,
+baddbmm, einsum) of queries with keys, through scalar scales, a tanh softcap, additive bias tensors
+and exclusion masks, whose probabilities (through casts, eval-mode dropout and transposes) are
+contracted with values over that same key axis.
+Rewrites to: any variant that can take one of the site's lowerings (see `Lowering`).
+Refuses (with a `Reason`): everything else — probabilities used elsewhere, softmax over another
+axis, masks or scales after the softmax, non-scalar scales, score-dependent masks, ...
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.fx import Node
+
+from attnfx.cost_model.spec import AttentionSpec, MaskInput
+
+from . import ops
+from .layout import Arranged, Contraction, Roles, _permute_source, look_through_permutes, read_contraction
+from .mask_proof import MaskEvaluator, MaskFacts, additive_keep, classify, conjunction, keep_predicate
+from .repeats import fold_repeats
+from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
+from .site import BiasTerm, Lowering, MaskTerm, Reason, Refusal, Site
+
+RULE = "attention.softmax"
+_SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def qk_roles(c: Contraction) -> Roles | Refusal:
+    """Roles of the score dims: batch labels b0.., the query label m and the key label n."""
+    lhs, rhs, out = c.lhs_labels, c.rhs_labels, c.out_labels
+    contracted = [x for x in lhs if x in rhs and x not in out]
+    lhs_free = [x for x in lhs if x in out and x not in rhs]
+    rhs_free = [x for x in rhs if x in out and x not in lhs]
+    if len(contracted) != 1:
+        return Refusal(Reason.NO_QK_CONTRACTION, f"{c.node.name} contracts over {len(contracted)} dims, "
+                       "not one feature dim", "QK")
+    if not lhs_free or not rhs_free or any(x not in out and x not in contracted for x in lhs + rhs):
+        return Refusal(Reason.NO_QK_CONTRACTION, f"{c.node.name} has no query/key axis pair", "QK")
+    m, n = lhs_free[-1], rhs_free[-1]
+    roles, batch = [], 0
+    for label in out:
+        if label == m:
+            roles.append("m")
+        elif label == n:
+            roles.append("n")
+        else:
+            roles.append(f"b{batch}")
+            batch += 1
+    return tuple(roles)
+
+
+def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
+    """Lift the attention around `softmax`, or say which stage refused and why."""
+    if ops.kind(softmax) == "log_softmax":
+        return Refusal(Reason.LOG_SOFTMAX, "log_softmax yields log-probabilities (a loss or sampling "
+                       "computation), not attention weights", "softmax")
+    x, dim, _ = ops.softmax_args(softmax)
+    score_path = find_contraction(x, qk_roles)
+    if isinstance(score_path, Refusal):
+        return score_path
+    if len(ops.users(x)) != 1:
+        other = next(u for u in ops.users(x) if u is not softmax)
+        return Refusal(Reason.SCORES_ESCAPE, f"the scores are also used by {other.name}", "S")
+    roles = score_path.final_roles
+    dim = ops.normalize_dim(int(dim), len(roles))
+    if roles[dim] != "n":
+        what = "the queries" if roles[dim] == "m" else "a batch/head dim"
+        return Refusal(Reason.SOFTMAX_AXIS, f"softmax over dim {dim}, which indexes {what}, not the keys", "softmax")
+    probs = _follow_probs(softmax, roles)
+    if isinstance(probs, Refusal):
+        return probs
+    av, prob_node, prob_roles, prob_path = probs
+    values = _value_roles(av, prob_node, prob_roles)
+    if isinstance(values, Refusal):
+        return values
+    v, out_roles = values
+    algebra = replay(score_path, ops.dtype(x))
+    if isinstance(algebra, Refusal):
+        return algebra
+    return _build_site(softmax, score_path, algebra, av, v, out_roles, prob_path, evaluator)
+
+
+def _follow_probs(softmax: Node, roles: Roles) -> tuple[Contraction, Node, Roles, list[Node]] | Refusal:
+    node, path = softmax, []
+    while True:
+        users = ops.users(node)
+        if len(users) != 1 or users[0].op == "output":
+            other = next((u for u in users if u.op == "output"), users[1] if len(users) > 1 else None)
+            what = "returned by the model" if other is not None and other.op == "output" else (
+                f"also used by {other.name}" if other is not None else "unused")
+            return Refusal(Reason.PROBS_ESCAPE, f"the attention probabilities ({node.name}) are {what}", "A")
+        user = users[0]
+        contraction = read_contraction(user)
+        if contraction is not None:
+            return contraction, node, roles, path
+        k = ops.kind(user)
+        if k == "dropout":
+            p = ops.scalar_value(ops.arg(user, "p", 1, 0.5)) or 0.0
+            train = ops.arg(user, "train", 2, ops.arg(user, "training", 2, True))
+            if train and p > 0:
+                return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention probabilities in training "
+                               "mode; the rewrite could not reproduce its random mask", "A")
+        elif k in ("masked_fill", "where"):
+            return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the probabilities after the softmax, "
+                           "so rows no longer sum to one", "A")
+        elif k in ("mul", "div", "add", "sub", "neg"):
+            return Refusal(Reason.PROBS_MODIFIED, f"{user.name} applies {ops.target_name(user)} to the "
+                           "probabilities after the softmax", "A")
+        elif k in ("transpose", "permute"):
+            perm = _permute_source(user)[1]
+            roles = tuple(roles[i] for i in perm)
+        elif k == "reshape" and ops.shape(user) == ops.shape(node):
+            pass
+        elif k not in ("cast", "identity"):
+            return Refusal(Reason.NO_AV_CONTRACTION, f"the probabilities flow into {user.name} "
+                           f"({ops.target_name(user)}), not a contraction with values", "AV")
+        path.append(user)
+        node = user
+
+
+def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arranged, Roles] | Refusal:
+    if av.lhs is probs and av.rhs is not probs:
+        p_labels, v_node, v_labels = av.lhs_labels, av.rhs, av.rhs_labels
+    elif av.rhs is probs and av.lhs is not probs:
+        p_labels, v_node, v_labels = av.rhs_labels, av.lhs, av.lhs_labels
+    else:
+        return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} contracts the probabilities with themselves", "AV")
+    label_roles = dict(zip(p_labels, prob_roles))
+    contracted = av.contracted()
+    if len(contracted) != 1 or label_roles.get(contracted[0]) != "n":
+        summed = ", ".join(label_roles.get(c, c) for c in contracted)
+        return Refusal(Reason.PROBS_WRONG_AXIS, f"{av.node.name} contracts the probabilities over [{summed}], "
+                       "not over the keys", "AV")
+    free = [x for x in v_labels if x not in label_roles]
+    if len(free) != 1 or free[0] not in av.out_labels:
+        return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} has no single value-feature axis", "AV")
+    label_roles[free[0]] = "f"
+    out_roles = tuple(label_roles[x] for x in av.out_labels)
+    expected = {r for r in prob_roles if r != "n"} | {"f"}
+    if set(out_roles) != expected:
+        return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} also sums over batch or head dims", "AV")
+    v = Arranged(v_node, tuple(label_roles[x] for x in v_labels))
+    base = look_through_permutes(v).node
+    if ops.kind(base) in ("mul", "div") and any(_is_number(a) for a in base.args[:2]):
+        return Refusal(Reason.SCALE_ON_VALUES, f"{base.name} scales V before the AV contraction; a scale on "
+                       "values is not the softmax scale, so the site is left as written", "AV")
+    return v, out_roles
+
+
+def _is_number(x: object) -> bool:
+    return ops.scalar_value(x) is not None
+
+
+def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contraction, v: Arranged,
+                out_roles: Roles, prob_path: list[Node], evaluator: MaskEvaluator) -> Site | Refusal:
+    c = sp.contraction
+    label_roles = dict(zip(c.out_labels, sp.roles))
+    label_roles[c.contracted()[0]] = "e"
+    q = Arranged(c.lhs, tuple(label_roles[x] for x in c.lhs_labels))
+    k = Arranged(c.rhs, tuple(label_roles[x] for x in c.rhs_labels))
+    batch_roles = tuple(r for r in sp.roles if r.startswith("b"))
+    dtypes = {ops.dtype(n) for n in (q.node, k.node, v.node)}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        return Refusal(Reason.DTYPE_UNSUPPORTED, f"q/k/v dtypes ({names}) are not one floating dtype a "
+                       "kernel takes", "QK")
+    if len(batch_roles) > 2 and any(ops.static_int(q.size(r)) is None or ops.static_int(q.size(r)) != ops.static_int(t.size(r))
+                                    for r in batch_roles[1:] for t in (k, v)):
+        return Refusal(Reason.RANK_UNSUPPORTED, "more than two batch dims that are dynamic or broadcast", "QK")
+    source = set(sp.path) | {c.node, softmax, av.node, *prob_path}
+    for term in (*algebra.bias, *algebra.masks):
+        if _depends_on(term.node, source):
+            return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
+                           "scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
+    k, v, groups = fold_repeats(k, v, batch_roles)
+    facts = _prove(algebra, evaluator, sizes=(q.size("m"), k.size("n")))
+    site = Site(
+        softmax=softmax, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
+        scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
+        bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts, groups=groups,
+        nodes=_with_checks((c.node, *sp.path, softmax, *prob_path, av.node)),
+    )
+    site.lowerings = _lowerings(site, evaluator)
+    return site
+
+
+def _with_checks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
+    """The subgraph's nodes in graph order, with export's metadata checks on them."""
+    result: list[Node] = []
+    for node in nodes:
+        result.append(node)
+        result.extend(ops.metadata_checks(node))
+    return tuple(sorted(set(result), key=_position(nodes[0].graph)))
+
+
+def _position(graph) -> Callable[[Node], int]:
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _depends_on(node: Node, targets: set[Node]) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in targets:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+def _exclusion(dtype: torch.dtype):
+    return lambda value: ops.is_exclusion_fill(value, dtype)
+
+
+def _prove(algebra: ScoreAlgebra, evaluator: MaskEvaluator, sizes: tuple) -> MaskFacts:
+    predicates = []
+    for term in algebra.masks:
+        predicates.append(keep_predicate(evaluator.value(term.node), term.roles, fill_is_keep=not term.keep_when))
+    for term in algebra.bias:
+        keep = additive_keep(evaluator.value(term.node), term.roles, _exclusion(ops.dtype(term.node)))
+        if keep is not None:
+            predicates.append(keep)
+    if not predicates:
+        return MaskFacts()
+    return classify(conjunction(predicates), ops.sym_expr(sizes[0]), ops.sym_expr(sizes[1]))
+
+
+def _is_pure_exclusion(term: BiasTerm, evaluator: MaskEvaluator) -> bool:
+    return additive_keep(evaluator.value(term.node), term.roles, _exclusion(ops.dtype(term.node))) is not None
+
+
+def _canonical_mask_shape(terms: list[BiasTerm | MaskTerm], batch_roles: Roles) -> tuple[int, ...]:
+    """The hint shape of the combined mask in 4-D canonical (B, H, M, N) layout."""
+    target = (*batch_roles, "m", "n")
+    sizes = {r: 1 for r in target}
+    for term in terms:
+        for role, size in zip(term.roles, ops.shape(term.node)):
+            sizes[role] = max(sizes[role], ops.hint_int(size))
+    dims = [sizes[r] for r in target]
+    nb = len(batch_roles)
+    if nb < 2:
+        dims = [1] * (2 - nb) + dims
+    elif nb > 2:
+        dims = [dims[0], math.prod(dims[1:nb]), *dims[nb:]]
+    return tuple(dims)
+
+
+def _lowerings(site: Site, evaluator: MaskEvaluator) -> list[Lowering]:
+    base = _base_spec(site)
+    real_bias = [b for b in site.bias if not _is_pure_exclusion(b, evaluator)]
+    lowerings = []
+    facts = site.facts
+    if facts.structural:
+        flags = dict(causal=facts.causal, window=facts.window)
+        if not real_bias:
+            lowerings.append(Lowering("flag", base.with_sizes(**flags)))
+        else:
+            shape = _canonical_mask_shape(real_bias, site.batch_roles)
+            spec = base.with_sizes(mask=MaskInput.ADDITIVE, mask_shape=shape, **flags)
+            lowerings.append(Lowering("bias+flag", spec, bias=tuple(real_bias)))
+    if not site.bias and not site.masks:
+        lowerings.append(Lowering("none", base))
+    else:
+        terms = [*site.bias, *site.masks]
+        kind = MaskInput.BOOL if not site.bias and len(site.masks) == 1 else MaskInput.ADDITIVE
+        spec = base.with_sizes(mask=kind, mask_shape=_canonical_mask_shape(terms, site.batch_roles))
+        lowerings.append(Lowering("tensor", spec, bias=site.bias, masks=site.masks))
+    return lowerings
+
+
+def _base_spec(site: Site) -> AttentionSpec:
+    sizes = {}
+    for arranged in (site.q, site.k, site.v):
+        for role, size in zip(arranged.roles, ops.shape(arranged.node)):
+            sizes[role] = max(sizes.get(role, 1), ops.hint_int(size))
+    nb = len(site.batch_roles)
+    batch_sizes = [sizes.get(r, 1) for r in site.batch_roles]
+    if nb == 0:
+        batch, heads = 1, 1
+    elif nb == 1:
+        batch, heads = 1, batch_sizes[0]
+    else:
+        batch, heads = batch_sizes[0], math.prod(batch_sizes[1:])
+    dynamic = {name for name, arranged, role in (("q_len", site.q, "m"), ("kv_len", site.k, "n"))
+               if ops.static_int(arranged.size(role)) is None}
+    if site.batch_roles and ops.static_int(site.q.size(site.batch_roles[0])) is None:
+        dynamic.add("batch")
+    kv_heads = heads
+    if nb >= 1:
+        kv_heads = math.prod(ops.hint_int(site.k.size(r)) for r in site.batch_roles[min(1, nb - 1):])
+    return AttentionSpec(
+        batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
+        head_dim=sizes["e"], value_dim=sizes["f"], dtype=_SUPPORTED_DTYPES[ops.dtype(site.q.node)],
+        scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic),
+    )
+
+
+__all__ = ["RULE", "lift", "qk_roles"]

@@ -1,0 +1,160 @@
+"""Emit the replacement for one site: canonical operands, the mask, the variant's call, and the
+output back in the model's layout. Nothing is wired in here: the caller verifies, then swaps uses.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, Node
+from torch.fx.node import map_arg
+
+from attnfx.cost_model.spec import MaskInput
+from attnfx.kernels import Operands, Variant
+
+from . import ops
+from .layout import Arranged, Roles, arrange
+from .site import Lowering, Site
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Emitted:
+    nodes: tuple[Node, ...]  # every node added, in order
+    output: Node  # replaces the site's AV contraction
+
+
+def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_index: int) -> Emitted:
+    av = site.av.node
+    before = av.prev
+    with graph.inserting_before(av):
+        builder = _Builder(graph, site.batch_roles)
+        q = builder.operand(site.q, ("m", "e"))
+        for tensor, divides in site.scale_tensors:
+            q = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (q, tensor))
+        k = builder.operand(site.k, ("n", "e"))
+        v = builder.operand(site.v, ("n", "f"))
+        k, v = builder.broadcast_batch(site, site.k, k), builder.broadcast_batch(site, site.v, v)
+        mask = builder.mask(lowering, ops.dtype(site.q.node))
+        call = variant.call(lowering.spec, Operands(q=q, k=k, v=v, mask=mask))
+        out = graph.call_function(call.target, call.args, call.kwargs)
+        if call.output_index is not None:
+            out = graph.call_function(operator.getitem, (out, call.output_index))
+        out = builder.restore(out, site)
+        if ops.dtype(av) != ops.dtype(site.q.node):
+            out = graph.call_function(aten._to_copy.default, (out,), {"dtype": ops.dtype(av)})
+    nodes = []
+    node = before.next
+    while node is not av:
+        nodes.append(node)
+        node = node.next
+    for new in nodes:
+        new.meta["nn_module_stack"] = av.meta.get("nn_module_stack", {})
+        new.meta["stack_trace"] = av.meta.get("stack_trace", "")
+        new.meta["attnfx_site"] = site_index
+        _propagate_fake(new)
+    return Emitted(tuple(nodes), out)
+
+
+class _Builder:
+    """Arranges tensors into canonical 4-D (B, H, ·, ·) layout and back."""
+
+    def __init__(self, graph: Graph, batch_roles: Roles) -> None:
+        self.graph = graph
+        self.batch_roles = batch_roles
+
+    def call(self, target, *args, **kwargs) -> Node:
+        return self.graph.call_function(target, args, kwargs)
+
+    def to_4d(self, node: Node) -> Node:
+        nb = len(self.batch_roles)
+        for _ in range(2 - nb):
+            node = self.call(aten.unsqueeze.default, node, 0)
+        if nb > 2:
+            node = self.call(aten.flatten.using_ints, node, 1, nb - 1)
+        return node
+
+    def operand(self, arranged: Arranged, inner: Roles) -> Node:
+        return self.to_4d(arrange(self.graph, arranged, (*self.batch_roles, *inner)))
+
+    def broadcast_batch(self, site: Site, source: Arranged, kv: Node) -> Node:
+        """K/V shared across the batch (a size-1 batch dim) are expanded, as a view, to q's batch."""
+        if len(self.batch_roles) < 2:
+            return kv
+        batch_role = self.batch_roles[0]
+        q_batch = site.q.size(batch_role)
+        if ops.static_int(source.size(batch_role)) != 1 or ops.static_int(q_batch) == 1:
+            return kv
+        size = ops.static_int(q_batch)
+        if size is None:
+            size = self.call(aten.sym_size.int, site.q.node, site.q.roles.index(batch_role))
+        return self.call(aten.expand.default, kv, [size, -1, -1, -1])
+
+    def mask(self, lowering: Lowering, dtype: torch.dtype) -> Node | None:
+        if lowering.spec.mask is MaskInput.NONE:
+            return None
+        target = (*self.batch_roles, "m", "n")
+        total = None
+        for term in lowering.bias:
+            node = arrange(self.graph, Arranged(term.node, term.roles), target)
+            if term.coeff != 1.0:
+                node = self.call(aten.mul.Tensor, node, term.coeff)
+            total = node if total is None else self.call(aten.add.Tensor, total, node)
+        keeps = []
+        for term in lowering.masks:
+            node = arrange(self.graph, Arranged(term.node, term.roles), target)
+            keeps.append((node if term.keep_when else self.call(aten.logical_not.default, node), term.fill))
+        if lowering.spec.mask is MaskInput.BOOL:
+            return self.to_4d(keeps[0][0])
+        for keep, fill in keeps:
+            if total is None:
+                total = self.call(aten.where.Scalar, keep, 0.0, fill)
+            else:
+                total = self.call(aten.where.ScalarOther, keep, total, fill)
+        if _dtype_of(total) not in (None, dtype):
+            total = self.call(aten._to_copy.default, total, dtype=dtype)
+        return self.to_4d(total)
+
+    def restore(self, out: Node, site: Site) -> Node:
+        """(B, H, M, F) back to the AV contraction's own layout."""
+        nb = len(self.batch_roles)
+        if nb < 2:
+            for _ in range(2 - nb):
+                out = self.call(aten.squeeze.dim, out, 0)
+        elif nb > 2:
+            sizes = [ops.static_int(site.q.size(r)) or ops.static_int(site.v.size(r)) for r in self.batch_roles[1:]]
+            out = self.call(aten.unflatten.int, out, 1, sizes)
+        canonical = (*self.batch_roles, "m", "f")
+        perm = [canonical.index(r) for r in site.out_roles]
+        if perm != list(range(len(perm))):
+            out = self.call(aten.permute.default, out, perm)
+        return out
+
+
+def _dtype_of(node: Node) -> torch.dtype | None:
+    meta = ops.tensor_meta(node)
+    return getattr(meta, "dtype", None)
+
+
+def _propagate_fake(node: Node) -> None:
+    """Give emitted nodes the FakeTensor metadata capture gave the rest of the graph."""
+    fake_mode = None
+    for arg in node.all_input_nodes:
+        val = arg.meta.get("val")
+        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+            fake_mode = val.fake_mode
+            break
+    if fake_mode is None:
+        return
+    args = map_arg(node.args, lambda n: n.meta.get("val"))
+    kwargs = map_arg(node.kwargs, lambda n: n.meta.get("val"))
+    try:
+        with fake_mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - metadata is a convenience; the real run is verified
+        node.meta.pop("val", None)
+
+
+__all__ = ["Emitted", "emit"]

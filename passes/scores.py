@@ -1,0 +1,276 @@
+"""The score side of a site: from the QK contraction to the softmax input, as algebra.
+
+Walking back from the softmax finds the contraction that made the scores and the elementwise ops on
+the way. Replaying those ops forward in a tiny algebra turns them into the spec's canonical order
+(scale, softcap, additive bias, exclusion masks), wherever the model put the scale, whichever side
+of an `add` the mask was on, and however the mask was spelled. Anything that does not fit is a
+refusal with its reason, never a guess.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.fx import Node
+
+from . import ops
+from .layout import Contraction, Roles, _permute_source, read_contraction
+from .site import BiasTerm, MaskTerm, Reason, Refusal
+
+MAX_PATH = 24
+_PASS_THROUGH = ("cast", "identity")
+
+
+@dataclass
+class ScoreAlgebra:
+    """scores = softcap(scale * QK * prod(scale_tensors)) + sum(bias), excluded where masks say."""
+
+    scale: float = 1.0
+    scale_tensors: list[tuple[Node, bool]] = field(default_factory=list)
+    softcap: float | None = None
+    bias: list[BiasTerm] = field(default_factory=list)
+    masks: list[MaskTerm] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScorePath:
+    contraction: Contraction
+    roles: Roles  # score roles at the contraction's output
+    path: tuple[Node, ...]  # contraction -> softmax input order, without the contraction
+    roles_after: tuple[Roles, ...]  # score roles after each path node
+
+    @property
+    def final_roles(self) -> Roles:
+        return self.roles_after[-1] if self.roles_after else self.roles
+
+
+def constant_scalar(x: object) -> float | None:
+    """A number an argument is for every input: a Python scalar or a scalar-filled `full`."""
+    value = ops.scalar_value(x)
+    if value is not None or not isinstance(x, Node):
+        return value
+    name = ops.target_name(x)
+    if name in ("full", "scalar_tensor") and x.args and not isinstance(x.args[-1], Node):
+        return ops.scalar_value(x.args[1] if name == "full" else x.args[0])
+    if name in ("lift_fresh_copy", "clone", "detach", "to", "_to_copy") and x.args:
+        return constant_scalar(x.args[0])
+    return None
+
+
+def _score_operands(node: Node) -> list[Node]:
+    """The operands of `node` that may carry the scores, in the order to try them."""
+    k = ops.kind(node)
+    if k in ("add", "sub", "mul"):
+        return [a for a in node.args[:2] if isinstance(a, Node)]
+    if k == "where":
+        return [a for a in node.args[1:3] if isinstance(a, Node)]
+    if k in ("div", "masked_fill", "neg", "tanh", "cast", "identity", "transpose", "permute", "reshape"):
+        first = ops.arg(node, "self", 0)
+        return [first] if isinstance(first, Node) else []
+    return []
+
+
+def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refusal]) -> ScorePath | Refusal:
+    """Walk back from the softmax input to the QK contraction (trying each operand that may hold
+    the scores, depth-first), then derive the score roles along the way."""
+    refusals: list[Refusal] = []
+
+    def walk(node: Node, depth: int) -> list[Node] | None:
+        contraction = read_contraction(node)
+        if contraction is not None:
+            roles = roles_of(contraction)
+            if isinstance(roles, Refusal):
+                refusals.append(roles)
+                return None
+            return [node]
+        if depth >= MAX_PATH or not ops.is_tensor(node):
+            return None
+        reorders = ops.kind(node) in ("transpose", "permute")
+        for operand in _score_operands(node):
+            if ops.is_tensor(operand) and (reorders or ops.shape(operand)[-2:] == ops.shape(node)[-2:]):
+                found = walk(operand, depth + 1)
+                if found is not None:
+                    return found + [node]
+        return None
+
+    chain = walk(start, 0)
+    if chain is None:
+        if refusals:
+            return refusals[0]
+        return Refusal(Reason.NO_QK_CONTRACTION, "no contraction of two tensors produces the softmax input "
+                       "through score operations", "QK")
+    contraction = read_contraction(chain[0])
+    roles = roles_of(contraction)
+    for node in chain[:-1]:
+        outside = [u for u in ops.users(node) if u not in chain]
+        if outside:
+            return Refusal(Reason.SCORES_ESCAPE, f"the scores at {node.name} are also used by {outside[0].name}", "S")
+    contraction_roles = roles
+    roles_after: list[Roles] = []
+    for node in chain[1:]:
+        permuted = _permute_source(node)
+        if permuted is not None:
+            roles = tuple(roles[i] for i in permuted[1])
+        elif ops.kind(node) == "reshape" and ops.shape(node) != ops.shape(ops.arg(node, "self", 0)):
+            return Refusal(Reason.VIEW_ON_SCORES, f"{node.name} reshapes the scores between QK and softmax", "S")
+        roles_after.append(roles)
+    return ScorePath(contraction, contraction_roles, tuple(chain[1:]), tuple(roles_after))
+
+
+def replay(score_path: ScorePath, score_dtype: torch.dtype) -> ScoreAlgebra | Refusal:
+    """Turn the ops on the score path into canonical-order algebra."""
+    algebra = ScoreAlgebra()
+    c = score_path.contraction
+    if c.alpha != 1.0:
+        algebra.scale *= c.alpha
+    if c.addend is not None:
+        if c.beta != 0.0 and ops.is_tensor(c.addend) and not ops.numel_is_one(c.addend):
+            roles = score_path.roles
+            algebra.bias.append(BiasTerm(c.addend, roles[len(roles) - ops.rank(c.addend):], c.beta))
+    nodes = list(score_path.path)
+    previous = c.node
+    i = 0
+    while i < len(nodes):
+        node = nodes[i]
+        roles = score_path.roles_after[i]
+        softcap = _softcap_at(nodes, i, previous)
+        if softcap is not None:
+            refusal = _apply_softcap(algebra, softcap, node)
+            if refusal is not None:
+                return refusal
+            previous, i = nodes[i + 2], i + 3
+            continue
+        refusal = _apply(algebra, node, previous, roles, score_dtype)
+        if refusal is not None:
+            return refusal
+        previous, i = node, i + 1
+    return algebra
+
+
+def _softcap_at(nodes: list[Node], i: int, previous: Node) -> tuple[float, float] | None:
+    """(a, c) when nodes[i:i+3] is `mul/div by scalar -> tanh -> mul by c`, i.e. c*tanh(a*s)."""
+    if i + 2 >= len(nodes) or ops.kind(nodes[i + 1]) != "tanh":
+        return None
+    first, last = nodes[i], nodes[i + 2]
+    a = _scalar_factor(first, previous)
+    c = _scalar_factor(last, nodes[i + 1]) if ops.kind(last) == "mul" else None
+    if a is None or c is None or c <= 0:
+        return None
+    return a, c
+
+
+def _apply_softcap(algebra: ScoreAlgebra, ac: tuple[float, float], node: Node) -> Refusal | None:
+    a, c = ac
+    if algebra.softcap is not None or algebra.bias or algebra.masks:
+        return Refusal(Reason.SCORE_ORDER, f"softcap at {node.name} comes after a bias, mask or another "
+                       "softcap (tanh would move excluded scores back into the softmax)", "softcap")
+    # c * tanh(a * z) == softcap_c(a * c * z): fold a * c into the scale.
+    algebra.scale *= a * c
+    algebra.softcap = c
+    return None
+
+
+def _scalar_factor(node: Node, score: Node) -> float | None:
+    """The number `node` multiplies `score` by (mul/div by a constant), else None."""
+    k = ops.kind(node)
+    others = [a for a in node.args[:2] if a is not score]
+    if k not in ("mul", "div") or len(others) != 1 or node.args[0] is not score and k == "div":
+        return None
+    value = constant_scalar(others[0])
+    if value is None or value == 0:
+        return None
+    return value if k == "mul" else 1.0 / value
+
+
+def _apply(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, score_dtype: torch.dtype) -> Refusal | None:
+    k = ops.kind(node)
+    if k in _PASS_THROUGH or k in ("transpose", "permute", "reshape"):
+        return None
+    if k in ("mul", "div", "neg"):
+        return _apply_factor(algebra, node, score, k)
+    if k in ("add", "sub"):
+        return _apply_add(algebra, node, score, roles)
+    if k in ("masked_fill", "where"):
+        return _apply_mask(algebra, node, score, roles, score_dtype, k)
+    return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} applies {ops.target_name(node)} to the scores, "
+                   "which no attention variant computes", "S")
+
+
+def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str) -> Refusal | None:
+    if k == "neg":
+        factor: float | None = -1.0
+        other = None
+    else:
+        other = node.args[1] if node.args[0] is score else node.args[0]
+        if k == "div" and node.args[0] is not score:
+            return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} divides by the scores", "S")
+        if k == "div" and ops.arg(node, "rounding_mode", 2) is not None:
+            return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} divides with rounding", "S")
+        factor = constant_scalar(other)
+        if factor is not None and k == "div":
+            factor = 1.0 / factor if factor != 0 else None
+    if factor is None:
+        if not ops.numel_is_one(other):
+            return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape "
+                           f"{tuple(ops.shape(other)) if ops.is_tensor(other) else other}; only a scalar scale "
+                           "is a softmax temperature", "S")
+        if algebra.softcap is not None or algebra.bias or algebra.masks:
+            return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "
+                           "mask or softcap", "S")
+        algebra.scale_tensors.append((other, k == "div"))
+        return None
+    if algebra.softcap is not None:
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores after the softcap", "S")
+    if algebra.masks and factor <= 0:
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} multiplies masked scores by {factor:g}, which "
+                       "would bring excluded keys back", "S")
+    algebra.scale *= factor
+    algebra.bias = [BiasTerm(b.node, b.roles, b.coeff * factor) for b in algebra.bias]
+    return None
+
+
+def _apply_add(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles) -> Refusal | None:
+    alpha = ops.scalar_value(node.kwargs.get("alpha", 1.0)) or 1.0
+    score_first = node.args[0] is score
+    other = node.args[1] if score_first else node.args[0]
+    sign = 1.0
+    if ops.kind(node) == "sub":
+        if not score_first:  # other - alpha * score
+            algebra.scale *= -alpha
+            algebra.bias = [BiasTerm(b.node, b.roles, -alpha * b.coeff) for b in algebra.bias]
+            if algebra.masks or algebra.softcap is not None:
+                return Refusal(Reason.SCORE_ORDER, f"{node.name} negates masked scores", "S")
+            alpha, sign = 1.0, 1.0
+        else:
+            sign = -1.0
+    if not isinstance(other, Node) or ops.numel_is_one(other):
+        return None  # a constant added to every score cancels in the softmax
+    if not ops.is_tensor(other):
+        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} adds a non-tensor to the scores", "S")
+    bias_roles = roles[len(roles) - ops.rank(other):]
+    coeff = sign * (alpha if score_first else 1.0)
+    algebra.bias.append(BiasTerm(other, bias_roles, coeff))
+    return None
+
+
+def _apply_mask(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, dtype: torch.dtype, k: str) -> Refusal | None:
+    if k == "masked_fill":
+        mask, fill_arg, keep_when = ops.arg(node, "mask", 1), ops.arg(node, "value", 2), False
+    else:
+        cond, a, b = node.args[:3]
+        mask = cond
+        if a is score:
+            fill_arg, keep_when = b, True
+        else:
+            fill_arg, keep_when = a, False
+    fill = constant_scalar(fill_arg)
+    if fill is None:
+        return Refusal(Reason.UNPROVEN_MASK, f"{node.name} fills scores with a tensor, not a constant", "mask")
+    if not ops.is_exclusion_fill(fill, dtype):
+        return Refusal(Reason.UNPROVEN_MASK, f"{node.name} sets scores to {fill:g}, which keeps them in the "
+                       "softmax: it is not an exclusion mask", "mask")
+    if not ops.is_tensor(mask) or ops.dtype(mask) != torch.bool:
+        return Refusal(Reason.UNPROVEN_MASK, f"{node.name} selects with a non-boolean condition", "mask")
+    algebra.masks.append(MaskTerm(mask, roles[len(roles) - ops.rank(mask):], keep_when, fill))
+    return None

@@ -1,0 +1,107 @@
+"""What the attention rule produces: a lifted site, or a refusal that says why not."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from torch.fx import Node
+
+from attnfx.cost_model.spec import AttentionSpec
+
+from .layout import Arranged, Contraction, Roles
+from .mask_proof import MaskFacts
+
+
+class Reason(str, enum.Enum):
+    """Why a softmax was not rewritten; stable codes for reports, tests and tooling."""
+
+    LOG_SOFTMAX = "LOG_SOFTMAX"
+    SOFTMAX_AXIS = "SOFTMAX_AXIS"
+    PROBS_ESCAPE = "PROBS_ESCAPE"
+    SCORES_ESCAPE = "SCORES_ESCAPE"
+    MASK_AFTER_SOFTMAX = "MASK_AFTER_SOFTMAX"
+    PROBS_MODIFIED = "PROBS_MODIFIED"
+    SCALE_ON_VALUES = "SCALE_ON_VALUES"
+    DROPOUT_TRAINING = "DROPOUT_TRAINING"
+    NO_QK_CONTRACTION = "NO_QK_CONTRACTION"
+    NO_AV_CONTRACTION = "NO_AV_CONTRACTION"
+    PROBS_WRONG_AXIS = "PROBS_WRONG_AXIS"
+    SCALE_NOT_SCALAR = "SCALE_NOT_SCALAR"
+    SCORE_OP_UNSUPPORTED = "SCORE_OP_UNSUPPORTED"
+    SCORE_ORDER = "SCORE_ORDER"
+    UNPROVEN_MASK = "UNPROVEN_MASK"
+    SCORE_DEPENDENT_MASK = "SCORE_DEPENDENT_MASK"
+    VIEW_ON_SCORES = "VIEW_ON_SCORES"
+    RANK_UNSUPPORTED = "RANK_UNSUPPORTED"
+    DTYPE_UNSUPPORTED = "DTYPE_UNSUPPORTED"
+    NO_VARIANT = "NO_VARIANT"
+    EAGER_FASTEST = "EAGER_FASTEST"
+    VERIFICATION_FAILED = "VERIFICATION_FAILED"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A falsy match result that carries its reason and the cascade stage that failed to lift."""
+
+    code: Reason
+    message: str
+    stage: str
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        return f"{self.code.value} at {self.stage}: {self.message}"
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """An additive tensor on the scores, times `coeff`; `roles` align its dims to the site's."""
+
+    node: Node
+    roles: Roles
+    coeff: float = 1.0
+
+
+@dataclass(frozen=True)
+class MaskTerm:
+    """A boolean tensor that excludes scores: kept where it equals `keep_when`."""
+
+    node: Node
+    roles: Roles
+    keep_when: bool
+    fill: float
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """One exact way to hand the site to a kernel: its spec and how to build the mask operand."""
+
+    name: str  # "flag" (proven structure), "tensor" (mask as the model built it), "bias+flag"
+    spec: AttentionSpec
+    bias: tuple[BiasTerm, ...] = ()
+    masks: tuple[MaskTerm, ...] = ()
+
+
+@dataclass
+class Site:
+    """One attention subgraph, lifted: canonical operands, score algebra and mask facts."""
+
+    softmax: Node
+    qk: Contraction
+    av: Contraction
+    q: Arranged
+    k: Arranged
+    v: Arranged
+    batch_roles: Roles
+    out_roles: Roles
+    scale: float
+    scale_tensors: tuple[tuple[Node, bool], ...]  # (numel-1 tensor, divides) folded into q
+    softcap: float | None
+    bias: tuple[BiasTerm, ...]
+    masks: tuple[MaskTerm, ...]
+    facts: MaskFacts
+    groups: int = 1  # K/V repeat folded into GQA
+    lowerings: list[Lowering] = field(default_factory=list)
+    nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces
+    notes: list[str] = field(default_factory=list)
