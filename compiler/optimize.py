@@ -6,7 +6,6 @@ what the model computes silently.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -61,14 +60,14 @@ def optimize(
     args, kwargs = _normalise_inputs(model, example_args, example_kwargs)
     captured = capture(model, args, kwargs, dynamic_shapes)
     original = captured.graph_module
-    work = GraphModule(original, copy.deepcopy(original.graph))
+    work = GraphModule(original, _copy_graph(original.graph))
     _remove_dead_nodes(work.graph)
     device = _device_of(args, kwargs, model)
     candidates = _variants(variants)
     report = Report(model=type(model).__name__, capture=captured.method, notes=list(captured.notes))
 
     plans = _match_and_emit(work, report, candidates, device, memory_budget)
-    accepted = _verify(work, plans, args, kwargs) if verify else plans
+    accepted, expected = _verify(work, plans, args, kwargs) if verify and plans else (plans, None)
     for plan in plans:
         if plan in accepted:
             plan.site.av.node.replace_all_uses_with(plan.emitted.output)
@@ -79,7 +78,7 @@ def optimize(
     _remove_dead_nodes(work.graph)
     work.graph.lint()
     work.recompile()
-    result = _check_end_to_end(work, original, report, args, kwargs) if accepted and verify else work
+    result = _check_end_to_end(work, original, report, args, kwargs, expected) if accepted and verify else work
     report.optimize_seconds = time.perf_counter() - started
     return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes)
 
@@ -238,9 +237,20 @@ def _at_length(spec: AttentionSpec, lengths: set[str]) -> AttentionSpec:
     return replace(spec, mask_shape=shape, **sizes)
 
 
-def _verify(work: GraphModule, plans: list[_Plan], args: tuple, kwargs: dict) -> list[_Plan]:
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A node-for-node copy that shares the (immutable) pytree calling convention."""
+    copy_ = torch.fx.Graph()
+    copy_._codegen = graph._codegen
+    value_map: dict[Node, Node] = {}
+    out = copy_.graph_copy(graph, value_map)
+    copy_.output(out)
+    return copy_
+
+
+def _verify(work: GraphModule, plans: list[_Plan], args: tuple, kwargs: dict) -> tuple[list[_Plan], Any]:
+    """The plans whose replacement reproduces its site, and the original graph's flat outputs."""
     wanted = set().union(*(external_inputs(p.emitted.nodes) for p in plans)) | {p.site.av.node for p in plans}
-    values = record(work, args, kwargs, wanted)
+    values, expected = record(work, args, kwargs, wanted)
     accepted = []
     for plan in plans:
         try:
@@ -259,13 +269,13 @@ def _verify(work: GraphModule, plans: list[_Plan], args: tuple, kwargs: dict) ->
             _refuse(plan.entry, Refusal(Reason.VERIFICATION_FAILED, f"{plan.entry.variant} did not reproduce "
                                         f"the site on the example inputs: {detail}; the original was restored",
                                         "verify"), status="RESTORED")
-    return accepted
+    return accepted, expected
 
 
-def _check_end_to_end(work: GraphModule, original: GraphModule, report: Report, args: tuple, kwargs: dict) -> GraphModule:
+def _check_end_to_end(work: GraphModule, original: GraphModule, report: Report, args: tuple, kwargs: dict,
+                      expected: Any) -> GraphModule:
     with torch.no_grad():
-        expected = original(*args, **kwargs)
-        actual = work(*args, **kwargs)
+        actual = record(work, args, kwargs, skip_emitted=False)[1]
     check = compare(actual, expected)
     report.end_to_end_error = check.max_abs
     if check.ok:

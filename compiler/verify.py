@@ -33,13 +33,14 @@ class Check:
 class _Recorder(Interpreter):
     """Runs the graph, keeping the values of `wanted` and skipping emitted (not yet wired) nodes."""
 
-    def __init__(self, gm: GraphModule, wanted: set[Node]) -> None:
+    def __init__(self, gm: GraphModule, wanted: set[Node], skip_emitted: bool) -> None:
         super().__init__(gm)
         self.wanted = wanted
+        self.skip_emitted = skip_emitted
         self.values: dict[Node, Any] = {}
 
     def run_node(self, n: Node) -> Any:
-        if "attnfx_site" in n.meta and n.op == "call_function":
+        if self.skip_emitted and "attnfx_site" in n.meta and n.op == "call_function":
             return None
         value = super().run_node(n)
         if n in self.wanted:
@@ -57,11 +58,14 @@ def flat_inputs(gm: GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     return fx_pytree.tree_flatten_spec((args, kwargs), spec)
 
 
-def record(gm: GraphModule, args: tuple, kwargs: dict, wanted: Iterable[Node]) -> dict[Node, Any]:
-    recorder = _Recorder(gm, set(wanted))
+def record(gm: GraphModule, args: tuple, kwargs: dict, wanted: Iterable[Node] = (),
+           skip_emitted: bool = True) -> tuple[dict[Node, Any], Any]:
+    """Values of `wanted` nodes and the graph's (flat) outputs for one call on the example inputs;
+    nodes emitted but not yet wired in are skipped unless `skip_emitted` is False."""
+    recorder = _Recorder(gm, set(wanted), skip_emitted)
     with torch.no_grad():
-        recorder.run(*flat_inputs(gm, args, kwargs))
-    return recorder.values
+        outputs = recorder.run(*flat_inputs(gm, args, kwargs))
+    return recorder.values, outputs
 
 
 def run_emitted(owner: GraphModule, nodes: tuple[Node, ...], output: Node, values: dict[Node, Any]) -> Any:

@@ -173,7 +173,7 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
         return Refusal(Reason.RANK_UNSUPPORTED, "more than two batch dims that are dynamic or broadcast", "QK")
     source = set(sp.path) | {c.node, softmax, av.node, *prob_path}
     for term in (*algebra.bias, *algebra.masks):
-        if _depends_on(term.node, source):
+        if ops.depends_on(term.node, source):
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
                            "scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
     k, v, groups = fold_repeats(k, v, batch_roles)
@@ -200,19 +200,6 @@ def _with_checks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
 def _position(graph) -> Callable[[Node], int]:
     order = {node: i for i, node in enumerate(graph.nodes)}
     return order.__getitem__
-
-
-def _depends_on(node: Node, targets: set[Node]) -> bool:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in targets:
-            return True
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(current.all_input_nodes)
-    return False
 
 
 def _exclusion(dtype: torch.dtype):

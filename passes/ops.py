@@ -256,6 +256,20 @@ def metadata_checks(node: Node) -> list[Node]:
     return [u for u in node.users if is_metadata_check(u)]
 
 
+def depends_on(node: Node, targets: set[Node]) -> bool:
+    """Whether `node`'s value is computed (transitively) from any of `targets`."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in targets:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return False
+
+
 def module_path(node: Node) -> str:
     """Dotted path of the user's module that produced this node ('' for the root module)."""
     stack = node.meta.get("nn_module_stack") or {}

@@ -68,7 +68,8 @@ def _score_operands(node: Node) -> list[Node]:
     if k in ("div", "masked_fill", "neg", "tanh", "cast", "identity", "transpose", "permute", "reshape"):
         first = ops.arg(node, "self", 0)
         return [first] if isinstance(first, Node) else []
-    return []
+    # An op the algebra does not know: walk through it so the refusal can name it.
+    return [a for a in node.all_input_nodes if ops.is_tensor(a) and ops.shape(a) == ops.shape(node)]
 
 
 def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refusal]) -> ScorePath | Refusal:
@@ -104,6 +105,9 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
     roles = roles_of(contraction)
     for node in chain[:-1]:
         outside = [u for u in ops.users(node) if u not in chain]
+        if any(ops.depends_on(start, {u}) for u in outside):
+            return Refusal(Reason.SCORE_DEPENDENT_MASK, f"a mask on the scores at {node.name} is computed from "
+                           "the scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
         if outside:
             return Refusal(Reason.SCORES_ESCAPE, f"the scores at {node.name} are also used by {outside[0].name}", "S")
     contraction_roles = roles
@@ -213,7 +217,7 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str) -> Ref
     if factor is None:
         if not ops.numel_is_one(other):
             return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape "
-                           f"{tuple(ops.shape(other)) if ops.is_tensor(other) else other}; only a scalar scale "
+                           f"{tuple(ops.hint_int(d) for d in ops.shape(other)) if ops.is_tensor(other) else other}; only a scalar scale "
                            "is a softmax temperature", "S")
         if algebra.softcap is not None or algebra.bias or algebra.masks:
             return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "

@@ -1,0 +1,74 @@
+"""Softmaxes that are *not* rewritable attention are left exactly as written, with the reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnfx
+from attention_cases import Projected, inputs
+import attention_cases as cases
+
+NEAR_MISSES = {
+    "softmax_over_queries": (cases.softmax_over_queries, "SOFTMAX_AXIS", "softmax over dim 2, which indexes the queries"),
+    "softmax_over_heads": (cases.softmax_over_heads, "SOFTMAX_AXIS", "softmax over dim 1, which indexes a batch/head dim"),
+    "mask_after_softmax": (cases.mask_after_softmax, "MASK_AFTER_SOFTMAX", "masks the probabilities after the softmax"),
+    "probs_times_tensor": (cases.probs_times_tensor, "PROBS_MODIFIED", "applies mul to the probabilities"),
+    "scale_on_values": (cases.scale_on_values, "SCALE_ON_VALUES", "scales V before the AV contraction"),
+    "probs_returned": (cases.probs_returned, "PROBS_ESCAPE", "are returned by the model"),
+    "probs_in_loss": (cases.probs_in_loss, "PROBS_ESCAPE", "are also used by"),
+    "scores_returned": (cases.scores_returned, "SCORES_ESCAPE", "are also used by"),
+    "log_softmax": (cases.log_softmax_attention, "LOG_SOFTMAX", "log_softmax yields log-probabilities"),
+    "topk_masked": (cases.topk_masked, "SCORE_DEPENDENT_MASK", "computed from the scores themselves"),
+    "per_query_scale": (cases.per_query_scale, "SCALE_NOT_SCALAR", "by a tensor of shape (2, 4, 12, 1)"),
+    "per_head_scale": (cases.per_head_scale, "SCALE_NOT_SCALAR", "by a tensor of shape (4, 1, 1)"),
+    "fill_with_zero": (cases.fill_with_zero, "UNPROVEN_MASK", "sets scores to 0, which keeps them in the softmax"),
+    "fill_with_tensor": (cases.fill_with_tensor, "UNPROVEN_MASK", "fills scores with a tensor"),
+    "training_dropout": (cases.training_dropout, "DROPOUT_TRAINING", "drops attention probabilities in training mode"),
+    "relu_scores": (cases.relu_scores, "SCORE_OP_UNSUPPORTED", "applies relu to the scores"),
+    "gated_scores": (cases.gated_scores, "SCALE_NOT_SCALAR", "by a tensor of shape (2, 4, 12, 12)"),
+    "av_over_queries": (cases.av_over_queries, "PROBS_WRONG_AXIS", "contracts the probabilities over [m]"),
+    "av_sums_heads": (cases.av_sums_heads, "PROBS_WRONG_AXIS", "contracts the probabilities over [b1, n]"),
+    "mask_before_softcap": (cases.mask_before_softcap, "SCORE_ORDER", "comes after a bias, mask or another softcap"),
+    "softmax_of_values": (cases.softmax_of_values, "NO_QK_CONTRACTION", "no contraction of two tensors produces"),
+}
+
+
+@pytest.mark.parametrize("name", NEAR_MISSES)
+def test_near_miss_is_left_alone_with_its_reason(name: str) -> None:
+    attend, code, text = NEAR_MISSES[name]
+    model = Projected(attend, returns_extra=name in ("probs_returned", "probs_in_loss", "scores_returned")).eval()
+    opt = attnfx.optimize(model, inputs())
+    entries = opt.report.entries
+    assert len(entries) == 1 and entries[0].status == "REFUSED", opt.report
+    assert entries[0].reason_code == code
+    assert text in entries[0].reason
+    targets = [n.target for n in opt.graph_module.graph.nodes]
+    assert torch.ops.aten.scaled_dot_product_attention.default not in targets
+    if name != "training_dropout":
+        x = inputs()
+        with torch.no_grad():
+            torch.testing.assert_close(opt(*x), model(*x))
+
+
+def test_sigmoid_attention_has_no_softmax_and_is_untouched() -> None:
+    model = Projected(cases.sigmoid_attention).eval()
+    opt = attnfx.optimize(model, inputs())
+    assert opt.report.entries == []
+    assert "sigmoid" in opt.graph_module.code
+
+
+def test_report_names_the_failed_stage() -> None:
+    stages = {}
+    for name in ("mask_after_softmax", "per_query_scale", "topk_masked", "softmax_over_queries", "av_over_queries"):
+        attend = NEAR_MISSES[name][0]
+        stages[name] = attnfx.optimize(Projected(attend).eval(), inputs()).report.entries[0].failed_stage
+    assert stages == {"mask_after_softmax": "A", "per_query_scale": "S", "topk_masked": "mask",
+                      "softmax_over_queries": "softmax", "av_over_queries": "AV"}
+
+
+def test_eval_mode_model_with_zero_dropout_in_training_is_still_rewritten() -> None:
+    def zero_dropout(q, k, v):
+        return torch.nn.functional.dropout(torch.softmax(q @ k.transpose(-2, -1) * cases.SCALE, -1), 0.0, True) @ v
+
+    model = Projected(zero_dropout).eval()
+    assert attnfx.optimize(model, inputs()).report.rewritten == 1
