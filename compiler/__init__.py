@@ -5,7 +5,7 @@
 """
 from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable, MatchError, VerificationError
 from .module import OptimizedModule
-from .optimize import optimize
+from .pipeline import optimize
 from .report import Report, SiteEntry
 
 __all__ = [

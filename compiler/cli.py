@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AttnfxError
-from .optimize import optimize
+from .pipeline import optimize
 from .report import format_report
 from .timing import time_interleaved
 

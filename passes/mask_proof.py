@@ -10,6 +10,7 @@ recognised as a causal diagonal, a sliding-window edge, a key-padding read, or l
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any, Callable
@@ -201,7 +202,8 @@ class MaskEvaluator:
         if not ops.is_tensor(node):
             raise Unsupported("non-tensor")
         shape = _sizes(node)
-        fn = sympy.Function(f"data_{node.name}")(*_IDX[: len(shape)]) if shape else sympy.Function(f"data_{node.name}")()
+        name = f"data_{_input_name(node)}__{node.name}"
+        fn = sympy.Function(name)(*_IDX[: len(shape)])
         expr = sympy.Eq(fn, 1) if ops.dtype(node) == torch.bool else fn
         return Sym(expr, shape)
 
@@ -378,6 +380,17 @@ class MaskEvaluator:
         return Sym(_reindex(x.expr, dict(enumerate(exprs))), out)
 
 
+def _input_name(node: Node) -> str:
+    """The model input a data tensor is a view of (for readable proofs), else the node's name."""
+    current = node
+    while current.op != "placeholder":
+        tensors = [a for a in current.all_input_nodes if ops.is_tensor(a)]
+        if len(tensors) != 1:
+            return node.name
+        current = tensors[0]
+    return str(current.target)
+
+
 # -- classification ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MaskFacts:
@@ -420,18 +433,19 @@ def classify(keep: Any, q_len: Any, kv_len: Any) -> MaskFacts:
     """Split `keep` (over role symbols b0.., m, n) into causal, window, key-padding and the rest."""
     keep = sympy.simplify_logic(keep) if keep.has(sympy.Or) else keep
     conjuncts = keep.args if isinstance(keep, sympy.And) else (keep,)
-    upper, lower, key_padding, unproven = [], [], False, []
+    upper, lower, padding, unproven = [], [], [], []
     data_roles = {ROLE_SYMBOLS["b0"], ROLE_SYMBOLS["n"]}
     for conj in conjuncts:
         if conj == sympy.true:
             continue
-        linear = _linear_in_mn(conj) if not conj.atoms(sympy.Function) else None
+        reads = conj.atoms(sympy.core.function.AppliedUndef)
+        linear = _linear_in_mn(conj) if not reads else None
         if linear is not None:
             (upper if linear[0] == "upper" else lower).append(linear[1])
-        elif conj.atoms(sympy.core.function.AppliedUndef) and conj.free_symbols <= data_roles and ROLE_SYMBOLS["n"] in conj.free_symbols:
-            key_padding = True
+        elif reads and conj.free_symbols <= data_roles and ROLE_SYMBOLS["n"] in conj.free_symbols:
+            padding += sorted(_describe(str(r)) for r in reads)
         else:
-            unproven.append(str(conj))
+            unproven.append(_describe(str(conj)))
     causal, window = Causal.NONE, None
     if len(upper) == 1:
         offset = sympy.simplify(upper[0])
@@ -451,7 +465,17 @@ def classify(keep: Any, q_len: Any, kv_len: Any) -> MaskFacts:
             unproven.append(f"n >= m + {lower[0]}")
     elif lower:
         unproven += [f"n >= m + {lo}" for lo in lower]
-    return MaskFacts(causal, window, key_padding, tuple(unproven), _describe(keep))
+    parts = []
+    if causal is not Causal.NONE:
+        rule = "n <= m" if causal is Causal.TOP_LEFT else "n <= m + N - M"
+        parts.append(f"causal {causal.value.replace('_', '-')} ({rule})")
+    if window is not None:
+        parts.append(f"sliding window of {window} keys")
+    if padding:
+        parts.append("key padding read from " + ", ".join(padding))
+    if unproven:
+        parts.append("unproven: " + "; ".join(unproven))
+    return MaskFacts(causal, window, bool(padding), tuple(unproven), ", ".join(parts) or "no exclusions")
 
 
 def causal_offset(causal: Causal, q_len: Any, kv_len: Any) -> Any:
@@ -459,10 +483,8 @@ def causal_offset(causal: Causal, q_len: Any, kv_len: Any) -> Any:
 
 
 def _describe(keep: Any) -> str:
-    text = str(keep)
-    for role, symbol in ROLE_SYMBOLS.items():
-        text = text.replace(str(symbol), role)
-    return text.replace("data_", "")
+    text = re.sub(r"data_(\w+?)__\w+\(", r"\1(", str(keep))
+    return re.sub(r"\bb0\b", "b", text)
 
 
 def keep_predicate(sym: Sym, roles: tuple[str, ...], fill_is_keep: bool = False) -> Any:
