@@ -179,6 +179,8 @@ def _choose(entry: SiteEntry, site: Site, candidates: tuple[Variant, ...], devic
     entry.unavailable = [(o.variant, o.lowering, o.refusal or "") for o in selection.refused]
     entry.why = why or selection.why
     winner = selection.winner
+    if winner is not None and winner.option.variant == "eager" and len(selection.ranked) == 1:
+        winner = None  # eager is the only thing that can run it: say why nothing else can
     if winner is None:
         _refuse(entry, Refusal(Reason.NO_VARIANT, "no variant can take this site: " + "; ".join(
             f"{o.variant} [{o.lowering}]: {o.refusal}" for o in selection.refused), "select"))

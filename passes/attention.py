@@ -19,7 +19,8 @@ from torch.fx import Node
 from attnfx.cost_model.spec import AttentionSpec, MaskInput
 
 from . import ops
-from .layout import Arranged, Contraction, Roles, _permute_source, look_through_permutes, read_contraction
+from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
+                     look_through_permutes, read_contraction)
 from .mask_proof import MaskEvaluator, MaskFacts, additive_keep, classify, conjunction, keep_predicate
 from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
@@ -48,7 +49,7 @@ def qk_roles(c: Contraction) -> Roles | Refusal:
         elif label == n:
             roles.append("n")
         else:
-            roles.append(f"b{batch}")
+            roles.append(f"c{batch}")
             batch += 1
     return tuple(roles)
 
@@ -70,7 +71,7 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     if roles[dim] != "n":
         what = "the queries" if roles[dim] == "m" else "a batch/head dim"
         return Refusal(Reason.SOFTMAX_AXIS, f"softmax over dim {dim}, which indexes {what}, not the keys", "softmax")
-    probs = _follow_probs(softmax, roles)
+    probs = _follow_probs(softmax, roles, score_path.structures)
     if isinstance(probs, Refusal):
         return probs
     av, prob_node, prob_roles, prob_path = probs
@@ -84,7 +85,8 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     return _build_site(softmax, score_path, algebra, av, v, out_roles, prob_path, evaluator)
 
 
-def _follow_probs(softmax: Node, roles: Roles) -> tuple[Contraction, Node, Roles, list[Node]] | Refusal:
+def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple[int, ...]]
+                  ) -> tuple[Contraction, Node, Roles, list[Node]] | Refusal:
     node, path = softmax, []
     while True:
         users = ops.users(node)
@@ -113,9 +115,14 @@ def _follow_probs(softmax: Node, roles: Roles) -> tuple[Contraction, Node, Roles
         elif k in ("transpose", "permute"):
             perm = _permute_source(user)[1]
             roles = tuple(roles[i] for i in perm)
-        elif k == "reshape" and ops.shape(user) == ops.shape(node):
-            pass
-        elif k not in ("cast", "identity"):
+        elif k == "reshape" and not ops.same_shape(user, node):
+            rebatched = batch_reshape(user, roles, prefix=f"p{len(path)}_")
+            if rebatched is None:
+                return Refusal(Reason.NO_AV_CONTRACTION, f"{user.name} reshapes the query or key axis of the "
+                               "probabilities", "AV")
+            roles, sizes = rebatched
+            structures[tuple(r for r in roles if is_batch_role(r))] = sizes
+        elif k not in ("cast", "identity", "reshape"):
             return Refusal(Reason.NO_AV_CONTRACTION, f"the probabilities flow into {user.name} "
                            f"({ops.target_name(user)}), not a contraction with values", "AV")
         path.append(user)
@@ -160,17 +167,33 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
     c = sp.contraction
     label_roles = dict(zip(c.out_labels, sp.roles))
     label_roles[c.contracted()[0]] = "e"
-    q = Arranged(c.lhs, tuple(label_roles[x] for x in c.lhs_labels))
-    k = Arranged(c.rhs, tuple(label_roles[x] for x in c.rhs_labels))
-    batch_roles = tuple(r for r in sp.roles if r.startswith("b"))
+    # The batch layout at the softmax is canonical: its batch roles are renamed b0, b1, ...
+    final = [r for r in sp.final_roles if is_batch_role(r)]
+    rename = {r: f"b{i}" for i, r in enumerate(final)}
+
+    def canon(roles: Roles) -> Roles:
+        return tuple(rename.get(r, r) for r in roles)
+
+    q = Arranged(c.lhs, canon(tuple(label_roles[x] for x in c.lhs_labels)))
+    k = Arranged(c.rhs, canon(tuple(label_roles[x] for x in c.rhs_labels)))
+    v, out_roles = Arranged(v.node, canon(v.roles)), canon(out_roles)
+    algebra.bias = [BiasTerm(t.node, canon(t.roles), t.coeff) for t in algebra.bias]
+    algebra.masks = [MaskTerm(t.node, canon(t.roles), t.keep_when, t.fill) for t in algebra.masks]
+    structures = {canon(batch): sizes for batch, sizes in sp.structures.items()}
+    batch_roles = tuple(rename.values())
+    batch_sizes = tuple(ops.hint_int(size) for size, role in zip(ops.shape(softmax), sp.final_roles)
+                        if is_batch_role(role))
     dtypes = {ops.dtype(n) for n in (q.node, k.node, v.node)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return Refusal(Reason.DTYPE_UNSUPPORTED, f"q/k/v dtypes ({names}) are not one floating dtype a "
                        "kernel takes", "QK")
-    if len(batch_roles) > 2 and any(ops.static_int(q.size(r)) is None or ops.static_int(q.size(r)) != ops.static_int(t.size(r))
-                                    for r in batch_roles[1:] for t in (k, v)):
+    if len(batch_roles) > 2 and any(ops.static_int(a.size(r)) is None or ops.static_int(a.size(r)) != ops.static_int(t.size(r))
+                                    for r in batch_roles[1:] for a in (q, k, v) for t in (q, k, v)):
         return Refusal(Reason.RANK_UNSUPPORTED, "more than two batch dims that are dynamic or broadcast", "QK")
+    refusal = _check_structures(structures, batch_roles, (q, k, v), algebra, out_roles)
+    if refusal is not None:
+        return refusal
     source = set(sp.path) | {c.node, softmax, av.node, *prob_path}
     for term in (*algebra.bias, *algebra.masks):
         if ops.depends_on(term.node, source):
@@ -182,10 +205,29 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
         softmax=softmax, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts, groups=groups,
+        structures=structures, batch_sizes=batch_sizes,
         nodes=_with_checks((c.node, *sp.path, softmax, *prob_path, av.node)),
     )
     site.lowerings = _lowerings(site, evaluator)
     return site
+
+
+def _check_structures(structures: dict[Roles, tuple[int, ...]], batch_roles: Roles, operands: tuple,
+                      algebra: ScoreAlgebra, out_roles: Roles) -> Refusal | None:
+    """Tensors in another batch layout than the softmax's must convert by flatten + unflatten."""
+    foreign = [a for a in (*operands, *algebra.bias, *algebra.masks)
+               if any(is_batch_role(r) and r not in batch_roles for r in a.roles)]
+    out_foreign = any(is_batch_role(r) and r not in batch_roles for r in out_roles)
+    if (foreign or out_foreign) and structures.get(batch_roles, (-1, -1)).count(-1) > 1:
+        return Refusal(Reason.RANK_UNSUPPORTED, "the batch dims change layout and more than one is dynamic", "S")
+    for tensor in foreign:
+        batch = [s for s, r in zip(ops.shape(tensor.node), tensor.roles) if is_batch_role(r)]
+        full = [r for r in tensor.roles if is_batch_role(r)]
+        layout = next((b for b in structures if set(full) <= set(b)), None)
+        if layout is None or (len(full) != len(layout) and any(ops.static_int(s) != 1 for s in batch)):
+            return Refusal(Reason.RANK_UNSUPPORTED, f"{tensor.node.name} broadcasts over part of a batch layout "
+                           "that the site reshapes", "S")
+    return None
 
 
 def _with_checks(nodes: tuple[Node, ...]) -> tuple[Node, ...]:
@@ -223,13 +265,17 @@ def _is_pure_exclusion(term: BiasTerm, evaluator: MaskEvaluator) -> bool:
     return additive_keep(evaluator.value(term.node), term.roles, _exclusion(ops.dtype(term.node))) is not None
 
 
-def _canonical_mask_shape(terms: list[BiasTerm | MaskTerm], batch_roles: Roles) -> tuple[int, ...]:
+def _canonical_mask_shape(terms: list[BiasTerm | MaskTerm], site: Site) -> tuple[int, ...]:
     """The hint shape of the combined mask in 4-D canonical (B, H, M, N) layout."""
+    batch_roles = site.batch_roles
     target = (*batch_roles, "m", "n")
     sizes = {r: 1 for r in target}
     for term in terms:
         for role, size in zip(term.roles, ops.shape(term.node)):
-            sizes[role] = max(sizes[role], ops.hint_int(size))
+            if role in sizes:
+                sizes[role] = max(sizes[role], ops.hint_int(size))
+            elif ops.hint_int(size) != 1:  # another batch layout, converted whole
+                sizes.update(zip(batch_roles, site.batch_sizes))
     dims = [sizes[r] for r in target]
     nb = len(batch_roles)
     if nb < 2:
@@ -249,15 +295,20 @@ def _lowerings(site: Site, evaluator: MaskEvaluator) -> list[Lowering]:
         if not real_bias:
             lowerings.append(Lowering("flag", base.with_sizes(**flags)))
         else:
-            shape = _canonical_mask_shape(real_bias, site.batch_roles)
+            shape = _canonical_mask_shape(real_bias, site)
             spec = base.with_sizes(mask=MaskInput.ADDITIVE, mask_shape=shape, **flags)
             lowerings.append(Lowering("bias+flag", spec, bias=tuple(real_bias)))
     if not site.bias and not site.masks:
         lowerings.append(Lowering("none", base))
     else:
         terms = [*site.bias, *site.masks]
-        kind = MaskInput.BOOL if not site.bias and len(site.masks) == 1 else MaskInput.ADDITIVE
-        spec = base.with_sizes(mask=kind, mask_shape=_canonical_mask_shape(terms, site.batch_roles))
+        # A huge finite fill (finfo.min) absorbs the score it is added to, so an additive mask
+        # reproduces masked_fill exactly, fully masked rows included; a boolean mask would not.
+        absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.softmax)).min / 2
+                        for t in site.masks)
+        single_bool = not site.bias and len(site.masks) == 1 and not absorbing
+        kind = MaskInput.BOOL if single_bool else MaskInput.ADDITIVE
+        spec = base.with_sizes(mask=kind, mask_shape=_canonical_mask_shape(terms, site))
         lowerings.append(Lowering("tensor", spec, bias=site.bias, masks=site.masks))
     return lowerings
 
@@ -268,7 +319,7 @@ def _base_spec(site: Site) -> AttentionSpec:
         for role, size in zip(arranged.roles, ops.shape(arranged.node)):
             sizes[role] = max(sizes.get(role, 1), ops.hint_int(size))
     nb = len(site.batch_roles)
-    batch_sizes = [sizes.get(r, 1) for r in site.batch_roles]
+    batch_sizes = list(site.batch_sizes)
     if nb == 0:
         batch, heads = 1, 1
     elif nb == 1:
@@ -280,8 +331,9 @@ def _base_spec(site: Site) -> AttentionSpec:
     if site.batch_roles and ops.static_int(site.q.size(site.batch_roles[0])) is None:
         dynamic.add("batch")
     kv_heads = heads
-    if nb >= 1:
-        kv_heads = math.prod(ops.hint_int(site.k.size(r)) for r in site.batch_roles[min(1, nb - 1):])
+    head_roles = site.batch_roles[min(1, nb - 1):] if nb else ()
+    if head_roles and all(r in site.k.roles for r in head_roles):
+        kv_heads = math.prod(ops.hint_int(site.k.size(r)) for r in head_roles)
     return AttentionSpec(
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
         head_dim=sizes["e"], value_dim=sizes["f"], dtype=_SUPPORTED_DTYPES[ops.dtype(site.q.node)],

@@ -14,7 +14,7 @@ from attnfx.cost_model.spec import MaskInput
 from attnfx.kernels import Operands, Variant
 
 from . import ops
-from .layout import Arranged, Roles, arrange
+from .layout import Arranged, arrange, is_batch_role
 from .site import Lowering, Site
 
 aten = torch.ops.aten
@@ -30,7 +30,7 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
     av = site.av.node
     before = av.prev
     with graph.inserting_before(av):
-        builder = _Builder(graph, site.batch_roles)
+        builder = _Builder(graph, site)
         q = builder.operand(site.q, ("m", "e"))
         for tensor, divides in site.scale_tensors:
             q = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (q, tensor))
@@ -61,9 +61,10 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
 class _Builder:
     """Arranges tensors into canonical 4-D (B, H, ·, ·) layout and back."""
 
-    def __init__(self, graph: Graph, batch_roles: Roles) -> None:
+    def __init__(self, graph: Graph, site: Site) -> None:
         self.graph = graph
-        self.batch_roles = batch_roles
+        self.batch_roles = site.batch_roles
+        self.structures = site.structures
 
     def call(self, target, *args, **kwargs) -> Node:
         return self.graph.call_function(target, args, kwargs)
@@ -77,7 +78,31 @@ class _Builder:
         return node
 
     def operand(self, arranged: Arranged, inner: Roles) -> Node:
-        return self.to_4d(arrange(self.graph, arranged, (*self.batch_roles, *inner)))
+        return self.to_4d(self.canonical(arranged, inner))
+
+    def _layout_of(self, roles: Roles) -> Roles:
+        batch = [r for r in roles if is_batch_role(r)]
+        if all(r in self.batch_roles for r in batch):
+            return self.batch_roles
+        return next(layout for layout in self.structures if set(batch) <= set(layout))
+
+    def canonical(self, arranged: Arranged, inner: Roles) -> Node:
+        """`arranged` in (canonical batch..., *inner) order, converting another batch layout
+        (e.g. merged (B*H) before a view to (B, H)) by flatten + unflatten."""
+        layout = self._layout_of(arranged.roles)
+        node = arrange(self.graph, arranged, (*layout, *inner))
+        if layout == self.batch_roles:
+            return node
+        broadcast = all(ops.static_int(arranged.size(r)) == 1 for r in layout)
+        sizes = [1] * len(self.batch_roles) if broadcast else list(self.structures[self.batch_roles])
+        return self._rebatch(node, len(layout), sizes)
+
+    def _rebatch(self, node: Node, batch_dims: int, sizes: list[int]) -> Node:
+        if batch_dims == 0:
+            node = self.call(aten.unsqueeze.default, node, 0)
+        elif batch_dims > 1:
+            node = self.call(aten.flatten.using_ints, node, 0, batch_dims - 1)
+        return self.call(aten.unflatten.int, node, 0, sizes)
 
     def broadcast_batch(self, site: Site, source: Arranged, kv: Node) -> Node:
         """K/V shared across the batch (a size-1 batch dim) are expanded, as a view, to q's batch."""
@@ -95,16 +120,15 @@ class _Builder:
     def mask(self, lowering: Lowering, dtype: torch.dtype) -> Node | None:
         if lowering.spec.mask is MaskInput.NONE:
             return None
-        target = (*self.batch_roles, "m", "n")
         total = None
         for term in lowering.bias:
-            node = arrange(self.graph, Arranged(term.node, term.roles), target)
+            node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))
             if term.coeff != 1.0:
                 node = self.call(aten.mul.Tensor, node, term.coeff)
             total = node if total is None else self.call(aten.add.Tensor, total, node)
         keeps = []
         for term in lowering.masks:
-            node = arrange(self.graph, Arranged(term.node, term.roles), target)
+            node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))
             keeps.append((node if term.keep_when else self.call(aten.logical_not.default, node), term.fill))
         if lowering.spec.mask is MaskInput.BOOL:
             return self.to_4d(keeps[0][0])
@@ -126,7 +150,10 @@ class _Builder:
         elif nb > 2:
             sizes = [ops.static_int(site.q.size(r)) or ops.static_int(site.v.size(r)) for r in self.batch_roles[1:]]
             out = self.call(aten.unflatten.int, out, 1, sizes)
-        canonical = (*self.batch_roles, "m", "f")
+        layout = self._layout_of(site.out_roles)
+        if layout != self.batch_roles:
+            out = self._rebatch(out, len(self.batch_roles), list(self.structures[layout]))
+        canonical = (*layout, "m", "f")
         perm = [canonical.index(r) for r in site.out_roles]
         if perm != list(range(len(perm))):
             out = self.call(aten.permute.default, out, perm)

@@ -108,6 +108,26 @@ def roles_of(labels: str, label_roles: dict[str, str]) -> Roles:
     return tuple(label_roles[c] for c in labels)
 
 
+def is_batch_role(role: str) -> bool:
+    return role not in ("m", "n", "e", "f")
+
+
+def batch_reshape(node: Node, roles: Roles, prefix: str) -> tuple[Roles, tuple[int, ...]] | None:
+    """New roles when a reshape only splits or merges the batch dims in front of the last two
+    (e.g. scores (B*H, M, N) -> (B, H, M, N)), with the new batch sizes for an unflatten."""
+    src = ops.arg(node, "self", 0)
+    if len(roles) < 2 or any(is_batch_role(r) for r in roles[-2:]):
+        return None
+    src_shape, out_shape = ops.shape(src), ops.shape(node)
+    if len(out_shape) < 2 or not all(ops.same_size(a, b) for a, b in zip(src_shape[-2:], out_shape[-2:])):
+        return None
+    batch = out_shape[:-2]
+    sizes = tuple(ops.unflatten_size(s) for s in batch)
+    if sizes.count(-1) > 1:
+        return None
+    return tuple(f"{prefix}{i}" for i in range(len(batch))) + tuple(roles[-2:]), sizes
+
+
 def _permute_source(node: Node) -> tuple[Node, list[int]] | None:
     """(input, perm) when `node` only reorders dims of its input: out dim i = input dim perm[i]."""
     k = ops.kind(node)

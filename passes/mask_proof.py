@@ -25,7 +25,9 @@ from . import ops
 
 MAX_RANK = 8
 _IDX = tuple(sympy.Symbol(f"i{d}", integer=True, nonnegative=True) for d in range(MAX_RANK))
-ROLE_SYMBOLS = {r: sympy.Symbol(r, integer=True, nonnegative=True) for r in ("b0", "b1", "b2", "b3", "m", "n")}
+def role_symbol(role: str) -> sympy.Symbol:
+    """The index symbol of a site role (b0, b1, m, n, or a batch role of another layout)."""
+    return sympy.Symbol(role, integer=True, nonnegative=True)
 
 
 class Unsupported(Exception):
@@ -410,7 +412,7 @@ class MaskFacts:
 
 def _linear_in_mn(rel: Any) -> tuple[str, Any] | None:
     """('upper', K) for n <= m + K, ('lower', L) for n >= m + L, or None."""
-    m, n = ROLE_SYMBOLS["m"], ROLE_SYMBOLS["n"]
+    m, n = role_symbol("m"), role_symbol("n")
     if isinstance(rel, (sympy.Le, sympy.Lt)):
         d, strict = rel.lhs - rel.rhs, isinstance(rel, sympy.Lt)
     elif isinstance(rel, (sympy.Ge, sympy.Gt)):
@@ -434,7 +436,7 @@ def classify(keep: Any, q_len: Any, kv_len: Any) -> MaskFacts:
     keep = sympy.simplify_logic(keep) if keep.has(sympy.Or) else keep
     conjuncts = keep.args if isinstance(keep, sympy.And) else (keep,)
     upper, lower, padding, unproven = [], [], [], []
-    data_roles = {ROLE_SYMBOLS["b0"], ROLE_SYMBOLS["n"]}
+    data_roles = {role_symbol("b0"), role_symbol("n")}
     for conj in conjuncts:
         if conj == sympy.true:
             continue
@@ -442,7 +444,7 @@ def classify(keep: Any, q_len: Any, kv_len: Any) -> MaskFacts:
         linear = _linear_in_mn(conj) if not reads else None
         if linear is not None:
             (upper if linear[0] == "upper" else lower).append(linear[1])
-        elif reads and conj.free_symbols <= data_roles and ROLE_SYMBOLS["n"] in conj.free_symbols:
+        elif reads and conj.free_symbols <= data_roles and role_symbol("n") in conj.free_symbols:
             padding += sorted(_describe(str(r)) for r in reads)
         else:
             unproven.append(_describe(str(conj)))
@@ -489,14 +491,14 @@ def _describe(keep: Any) -> str:
 
 def keep_predicate(sym: Sym, roles: tuple[str, ...], fill_is_keep: bool = False) -> Any:
     """The predicate of a bool mask (or its negation) with its dims renamed to site roles."""
-    expr = _reindex(sym.expr, {d: ROLE_SYMBOLS[r] for d, r in enumerate(roles)})
+    expr = _reindex(sym.expr, {d: role_symbol(r) for d, r in enumerate(roles)})
     pred = to_bool(expr)
     return sympy.Not(pred) if fill_is_keep else pred
 
 
 def additive_keep(sym: Sym, roles: tuple[str, ...], is_exclusion: Callable[[float], bool]) -> Any | None:
     """For an additive mask of 0 / exclusion values: where it is 0. None if it is a real bias."""
-    expr = _reindex(sym.expr, {d: ROLE_SYMBOLS[r] for d, r in enumerate(roles)})
+    expr = _reindex(sym.expr, {d: role_symbol(r) for d, r in enumerate(roles)})
     if expr == 0:
         return sympy.true
     if not isinstance(expr, sympy.Piecewise):
@@ -515,4 +517,4 @@ def conjunction(predicates: list[Any]) -> Any:
     return reduce(sympy.And, predicates, sympy.true)
 
 
-__all__ = ["MaskEvaluator", "MaskFacts", "Sym", "additive_keep", "classify", "conjunction", "keep_predicate", "ROLE_SYMBOLS"]
+__all__ = ["MaskEvaluator", "MaskFacts", "Sym", "additive_keep", "classify", "conjunction", "keep_predicate", "role_symbol"]

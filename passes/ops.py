@@ -210,6 +210,26 @@ def sym_expr(size: Any):
     return sympy.Integer(int(size))
 
 
+def same_size(a: Any, b: Any) -> bool:
+    """Whether two sizes are equal for every input (not just at the example)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def same_shape(a: Node, b: Node) -> bool:
+    sa, sb = shape(a), shape(b)
+    return len(sa) == len(sb) and all(same_size(x, y) for x, y in zip(sa, sb))
+
+
+def unflatten_size(size: Any) -> int:
+    """`size` for an unflatten/view argument: its value, or -1 for a dynamic size."""
+    value = static_int(size)
+    return -1 if value is None else value
+
+
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 

@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from . import ops
-from .layout import Contraction, Roles, _permute_source, read_contraction
+from .layout import Contraction, Roles, _permute_source, batch_reshape, is_batch_role, read_contraction
 from .site import BiasTerm, MaskTerm, Reason, Refusal
 
 MAX_PATH = 24
@@ -39,10 +39,15 @@ class ScorePath:
     roles: Roles  # score roles at the contraction's output
     path: tuple[Node, ...]  # contraction -> softmax input order, without the contraction
     roles_after: tuple[Roles, ...]  # score roles after each path node
+    structures: dict[Roles, tuple[int, ...]]  # batch roles of each layout seen -> sizes (-1 dynamic)
 
     @property
     def final_roles(self) -> Roles:
         return self.roles_after[-1] if self.roles_after else self.roles
+
+
+def _batch(roles: Roles) -> Roles:
+    return tuple(r for r in roles if is_batch_role(r))
 
 
 def constant_scalar(x: object) -> float | None:
@@ -111,15 +116,21 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
         if outside:
             return Refusal(Reason.SCORES_ESCAPE, f"the scores at {node.name} are also used by {outside[0].name}", "S")
     contraction_roles = roles
+    structures = {_batch(roles): tuple(ops.unflatten_size(s) for s in ops.shape(chain[0])[:-2])}
     roles_after: list[Roles] = []
-    for node in chain[1:]:
+    for index, node in enumerate(chain[1:]):
         permuted = _permute_source(node)
         if permuted is not None:
             roles = tuple(roles[i] for i in permuted[1])
-        elif ops.kind(node) == "reshape" and ops.shape(node) != ops.shape(ops.arg(node, "self", 0)):
-            return Refusal(Reason.VIEW_ON_SCORES, f"{node.name} reshapes the scores between QK and softmax", "S")
+        elif ops.kind(node) == "reshape" and not ops.same_shape(node, ops.arg(node, "self", 0)):
+            rebatched = batch_reshape(node, roles, prefix=f"s{index}_")
+            if rebatched is None:
+                return Refusal(Reason.VIEW_ON_SCORES, f"{node.name} reshapes the query or key axis of the scores "
+                               "between QK and softmax", "S")
+            roles, sizes = rebatched
+            structures[_batch(roles)] = sizes
         roles_after.append(roles)
-    return ScorePath(contraction, contraction_roles, tuple(chain[1:]), tuple(roles_after))
+    return ScorePath(contraction, contraction_roles, tuple(chain[1:]), tuple(roles_after), structures)
 
 
 def replay(score_path: ScorePath, score_dtype: torch.dtype) -> ScoreAlgebra | Refusal:

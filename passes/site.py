@@ -102,6 +102,8 @@ class Site:
     masks: tuple[MaskTerm, ...]
     facts: MaskFacts
     groups: int = 1  # K/V repeat folded into GQA
+    structures: dict[Roles, tuple[int, ...]] = field(default_factory=dict)  # batch layouts -> sizes
+    batch_sizes: tuple[int, ...] = ()  # canonical batch sizes at the example inputs
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces
     notes: list[str] = field(default_factory=list)
