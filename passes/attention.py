@@ -139,9 +139,10 @@ def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arran
     label_roles = dict(zip(p_labels, prob_roles))
     contracted = av.contracted()
     if len(contracted) != 1 or label_roles.get(contracted[0]) != "n":
-        summed = ", ".join(label_roles.get(c, c) for c in contracted)
+        names = {"m": "queries", "n": "keys"}
+        summed = ", ".join(names.get(label_roles.get(c, ""), "a batch/head dim") for c in contracted)
         return Refusal(Reason.PROBS_WRONG_AXIS, f"{av.node.name} contracts the probabilities over [{summed}], "
-                       "not over the keys", "AV")
+                       "not over the keys alone", "AV")
     free = [x for x in v_labels if x not in label_roles]
     if len(free) != 1 or free[0] not in av.out_labels:
         return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} has no single value-feature axis", "AV")

@@ -26,8 +26,8 @@ NEAR_MISSES = {
     "training_dropout": (cases.training_dropout, "DROPOUT_TRAINING", "drops attention probabilities in training mode"),
     "relu_scores": (cases.relu_scores, "SCORE_OP_UNSUPPORTED", "applies relu to the scores"),
     "gated_scores": (cases.gated_scores, "SCALE_NOT_SCALAR", "by a tensor of shape (2, 4, 12, 12)"),
-    "av_over_queries": (cases.av_over_queries, "PROBS_WRONG_AXIS", "contracts the probabilities over [m]"),
-    "av_sums_heads": (cases.av_sums_heads, "PROBS_WRONG_AXIS", "contracts the probabilities over [b1, n]"),
+    "av_over_queries": (cases.av_over_queries, "PROBS_WRONG_AXIS", "contracts the probabilities over [queries]"),
+    "av_sums_heads": (cases.av_sums_heads, "PROBS_WRONG_AXIS", "contracts the probabilities over [a batch/head dim, keys]"),
     "mask_before_softcap": (cases.mask_before_softcap, "SCORE_ORDER", "comes after a bias, mask or another softcap"),
     "softmax_of_values": (cases.softmax_of_values, "NO_QK_CONTRACTION", "no contraction of two tensors produces"),
 }
