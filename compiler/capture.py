@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,36 @@ class Captured:
     method: str  # "torch.export" | "symbolic_trace"
     dynamic_shapes: Any
     notes: tuple[str, ...] = ()
+    constants: dict[str, Any] = field(default_factory=dict)  # non-tensor kwargs baked into the graph
+    module_prefix: str = ""  # prefix of module paths added by capture's own wrapper
+
+
+class _Bound(nn.Module):
+    """The model with its non-tensor keyword arguments (flags such as output_attentions) bound,
+    behind a forward whose signature names each remaining input: export mishandles inputs that
+    arrive through **kwargs."""
+
+    def __init__(self, model: nn.Module, constants: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.constants = constants
+
+
+def _bind(model: nn.Module, args: tuple, tensor_kwargs: dict, constants: dict) -> nn.Module:
+    def forward(self: _Bound, *a: Any, **k: Any) -> Any:
+        return self.model(*a, **k, **self.constants)
+
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(f"arg{i}", P.POSITIONAL_ONLY) for i in range(len(args))]
+    params += [P(name, P.KEYWORD_ONLY) for name in tensor_kwargs]
+    forward.__signature__ = inspect.Signature(params)
+    bound_class = type(f"Bound{type(model).__name__}", (_Bound,), {"forward": forward})
+    return bound_class(model, constants)
+
+
+def _has_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
 def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -51,14 +81,17 @@ def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str
 def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> Captured:
     """Capture `model` at the example inputs, or raise `CaptureError` naming why it could not be."""
     shapes = dynamic_shapes if dynamic_shapes is not None else auto_dynamic_shapes(model, args, kwargs)
-    errors = []
-    for oblivious in (True, False):
-        try:
-            with fx_config.patch(backed_size_oblivious=oblivious):
-                program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-            return Captured(program.module(), "torch.export", shapes)
-        except Exception as exc:  # noqa: BLE001 - every export failure falls through to the next way
-            errors.append(exc)
+    errors: list[Exception] = []
+    captured = _export(model, args, kwargs, shapes, errors)
+    constants = {k: v for k, v in kwargs.items() if not _has_tensor(v)}
+    if captured is None and kwargs and dynamic_shapes is None:
+        tensors = {k: v for k, v in kwargs.items() if k not in constants}
+        wrapper = _bind(model, args, tensors, constants)
+        captured = _export(wrapper, args, tensors, auto_dynamic_shapes(wrapper, args, tensors), [])
+        if captured is not None:
+            captured.constants, captured.module_prefix = constants, "model."
+    if captured is not None:
+        return captured
     try:
         traced = torch.fx.symbolic_trace(model)
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -69,6 +102,17 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = N
     except Exception as exc:  # noqa: BLE001
         errors.append(exc)
     raise CaptureError(_explain(model, errors[1] if len(errors) > 1 else errors[0], errors[-1])) from errors[-1]
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, errors: list[Exception]) -> Captured | None:
+    for oblivious in (True, False):
+        try:
+            with fx_config.patch(backed_size_oblivious=oblivious):
+                program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+            return Captured(program.module(), "torch.export", shapes)
+        except Exception as exc:  # noqa: BLE001 - every export failure falls through to the next way
+            errors.append(exc)
+    return None
 
 
 def _first_line(exc: Exception) -> str:

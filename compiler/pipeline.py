@@ -67,7 +67,10 @@ def optimize(
     report = Report(model=type(model).__name__, capture=captured.method, notes=list(captured.notes))
 
     plans = _match_and_emit(work, report, candidates, device, memory_budget)
-    accepted, expected = _verify(work, plans, args, kwargs) if verify and plans else (plans, None)
+    for entry in report.entries:
+        entry.module_path = entry.module_path.removeprefix(captured.module_prefix)
+    graph_kwargs = {k: v for k, v in kwargs.items() if k not in captured.constants}
+    accepted, expected = _verify(work, plans, args, graph_kwargs) if verify and plans else (plans, None)
     for plan in plans:
         if plan in accepted:
             plan.site.av.node.replace_all_uses_with(plan.emitted.output)
@@ -78,9 +81,9 @@ def optimize(
     _remove_dead_nodes(work.graph)
     work.graph.lint()
     work.recompile()
-    result = _check_end_to_end(work, original, report, args, kwargs, expected) if accepted and verify else work
+    result = _check_end_to_end(work, original, report, args, graph_kwargs, expected) if accepted and verify else work
     report.optimize_seconds = time.perf_counter() - started
-    return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes)
+    return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants)
 
 
 def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[tuple, dict]:

@@ -75,13 +75,13 @@ def _number(value: Any) -> Any:
 
 def _pin_broadcast_dims(expr: Any, shape: tuple[Any, ...]) -> Any:
     """Size-1 dims are read at index 0, whatever index a broadcast asks for."""
-    subs = {_IDX[d]: 0 for d, s in enumerate(shape) if s == 1}
+    subs = {_IDX[d]: sympy.Integer(0) for d, s in enumerate(shape) if s == 1}
     return expr.xreplace(subs) if subs else expr
 
 
 def _reindex(expr: Any, mapping: dict[int, Any]) -> Any:
     """Substitute i{d} -> mapping[d] simultaneously."""
-    return expr.xreplace({_IDX[d]: v for d, v in mapping.items()})
+    return expr.xreplace({_IDX[d]: sympy.sympify(v) for d, v in mapping.items()})
 
 
 def _align(sym: Sym, out_rank: int) -> Any:
@@ -131,6 +131,13 @@ def _compare(op: str, a: Any, b: Any) -> Any:
     return fn(a, b)
 
 
+def _collapse(expr: Any) -> Any:
+    """A piecewise whose branches all hold the same value is that value."""
+    if isinstance(expr, sympy.Piecewise) and len({value for value, _ in expr.args}) == 1:
+        return expr.args[0][0]
+    return expr
+
+
 def _band(tensor: torch.Tensor) -> tuple[Any, Any, int] | None:
     """(inside, outside, k) when a 2-D tensor is `inside where j - i <= k else outside`."""
     rows, cols = tensor.shape
@@ -172,6 +179,7 @@ class MaskEvaluator:
             "to": self._cast, "_to_copy": self._cast, "type_as": self._cast,
             "clone": self._same, "contiguous": self._same, "alias": self._same, "detach": self._same,
             "lift_fresh_copy": self._same,
+            "diff": self._diff, "cumsum": self._cumsum, "repeat": self._repeat,
         }
 
     # -- entry point ---------------------------------------------------------------------------
@@ -324,6 +332,40 @@ class MaskEvaluator:
 
     def _same(self, node: Node) -> Sym:
         return self.value(node.args[0])
+
+    def _diff(self, node: Node) -> Sym:
+        """x[i] - x[i-1] along a dim, the first element against `prepend` (HF's packed-sequence
+        detection runs it over position ids)."""
+        x = self.value(node.args[0])
+        n = ops.arg(node, "n", 1, 1)
+        r = len(x.shape)
+        dim = ops.normalize_dim(int(ops.arg(node, "dim", 2, -1)), r)
+        prepend, append = ops.arg(node, "prepend", 3), ops.arg(node, "append", 4)
+        if n != 1 or prepend is None or append is not None:
+            raise Unsupported("diff form")
+        first = _reindex(_align(self.value(prepend), r), {dim: 0})
+        i = _IDX[dim]
+        step = to_number(x.expr) - to_number(x.expr).xreplace({i: i - 1})
+        start = _reindex(to_number(x.expr), {dim: 0}) - to_number(first)
+        return Sym(_collapse(sympy.Piecewise((sympy.expand(step), i >= 1), (sympy.expand(start), True))), _sizes(node))
+
+    def _repeat(self, node: Node) -> Sym:
+        """Tiling a size-1 dim (or by 1) reads the same element; true tiling is left opaque."""
+        x = self.value(node.args[0])
+        out = _sizes(node)
+        shift = len(out) - len(x.shape)
+        for d, size in enumerate(x.shape):
+            if size != 1 and not (size - out[d + shift]).expand() == 0:
+                raise Unsupported("repeat that tiles")
+        return Sym(_align(x, len(out)), out)
+
+    def _cumsum(self, node: Node) -> Sym:
+        x = self.value(node.args[0])
+        dim = ops.normalize_dim(int(ops.arg(node, "dim", 1)), len(x.shape))
+        value = to_number(x.expr)
+        if value.has(_IDX[dim]):
+            raise Unsupported("cumsum of a varying value")
+        return Sym(sympy.expand(value * (_IDX[dim] + 1)), _sizes(node))
 
     # -- layout --------------------------------------------------------------------------------
     def _reshape_like(self, node: Node) -> Sym:
