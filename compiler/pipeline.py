@@ -83,7 +83,11 @@ def optimize(
     work.recompile()
     result = _check_end_to_end(work, original, report, args, graph_kwargs, expected) if accepted and verify else work
     report.optimize_seconds = time.perf_counter() - started
-    return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants)
+    def respecialize(new_args: tuple, new_kwargs: dict) -> OptimizedModule:
+        return optimize(model, new_args, new_kwargs, verify=verify, memory_budget=memory_budget, variants=variants)
+
+    return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
+                           respecialize if dynamic_shapes is None else None)
 
 
 def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[tuple, dict]:

@@ -139,3 +139,16 @@ def test_existing_sdpa_is_reported_as_already_fused() -> None:
 
     opt = attnfx.optimize(Wrapper().eval(), inputs())
     assert [e.status for e in opt.report.entries] == ["ALREADY_FUSED"]
+
+
+def test_inputs_outside_the_captured_ranges_are_re_optimised() -> None:
+    model = Projected(cases.causal_tril_bool).eval()
+    opt = attnfx.optimize(model, inputs(12, 2))
+    x = inputs(1, 3)  # length 1 was specialised away by capture
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*x), model(*x), atol=1e-5, rtol=1e-5)
+    assert len(opt.specializations) == 1
+    assert opt.report.notes[-1].startswith("re-optimised for inputs outside the captured ranges (Guard failed:")
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs(1, 3)), model(*inputs(1, 3)), atol=1e-5, rtol=1e-5)
+    assert len(opt.specializations) == 1  # reused, not rebuilt
