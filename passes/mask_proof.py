@@ -186,6 +186,9 @@ class MaskEvaluator:
     def value(self, node: Any) -> Sym:
         if not isinstance(node, Node):
             return Sym(_number(node), ())
+        meta = ops.tensor_meta(node)
+        if isinstance(meta, (int, torch.SymInt)):  # a size computed in the graph: its symbolic value
+            return Sym(ops.sym_expr(meta), ())
         if node not in self.memo:
             try:
                 sym = self._evaluate(node)

@@ -294,3 +294,32 @@ def mask_before_softcap(q, k, v):
 def softmax_of_values(q, k, v):
     """A softmax over a plain activation (a gating head), then a matmul: not attention."""
     return F.softmax(q, dim=-1) @ v.transpose(-2, -1) @ v
+
+
+def rebatched_scores(q, k, v):
+    """Bloom-style: scores made on merged (B*H) heads, masked as (B, H, M, N), viewed back."""
+    b, h, t, d = q.shape
+    q3, k3, v3 = (z.reshape(b * h, t, d) for z in (q, k, v))
+    scores = torch.baddbmm(torch.zeros(b * h, 1, t, device=q.device), q3, k3.transpose(1, 2), beta=1.0, alpha=SCALE)
+    scores = scores.view(b, h, t, t).masked_fill(~causal_keep(t, q.device), torch.finfo(q.dtype).min)
+    probs = F.softmax(scores, dim=-1).view(b * h, t, t)
+    return torch.bmm(probs, v3).view(b, h, t, d)
+
+
+class DecodeStep(nn.Module):
+    """KV-cache decode: M new queries attend over a cache of N past keys plus themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, x, past_k, past_v):
+        b, m, _ = x.shape
+        q, k, v = (z.view(b, m, H, D).transpose(1, 2) for z in self.qkv(x).split(C, dim=-1))
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        n = k.size(2)
+        q_pos = torch.arange(m, device=x.device)[:, None] + (n - m)
+        keep = torch.arange(n, device=x.device)[None, :] <= q_pos  # bottom-right aligned
+        s = (q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, m, C)

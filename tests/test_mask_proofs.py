@@ -1,0 +1,80 @@
+"""Mask proofs: what attnfx proves about a mask from how the model builds it, for every length."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnfx
+import attention_cases as cases
+from attention_cases import Projected, inputs
+
+
+def attend_with(keep_fn):
+    def attend(q, k, v):
+        t = q.size(-2)
+        keep = keep_fn(t, q.device)
+        s = (q @ k.transpose(-2, -1) * cases.SCALE).masked_fill(~keep, float("-inf"))
+        return F.softmax(s, dim=-1) @ v
+    return attend
+
+
+def idx(t, device):
+    i = torch.arange(t, device=device)
+    return i[:, None], i[None, :]  # (m, 1), (1, n)
+
+
+MASKS = {
+    "tril_ones": (lambda t, d: torch.ones(t, t, dtype=torch.bool, device=d).tril(), "causal top-left (n <= m)"),
+    "triu_negated": (lambda t, d: ~torch.ones(t, t, dtype=torch.bool, device=d).triu(1), "causal top-left (n <= m)"),
+    "arange_le": (lambda t, d: idx(t, d)[1] <= idx(t, d)[0], "causal top-left (n <= m)"),
+    "arange_lt_plus_one": (lambda t, d: idx(t, d)[1] < idx(t, d)[0] + 1, "causal top-left (n <= m)"),
+    "sliding_window": (lambda t, d: (idx(t, d)[1] <= idx(t, d)[0]) & (idx(t, d)[1] > idx(t, d)[0] - 4),
+                       "causal top-left (n <= m), sliding window of 4 keys"),
+    "shifted_diagonal": (lambda t, d: idx(t, d)[1] <= idx(t, d)[0] + 2, "unproven: n <= m + 2"),
+    "window_without_causal": (lambda t, d: (idx(t, d)[0] - idx(t, d)[1]).abs() < 3, "unproven: Abs(m - n) < 3"),
+}
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_mask_is_proven_from_its_construction(name: str) -> None:
+    keep_fn, expected = MASKS[name]
+    model = Projected(attend_with(keep_fn)).eval()
+    opt = attnfx.optimize(model, inputs())
+    (entry,) = opt.report.entries
+    assert entry.status == "REWRITTEN"
+    assert entry.mask == expected
+    structural = expected.startswith("causal") and "window" not in expected
+    assert entry.lowering == ("flag" if structural else "tensor")
+    for t, b in ((12, 2), (29, 1)):
+        x = inputs(t, b)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(*x), model(*x), atol=1e-5, rtol=1e-5)
+
+
+class PaddedCausal(torch.nn.Module):
+    """Causal and key padding combined, as HF builds it: kept as one tensor, both parts proven."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(cases.C, 3 * cases.C)
+
+    def forward(self, x, attention_mask):
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, cases.H, cases.D).transpose(1, 2) for z in self.proj(x).split(cases.C, -1))
+        m_idx, n_idx = idx(t, x.device)
+        keep = (n_idx <= m_idx)[None, None] & attention_mask.bool()[:, None, None, :]
+        bias = torch.where(keep, 0.0, torch.finfo(x.dtype).min)
+        return F.softmax(q @ k.transpose(-2, -1) * cases.SCALE + bias, dim=-1) @ v
+
+
+def test_causal_and_padding_are_both_named_and_the_mask_is_kept() -> None:
+    model = PaddedCausal().eval()
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: query rows 0-2 see no key at all
+    opt = attnfx.optimize(model, (inputs()[0], mask))
+    (entry,) = opt.report.entries
+    assert entry.mask == "causal top-left (n <= m), key padding read from attention_mask(b, n)"
+    assert entry.lowering == "tensor" and entry.spec.mask.value == "additive"
+    with torch.no_grad():  # fully masked rows keep eager's finfo.min semantics (uniform), exactly
+        torch.testing.assert_close(opt(inputs()[0], mask), model(inputs()[0], mask), atol=1e-5, rtol=1e-5)
