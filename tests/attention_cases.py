@@ -323,3 +323,27 @@ class DecodeStep(nn.Module):
         keep = torch.arange(n, device=x.device)[None, :] <= q_pos  # bottom-right aligned
         s = (q @ k.transpose(-2, -1) * SCALE).masked_fill(~keep, float("-inf"))
         return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, m, C)
+
+
+def multiplicative_mask(q, k, v):
+    t = q.size(-2)
+    return F.softmax((q @ k.transpose(-2, -1) * SCALE) * causal_keep(t, q.device).to(q.dtype), dim=-1) @ v
+
+
+def renormalised_probs(q, k, v):
+    p = F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1)
+    return (p / p.sum(-1, keepdim=True)) @ v
+
+
+def softmax_over_batch(q, k, v):
+    return F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=0) @ v
+
+
+def scale_after_softcap(q, k, v):
+    s = torch.tanh((q @ k.transpose(-2, -1)) / 30.0) * 30.0
+    return F.softmax(s * 0.5, dim=-1) @ v
+
+
+def probs_times_probs(q, k, v):
+    p = F.softmax(q @ k.transpose(-2, -1) * SCALE, dim=-1)
+    return (p @ p) @ v

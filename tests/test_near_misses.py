@@ -30,6 +30,11 @@ NEAR_MISSES = {
     "av_sums_heads": (cases.av_sums_heads, "PROBS_WRONG_AXIS", "contracts the probabilities over [a batch/head dim, keys]"),
     "mask_before_softcap": (cases.mask_before_softcap, "SCORE_ORDER", "comes after a bias, mask or another softcap"),
     "softmax_of_values": (cases.softmax_of_values, "NO_QK_CONTRACTION", "no contraction of two tensors produces"),
+    "multiplicative_mask": (cases.multiplicative_mask, "SCALE_NOT_SCALAR", "by a tensor of shape (12, 12)"),
+    "renormalised_probs": (cases.renormalised_probs, "PROBS_ESCAPE", "are also used by"),
+    "softmax_over_batch": (cases.softmax_over_batch, "SOFTMAX_AXIS", "softmax over dim 0, which indexes a batch/head dim"),
+    "scale_after_softcap": (cases.scale_after_softcap, "SCORE_ORDER", "scales the scores after the softcap"),
+    "probs_times_probs": (cases.probs_times_probs, "NO_AV_CONTRACTION", "contracts the probabilities with themselves"),
 }
 
 
@@ -72,3 +77,19 @@ def test_eval_mode_model_with_zero_dropout_in_training_is_still_rewritten() -> N
 
     model = Projected(zero_dropout).eval()
     assert attnfx.optimize(model, inputs()).report.rewritten == 1
+
+
+def test_hugging_face_output_attentions_keeps_every_softmax() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, use_cache=False,
+                                     attn_implementation="eager")
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    opt = attnfx.optimize(model, (), {"input_ids": ids, "output_attentions": True})
+    assert [e.reason_code for e in opt.report.entries] == ["PROBS_ESCAPE", "PROBS_ESCAPE"]
+    assert all("are returned by the model" in e.reason for e in opt.report.entries)
+    out = opt(input_ids=ids, output_attentions=True)
+    torch.testing.assert_close(out.attentions[1], model(input_ids=ids, output_attentions=True).attentions[1])
+    with pytest.raises(attnfx.AttnfxError, match="optimised for output_attentions=True and was called with "
+                                                 "output_attentions=False"):
+        opt(input_ids=ids, output_attentions=False)
