@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .attention_args import Dims
-from .triton_launch import checked_dims, dot_precision, head_blocks, score_kwargs
-from .triton_scores import LN2, LOG2E, modify_scores
+from .triton_launch import checked_dims, head_blocks, score_kwargs
+from .triton_scores import LN2, LOG2E, dot_kwargs, mma, modify_scores
 
 BLOCK_N = 64
 MIN_SPLIT_BLOCKS = 4  # a split shorter than this many key blocks costs more to merge than it saves
@@ -31,7 +31,8 @@ def _decode_split_kernel(
     H, G, M, N, E, F, R, S, split_len, scale, softcap, window, offset,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
@@ -73,7 +74,7 @@ def _decode_split_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke,
                      mask=(offs_n < stop)[None, :] & (offs_e < E)[:, None], other=0.0)  # (e, n)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (r, n)
+        qk = mma(q, kt, DOT_PRECISION, UPCAST_DOTS)  # (r, n)
         s = modify_scores(qk, pos_m, row_ok, offs_n, stop, bias_rows, stride_bn, slope, kv_len,
                           scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
                           CAUSAL, HAS_WINDOW, HAS_LENGTHS) * LOG2E
@@ -84,7 +85,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_f[None, :] * stride_vf,
                     mask=(offs_n < stop)[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
         m_i = m_new
 
     part = (bk.to(tl.int64) * S + split) * R + rows  # workspace row of (bk, split, row)
@@ -184,7 +185,7 @@ def decode_forward(
         q, k, v, o_part, m_part, l_part, *q.stride(), *k.stride(), *v.stride(),
         H=d.heads, G=d.groups, M=d.q_len, N=d.kv_len, E=d.head_dim, F=d.value_dim, R=rows, S=splits,
         split_len=split_len, BLOCK_R=br, BLOCK_N=BLOCK_N, BLOCK_E=be, BLOCK_F=bf,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        **dot_kwargs(q.dtype), num_warps=4, num_stages=2,
         **score_kwargs(q, d, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap),
     )
     out = q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .attention_args import bias_4d
-from .triton_launch import checked_dims, dot_precision, head_blocks, score_kwargs
-from .triton_scores import LOG2E, modify_scores, softcap_grad
+from .triton_launch import checked_dims, head_blocks, score_kwargs
+from .triton_scores import LOG2E, dot_kwargs, mma, modify_scores, softcap_grad
 
 
 @triton.jit
@@ -31,7 +31,8 @@ def _bwd_dkdv_kernel(
     H, G, M, N, E, F, scale, softcap, window, offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bk = tl.program_id(1)
@@ -77,17 +78,17 @@ def _bwd_dkdv_kernel(
                          mask=row_ok[:, None] & (offs_f < F)[None, :], other=0.0)  # (m, f)
             lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))  # +inf: p = 0
             delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (m, n)
+            qk = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOTS)  # (m, n)
             s = modify_scores(qk, offs_m, row_ok, offs_n, N, bias_base + offs_m * stride_bm, stride_bn, slope,
                               kv_len, scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI,
                               HAS_SOFTCAP, CAUSAL, HAS_WINDOW, HAS_LENGTHS)
             p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOTS)
+            dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOTS)
             ds = p * (dp - delta[:, None])
             if HAS_SOFTCAP:
                 ds = ds * softcap_grad(qk, scale, softcap)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            dk += mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, UPCAST_DOTS)
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkn + offs_e[None, :] * stride_dke,
              (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_e < E)[None, :])
     tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvn + offs_f[None, :] * stride_dvf,
@@ -107,7 +108,8 @@ def _bwd_dq_kernel(
     H, G, M, N, E, F, scale, softcap, window, offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -153,19 +155,19 @@ def _bwd_dq_kernel(
                     mask=col_ok[:, None] & (offs_e < E)[None, :], other=0.0)  # (n, e)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_f[None, :] * stride_vf,
                     mask=col_ok[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (m, n)
+        qk = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOTS)  # (m, n)
         s = modify_scores(qk, offs_m, row_ok, offs_n, N, bias_rows, stride_bn, slope, kv_len,
                           scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
                           CAUSAL, HAS_WINDOW, HAS_LENGTHS)
         p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOTS)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:
             tl.atomic_add(dbias_rows[:, None] + offs_n[None, :] * stride_dn, ds,
                           mask=row_ok[:, None] & col_ok[None, :])
         if HAS_SOFTCAP:
             ds = ds * softcap_grad(qk, scale, softcap)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq += mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_DOTS)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_e[None, :] * stride_dqe,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_e < E)[None, :])
 
@@ -216,7 +218,7 @@ def flash_backward(
     dbias_strides = dbias.expand(d.batch, d.heads, d.q_len, d.kv_len).stride() if bias_grad else (0, 0, 0, 0)
     common = dict(
         H=d.heads, G=d.groups, M=d.q_len, N=d.kv_len, E=d.head_dim, F=d.value_dim,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, **dot_kwargs(q.dtype),
         num_warps=warps, num_stages=1,
         **score_kwargs(q, d, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap),
     )

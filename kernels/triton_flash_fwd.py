@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import checked_dims, dot_precision, head_blocks, score_kwargs
-from .triton_scores import LN2, LOG2E, modify_scores
+from .triton_launch import checked_dims, head_blocks, score_kwargs
+from .triton_scores import LN2, LOG2E, dot_kwargs, mma, modify_scores
 
 
 @triton.jit
@@ -26,7 +26,8 @@ def _flash_fwd_kernel(
     H, G, M, N, E, F, scale, softcap, window, offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -65,7 +66,7 @@ def _flash_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke,
                      mask=(offs_n < N)[None, :] & (offs_e < E)[:, None], other=0.0)  # (e, n)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        qk = mma(q, kt, DOT_PRECISION, UPCAST_DOTS)
         s = modify_scores(qk, offs_m, row_ok, offs_n, N, bias_rows, stride_bn, slope, kv_len,
                           scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
                           CAUSAL, HAS_WINDOW, HAS_LENGTHS) * LOG2E
@@ -76,7 +77,7 @@ def _flash_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_f[None, :] * stride_vf,
                     mask=(offs_n < N)[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -124,7 +125,7 @@ def flash_forward(
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H=d.heads, G=d.groups, M=d.q_len, N=d.kv_len, E=d.head_dim, F=d.value_dim,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, **dot_kwargs(q.dtype),
         num_warps=warps, num_stages=2,
         **score_kwargs(q, d, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap),
     )

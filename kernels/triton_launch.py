@@ -59,11 +59,6 @@ def score_kwargs(
     )
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get IEEE dots (an fp32 model must not silently drop to TF32); 16-bit ones ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def head_blocks(dims: Dims) -> tuple[int, int]:
     """Head dims padded to powers of two (>= 16 for tl.dot); the padding is masked on load."""
     return max(16, _next_pow2(dims.head_dim)), max(16, _next_pow2(dims.value_dim))

@@ -5,8 +5,12 @@ disagree on what a mask means. Imported only by the Triton launchers (never by `
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -16,6 +20,16 @@ LN2 = 0.6931471805599453
 def tanh(x):
     """tanh through the sigmoid (tl has no tanh that also runs in the interpreter)."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST widens bf16 operands to fp32 first: Triton's
+    interpreter multiplies bf16 bit patterns (triton-lang/triton#11584), and bf16 products are
+    exact in fp32, so the numbers are those of a bf16 MMA."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -57,3 +71,13 @@ def softcap_grad(qk, scale, softcap):
     """d(softcap * tanh(x / softcap)) / dx at x = scale * qk."""
     t = tanh(qk * scale / softcap)
     return 1.0 - t * t
+
+
+INTERPRETED = isinstance(mma, InterpretedFunction)
+
+
+def dot_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """`mma`'s flags for a kernel whose dots take `dtype` operands: fp32 gets IEEE dots (an fp32
+    model must not silently drop to TF32); bf16 is widened only under the interpreter."""
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                UPCAST_DOTS=INTERPRETED and dtype == torch.bfloat16)
