@@ -62,7 +62,8 @@ def check_args(
     if h % hk:
         raise ValueError(f"attnfx::attention: query heads ({h}) must be a multiple of kv heads ({hk})")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError(f"attnfx::attention: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError("attnfx::attention: q, k, v must share one floating dtype; "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     dims = Dims(b, h, hk, m, n, e, v.shape[3])
     if bias is not None:
         _check_bias(bias, dims)
@@ -88,7 +89,8 @@ def _check_bias(bias: torch.Tensor, dims: Dims) -> None:
     if not fits:
         raise ValueError(f"attnfx::attention: bias of shape {shape} does not broadcast to (B,H,M,N)={full}")
     if not (bias.dtype.is_floating_point or bias.dtype == torch.bool):
-        raise ValueError(f"attnfx::attention: bias must be floating (additive) or bool (True attends), got {bias.dtype}")
+        raise ValueError("attnfx::attention: bias must be floating (additive) or bool (True attends), "
+                         f"got {bias.dtype}")
 
 
 def bias_4d(bias: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,18 @@ from attnfx.errors import KernelUnavailable
 from .attention_args import Dims, bias_4d, check_args, triton_refusal
 
 
-def checked_dims(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap, kernel: str) -> Dims:
+def checked_dims(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    kv_lengths: torch.Tensor | None,
+    causal: str,
+    window: int,
+    softcap: float,
+    kernel: str,
+) -> Dims:
     """Dims of a call a Triton kernel can take; KernelUnavailable naming the kernel and the reason otherwise."""
     dims = check_args(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
     reason = triton_refusal(q.dtype, dims.head_dim, dims.value_dim)
