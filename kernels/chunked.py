@@ -80,8 +80,8 @@ def _scores(site: _Site, qr: torch.Tensor, kc: torch.Tensor, m0: int, m1: int, n
     if site.softcap:
         t = torch.tanh(s / site.softcap)
         s, dcap = site.softcap * t, 1 - t * t
-    rows = torch.arange(m0, m1).view(-1, 1)  # (mc, 1)
-    cols = torch.arange(n0, n1).view(1, -1)  # (1, nc)
+    rows = torch.arange(m0, m1, device=s.device).view(-1, 1)  # (mc, 1)
+    cols = torch.arange(n0, n1, device=s.device).view(1, -1)  # (1, nc)
     keep = None
     if site.bias is not None:
         chunk = _bias_chunk(site, m0, m1, n0, n1)  # (B|1, Hkv|1, G|1, mc|1, nc|1)

@@ -10,8 +10,11 @@
 Semantics are AttentionSpec's: causal in {"none", "top_left", "bottom_right"}, window -1 = none,
 softcap 0.0 = none; `bias` broadcasts to (B,H,M,N) and is either additive (floating) or a keep-mask
 (bool, True attends); ALiBi slopes are (H,); kv_lengths (B,) masks keys n >= kv_lengths[b]. Fully
-masked rows give 0 with lse = -inf. ALiBi slopes and key lengths get no gradient; dropout is not
-supported (sites with training dropout keep SDPA).
+masked rows give 0 with lse = -inf. ALiBi slopes and key lengths get no gradient, the backward
+op has none (no double backward), and dropout is not supported (sites with training dropout keep
+SDPA). NOTE: a row that a finite additive mask (finfo.min) covers entirely averages V, as the spec
+says, but its fp32 lse rounds to the mask value (log l is absorbed), so its own gradient is off by
+a factor l; it is exact when that row's grad_out is 0, as for padding rows in training.
 
 CUDA runs attnfx's Triton kernels (split-KV decode when M <= 16 and N >= 4M, flash otherwise) and
 raises KernelUnavailable for what they cannot take; every other device runs the chunked pure-torch

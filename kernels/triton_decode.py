@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .attention_args import Dims
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import LN2, LOG2E, dot_kwargs, mma, modify_scores
+from .triton_scores import dot_kwargs, mma, modify_scores
 
 BLOCK_N = 64
 MIN_SPLIT_BLOCKS = 4  # a split shorter than this many key blocks costs more to merge than it saves
@@ -77,11 +77,11 @@ def _decode_split_kernel(
         qk = mma(q, kt, DOT_PRECISION, UPCAST_DOTS)  # (r, n)
         s = modify_scores(qk, pos_m, row_ok, offs_n, stop, bias_rows, stride_bn, slope, kv_len,
                           scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
-                          CAUSAL, HAS_WINDOW, HAS_LENGTHS) * LOG2E
+                          CAUSAL, HAS_WINDOW, HAS_LENGTHS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_f[None, :] * stride_vf,
                     mask=(offs_n < stop)[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
@@ -121,8 +121,8 @@ def _decode_merge_kernel(
         o_s = tl.load(OPart + part[:, None] * F + offs_f[None, :], mask=f_ok, other=0.0)
         m_new = tl.maximum(m_run, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w_run = tl.math.exp2(m_run - m_safe)
-        w_s = tl.math.exp2(m_s - m_safe)
+        w_run = tl.exp(m_run - m_safe)
+        w_s = tl.exp(m_s - m_safe)
         l_run = l_run * w_run + l_s * w_s
         acc = acc * w_run[:, None] + o_s * w_s[:, None]
         m_run = m_new
@@ -130,7 +130,7 @@ def _decode_merge_kernel(
     l_safe = tl.where(empty, 1.0, l_run)
     tl.store(Out + b * stride_ob + h[:, None] * stride_oh + pos_m[:, None] * stride_om + offs_f[None, :] * stride_of,
              (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=f_ok)
-    lse = tl.where(empty, float("-inf"), (m_run + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), m_run + tl.log(l_safe))
     tl.store(Lse + (b * H + h) * M + pos_m, lse, mask=row_ok)
 
 
@@ -179,7 +179,7 @@ def decode_forward(
     splits = triton.cdiv(d.kv_len, split_len)
     work = (d.batch * d.kv_heads, splits, rows)
     o_part = torch.empty(*work, d.value_dim, dtype=torch.float32, device=q.device)  # (bk, s, r, f)
-    m_part = torch.empty(work, dtype=torch.float32, device=q.device)  # (bk, s, r), log2 units
+    m_part = torch.empty(work, dtype=torch.float32, device=q.device)  # (bk, s, r)
     l_part = torch.empty(work, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(splits, d.batch * d.kv_heads, row_blocks)](
         q, k, v, o_part, m_part, l_part, *q.stride(), *k.stride(), *v.stride(),

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .attention_args import bias_4d
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import LOG2E, dot_kwargs, mma, modify_scores, softcap_grad
+from .triton_scores import dot_kwargs, mma, modify_scores, softcap_grad
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _bwd_dkdv_kernel(
             s = modify_scores(qk, offs_m, row_ok, offs_n, N, bias_base + offs_m * stride_bm, stride_bn, slope,
                               kv_len, scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI,
                               HAS_SOFTCAP, CAUSAL, HAS_WINDOW, HAS_LENGTHS)
-            p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+            p = tl.exp(s - lse[:, None])
             dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, UPCAST_DOTS)
             dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOTS)
             ds = p * (dp - delta[:, None])
@@ -159,7 +159,7 @@ def _bwd_dq_kernel(
         s = modify_scores(qk, offs_m, row_ok, offs_n, N, bias_rows, stride_bn, slope, kv_len,
                           scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
                           CAUSAL, HAS_WINDOW, HAS_LENGTHS)
-        p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+        p = tl.exp(s - lse[:, None])
         dp = mma(do, tl.trans(v), DOT_PRECISION, UPCAST_DOTS)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import LN2, LOG2E, dot_kwargs, mma, modify_scores
+from .triton_scores import dot_kwargs, mma, modify_scores
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _flash_fwd_kernel(
     if HAS_WINDOW:
         lo = (tl.maximum(0, start_m + offset - window + 1) // BLOCK_N) * BLOCK_N
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum
     acc = tl.zeros([BLOCK_M, BLOCK_F], dtype=tl.float32)  # running unnormalised output
     for start_n in range(lo, hi, BLOCK_N):
@@ -69,11 +69,11 @@ def _flash_fwd_kernel(
         qk = mma(q, kt, DOT_PRECISION, UPCAST_DOTS)
         s = modify_scores(qk, offs_m, row_ok, offs_n, N, bias_rows, stride_bn, slope, kv_len,
                           scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
-                          CAUSAL, HAS_WINDOW, HAS_LENGTHS) * LOG2E
+                          CAUSAL, HAS_WINDOW, HAS_LENGTHS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_f[None, :] * stride_vf,
                     mask=(offs_n < N)[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
@@ -83,7 +83,7 @@ def _flash_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_f[None, :] * stride_of,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_f < F)[None, :])
     tl.store(Lse + bh.to(tl.int64) * M + offs_m, lse, mask=row_ok)

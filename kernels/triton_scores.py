@@ -12,10 +12,6 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
 @triton.jit
 def tanh(x):
     """tanh through the sigmoid (tl has no tanh that also runs in the interpreter)."""

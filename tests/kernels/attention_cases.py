@@ -152,3 +152,14 @@ COMBINED: dict[str, Case] = {
     "alibi_softcap_padding": Case(batch=2, heads=2, q_len=100, kv_len=100, causal="top_left", softcap=1.0,
                                   alibi=True, key_padding=True),
 }
+
+
+def finfo_min_mask_case() -> tuple[Case, dict[str, torch.Tensor]]:
+    """Hugging Face's additive mask: 0 or finfo.min, with rows 0-3 masked entirely. Those rows
+    are not empty for softmax (every score equals finfo.min): the oracle averages V over them."""
+    case = Case(batch=2, q_len=37, kv_len=100, bias="B1MN")
+    t = case.tensors()
+    keep = torch.rand(case.bias_shape, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[:, :, :4] = False
+    t["BIAS"] = torch.zeros(case.bias_shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    return case, t

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnfx.kernels  # noqa: F401  (registers torch.ops.attnfx)
-from attention_cases import COMBINED, FEATURES, Case, assert_close, reference, reference_grads
+from attention_cases import COMBINED, FEATURES, Case, assert_close, finfo_min_mask_case, reference, reference_grads
 from attnfx.kernels.attention_args import Dims
 from attnfx.kernels.chunked import chunk_sizes, chunked_backward, chunked_forward
 
@@ -127,6 +127,18 @@ def test_small_budgets_give_the_same_result(budget):
     expected = reference_grads(case, t, grad_out)
     for name, grad in zip(("Q", "K", "V", "BIAS"), (dq, dk, dv, dbias)):
         assert_close(grad, expected[name], "float32", what=f"d{name}")
+
+
+def test_rows_covered_by_a_finfo_min_mask_average_like_the_oracle():
+    case, t = finfo_min_mask_case()
+    q = t["Q"].clone().requires_grad_()
+    out = torch.ops.attnfx.attention(q, *case.op_args(t)[1:])[0]
+    assert_close(out, reference(case, t), "float32")
+    assert out[:, :, :4].abs().sum() > 0
+    grad_out = torch.randn_like(out)
+    grad_out[:, :, :4] = 0  # those rows' lse is finfo.min: only their forward is exact
+    out.backward(grad_out)
+    assert_close(q.grad, reference_grads(case, t, grad_out)["Q"], "float32")
 
 
 class _LargestOutput(TorchDispatchMode):

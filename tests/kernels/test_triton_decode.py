@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import Case, assert_close, reference
+from attention_cases import Case, assert_close, finfo_min_mask_case, reference
 from attnfx.kernels.attention_args import Dims
 
 pytest.importorskip("triton")
@@ -86,3 +86,11 @@ def test_split_count_fills_the_gpu_without_tiny_splits(programs, kv_len, sms, ex
 @pytest.mark.parametrize("groups,q_len,expected", [(1, 1, 16), (4, 3, 16), (8, 4, 32), (8, 16, 64)])
 def test_row_block_packs_a_group_up_to_64_rows(groups, q_len, expected):
     assert row_block(Dims(2, 2 * groups, 2, q_len, 300, 64, 64)) == expected
+
+
+def test_rows_covered_by_a_finfo_min_mask_average_like_the_oracle():
+    case, t = finfo_min_mask_case()
+    case, t = case.with_(q_len=4), {**t, "Q": t["Q"][:, :, :4], "BIAS": t["BIAS"][:, :, :4]}
+    out, _ = decode_forward(*case.op_args(t), num_splits=2)
+    assert_close(out, reference(case, t), "float32")
+    assert out.abs().sum() > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import COMBINED, FEATURES, Case, assert_close, reference, reference_grads
+from attention_cases import COMBINED, FEATURES, Case, assert_close, finfo_min_mask_case, reference, reference_grads
 
 pytest.importorskip("triton")
 from attnfx.kernels.triton_flash_bwd import flash_backward  # noqa: E402
@@ -173,3 +173,19 @@ def test_skipped_key_blocks_are_never_read(name, blocks):
     assert_close(dq, expected["Q"], "float32", what="dQ")
     assert torch.equal(dk[batch, :, keys], torch.zeros_like(dk[batch, :, keys]))
     assert torch.equal(dv[batch, :, keys], torch.zeros_like(dv[batch, :, keys]))
+
+
+def test_rows_covered_by_a_finfo_min_mask_average_like_the_oracle():
+    case, t = finfo_min_mask_case()
+    out, lse = flash_forward(*case.op_args(t))
+    assert_close(out, reference(case, t), "float32")
+    assert out[:, :, :4].abs().sum() > 0
+    # NOTE: such a row's lse is finfo.min (fp32 absorbs log l), so only its forward is exact; as in
+    # Hugging Face training, where padding rows get no gradient, the other rows' gradients are.
+    grad_out = torch.randn_like(out)
+    grad_out[:, :, :4] = 0
+    expected = reference_grads(case, t, grad_out)
+    args = case.op_args(t)
+    grads = flash_backward(grad_out, None, *args[:6], out, lse, *args[6:], False)
+    for name, grad in zip("QKV", grads):
+        assert_close(grad, expected[name], "float32", what=f"d{name}")
