@@ -22,11 +22,23 @@ implementation. Importing this module registers the ops; it never imports triton
 """
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
-from .attention_args import accumulation_dtype, check_args, is_decode_shape
+from attnfx.errors import KernelUnavailable
+
+from .attention_args import accumulation_dtype, check_args, is_decode_shape, triton_importable
 from .chunked import chunked_backward, chunked_forward
+
+
+def _triton_module(name: str) -> ModuleType:
+    """One of attnfx's Triton kernel modules, imported on first use (never at import time)."""
+    if not triton_importable():
+        raise KernelUnavailable("attnfx::attention on cuda: triton is not importable")
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 @torch.library.custom_op(
@@ -54,12 +66,10 @@ def attention(
 @attention.register_kernel("cuda")
 def _attention_cuda(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
     if is_decode_shape(q.shape[2], k.shape[2]):
-        from .triton_decode import decode_forward
-
-        return decode_forward(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
-    from .triton_flash_fwd import flash_forward
-
-    return flash_forward(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+        launch = _triton_module("triton_decode").decode_forward
+    else:
+        launch = _triton_module("triton_flash_fwd").flash_forward
+    return launch(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
 
 
 @attention.register_fake
@@ -102,10 +112,9 @@ def attention_backward(
 @attention_backward.register_kernel("cuda")
 def _attention_backward_cuda(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
                              scale, causal, window, softcap, bias_grad):
-    from .triton_flash_bwd import flash_backward
-
-    return flash_backward(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
-                          scale, causal, window, softcap, bias_grad)
+    launch = _triton_module("triton_flash_bwd").flash_backward
+    return launch(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
+                  scale, causal, window, softcap, bias_grad)
 
 
 @attention_backward.register_fake

@@ -145,6 +145,16 @@ def test_triton_launchers_raise_kernel_unavailable(launcher, kernel, change, rea
     assert str(err.value) == f"attnfx {kernel} kernel: {reason}"
 
 
+def test_cuda_registration_without_triton_raises_kernel_unavailable(monkeypatch):
+    monkeypatch.setattr(ops, "triton_importable", lambda: False)
+    case = Case(q_len=4, kv_len=8)
+    args = case.op_args(case.tensors())
+    with pytest.raises(KernelUnavailable, match="^attnfx::attention on cuda: triton is not importable$"):
+        ops._attention_cuda(*args)
+    with pytest.raises(KernelUnavailable, match="^attnfx::attention on cuda: triton is not importable$"):
+        ops._attention_backward_cuda(args[0], None, *args[:6], args[0], args[0][..., 0], *args[6:], False)
+
+
 def test_triton_backward_raises_kernel_unavailable():
     pytest.importorskip("triton")
     from attnfx.kernels.triton_flash_bwd import flash_backward
