@@ -24,9 +24,10 @@ def backward(case: Case, t: dict[str, torch.Tensor], grad_out: torch.Tensor, **b
     return grads
 
 
+@pytest.mark.parametrize("head_dim", [16, 64, 80])
 @pytest.mark.parametrize("q_len,kv_len", SIZES)
-def test_sizes_match_oracle(q_len, kv_len):
-    case = Case(q_len=q_len, kv_len=kv_len, head_dim=64)
+def test_sizes_match_oracle(q_len, kv_len, head_dim):
+    case = Case(q_len=q_len, kv_len=kv_len, head_dim=head_dim)
     t = case.tensors()
     assert_close(flash_forward(*case.op_args(t))[0], reference(case, t), "float32")
 
@@ -116,8 +117,8 @@ def test_gradients_with_small_blocks(name):
         assert_close(g, expected[n], "float32", what=f"d{n}")
 
 
-@pytest.mark.parametrize("head_dim", [64, 80])
-@pytest.mark.parametrize("q_len,kv_len", [(1, 232), (128, 37), (232, 128)])
+@pytest.mark.parametrize("head_dim", [16, 64, 80])
+@pytest.mark.parametrize("q_len,kv_len", [(1, 232), (37, 1), (128, 37), (232, 128)])
 def test_gradients_at_awkward_sizes(q_len, kv_len, head_dim):
     case = Case(heads=2, kv_heads=1, q_len=q_len, kv_len=kv_len, head_dim=head_dim, causal="bottom_right")
     t = case.tensors()
