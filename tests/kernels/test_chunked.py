@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnfx.kernels  # noqa: F401  (registers torch.ops.attnfx)
-from attention_cases import COMBINED, FEATURES, Case, assert_close, finfo_min_mask_case, reference, reference_grads
+from kernel_cases import COMBINED, FEATURES, Case, assert_close, finfo_min_mask_case, reference, reference_grads
 from attnfx.kernels.attention_args import Dims
 from attnfx.kernels.chunked import chunk_sizes, chunked_backward, chunked_forward
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import COMBINED, FEATURES, Case, assert_close, reference
+from kernel_cases import COMBINED, FEATURES, Case, assert_close, reference
 from attnfx.cost_model import AttentionSpec
 from attnfx.kernels import VARIANTS, Operands, get_variant
 

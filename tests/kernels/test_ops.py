@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnfx.kernels  # noqa: F401  (registers torch.ops.attnfx)
-from attention_cases import COMBINED, FEATURES, Case, assert_close, reference
+from kernel_cases import COMBINED, FEATURES, Case, assert_close, reference
 from attnfx.cost_model import AttentionSpec
 from attnfx.errors import KernelUnavailable
 from attnfx.kernels import ops

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import Case, assert_close, finfo_min_mask_case, reference
+from kernel_cases import Case, assert_close, finfo_min_mask_case, reference
 from attnfx.kernels.attention_args import Dims
 
 pytest.importorskip("triton")

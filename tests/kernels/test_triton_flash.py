@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_cases import COMBINED, FEATURES, Case, assert_close, finfo_min_mask_case, reference, reference_grads
+from kernel_cases import COMBINED, FEATURES, Case, assert_close, finfo_min_mask_case, reference, reference_grads
 
 pytest.importorskip("triton")
 from attnfx.kernels.triton_flash_bwd import flash_backward  # noqa: E402
