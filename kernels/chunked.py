@@ -16,7 +16,7 @@ import torch
 
 from .attention_args import Dims, accumulation_dtype, bias_4d, check_args
 
-SCORE_BUDGET = 1 << 22  # elements of one (B, H, mc, nc) score chunk: 16 MiB in fp32
+SCORE_BUDGET = 1 << 20  # elements of one (B, H, mc, nc) score chunk: 4 MiB in fp32, about L2-sized
 KEY_CHUNK = 512
 
 
@@ -75,11 +75,15 @@ def _scores(site: _Site, qr: torch.Tensor, kc: torch.Tensor, m0: int, m1: int, n
     """Modified scores (B, Hkv, G, mc, nc), -inf where masked, in the spec's order; and the softcap's
     derivative (or None) for the backward."""
     d = site.dims
-    s = (qr @ kc.transpose(-1, -2)).view(d.batch, d.kv_heads, d.groups, m1 - m0, n1 - n0) * site.scale
+    # NOTE: every op after the matmul works in place on its fresh (b, hk, g, mc, nc) result: the
+    # chunk is the only score-sized tensor each step allocates.
+    s = torch.matmul(qr, kc.transpose(-1, -2)).view(d.batch, d.kv_heads, d.groups, m1 - m0, n1 - n0)
+    s.mul_(site.scale)
     dcap = None
     if site.softcap:
-        t = torch.tanh(s / site.softcap)
-        s, dcap = site.softcap * t, 1 - t * t
+        t = s.div_(site.softcap).tanh_()
+        dcap = 1 - t * t
+        s = t.mul_(site.softcap)
     rows = torch.arange(m0, m1, device=s.device).view(-1, 1)  # (mc, 1)
     cols = torch.arange(n0, n1, device=s.device).view(1, -1)  # (1, nc)
     keep = None
@@ -88,9 +92,9 @@ def _scores(site: _Site, qr: torch.Tensor, kc: torch.Tensor, m0: int, m1: int, n
         if chunk.dtype == torch.bool:
             keep = chunk
         else:
-            s = s + chunk.to(site.acc)
+            s.add_(chunk.to(site.acc))
     if site.slopes is not None:
-        s = s + site.slopes * (cols - rows).to(site.acc)
+        s.add_(site.slopes * (cols - rows).to(site.acc))
     if site.causal != "none":
         band = cols <= rows + site.offset
         if site.window != -1:
@@ -100,7 +104,7 @@ def _scores(site: _Site, qr: torch.Tensor, kc: torch.Tensor, m0: int, m1: int, n
         live = cols < site.lengths
         keep = live if keep is None else keep & live
     if keep is not None:
-        s = s.masked_fill(~keep, -math.inf)
+        s.masked_fill_(~keep, -math.inf)
     return s, dcap
 
 
@@ -145,7 +149,7 @@ def chunked_forward(
             s, _ = _scores(site, qr, k[:, :, n0:n1].to(site.acc), m0, m1, n0, n1)  # (b, hk, g, mc, nc)
             new_max = torch.maximum(run_max, s.amax(dim=-1, keepdim=True))
             safe = new_max.masked_fill(new_max == -math.inf, 0.0)
-            p = torch.exp(s - safe)
+            p = s.sub_(safe).exp_()
             alpha = torch.exp(run_max - safe)
             run_sum = run_sum * alpha + p.sum(dim=-1, keepdim=True)
             pv = p.view(d.batch, d.kv_heads, -1, n1 - n0) @ v[:, :, n0:n1].to(site.acc)  # (b, hk, g*mc, f)
@@ -200,7 +204,7 @@ def chunked_backward(
             n1 = min(n0 + nc, hi)
             kc, vc = k[:, :, n0:n1].to(site.acc), v[:, :, n0:n1].to(site.acc)  # (b, hk, nc, e|f)
             s, dcap = _scores(site, qr, kc, m0, m1, n0, n1)
-            p = torch.exp(s - row_lse)  # (b, hk, g, mc, nc)
+            p = s.sub_(row_lse).exp_()  # (b, hk, g, mc, nc)
             p_rows = p.view(d.batch, d.kv_heads, -1, n1 - n0)
             dv[:, :, n0:n1] += p_rows.transpose(-1, -2) @ dor
             ds = p * ((dor @ vc.transpose(-1, -2)).view_as(p) - row_delta)
