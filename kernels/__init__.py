@@ -1,8 +1,9 @@
 """Everything an attention site can be replaced by, each with a pure-torch reference."""
+from .fused import ChunkedVariant, TritonDecodeVariant, TritonFlashVariant
 from .registry import Call, Operands, Variant
 from .sdpa import SdpaVariant
 
-VARIANTS: tuple[Variant, ...] = (SdpaVariant(),)
+VARIANTS: tuple[Variant, ...] = (SdpaVariant(), ChunkedVariant(), TritonFlashVariant(), TritonDecodeVariant())
 
 
 def get_variant(name: str) -> Variant:

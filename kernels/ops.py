@@ -1,0 +1,143 @@
+"""attnfx's attention as torch.library custom ops, so a rewritten graph stays traceable
+(fake kernels), exportable (one op node), differentiable (registered autograd) and runnable anywhere.
+
+    attnfx::attention(q, k, v, bias?, alibi_slopes?, kv_lengths?, scale, causal, window, softcap)
+        -> (out (B,H,M,F) in q's dtype, lse (B,H,M) float32; float64 for float64 inputs)
+    attnfx::attention_backward(grad_out, grad_lse?, q, k, v, bias?, alibi_slopes?, kv_lengths?,
+                               out, lse, scale, causal, window, softcap, bias_grad)
+        -> (dq, dk, dv, dbias)   dbias has bias's shape when bias_grad, else it is empty (0,)
+
+Semantics are AttentionSpec's: causal in {"none", "top_left", "bottom_right"}, window -1 = none,
+softcap 0.0 = none; `bias` broadcasts to (B,H,M,N) and is either additive (floating) or a keep-mask
+(bool, True attends); ALiBi slopes are (H,); kv_lengths (B,) masks keys n >= kv_lengths[b]. Fully
+masked rows give 0 with lse = -inf. ALiBi slopes and key lengths get no gradient, the backward
+op has none (no double backward), and dropout is not supported (sites with training dropout keep
+SDPA). NOTE: a row that a finite additive mask (finfo.min) covers entirely averages V, as the spec
+says, but its fp32 lse rounds to the mask value (log l is absorbed), so its own gradient is off by
+a factor l; it is exact when that row's grad_out is 0, as for padding rows in training.
+
+CUDA runs attnfx's Triton kernels (split-KV decode when M <= 16 and N >= 4M, flash otherwise) and
+raises KernelUnavailable for what they cannot take; every other device runs the chunked pure-torch
+implementation. Importing this module registers the ops; it never imports triton.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from attnfx.errors import KernelUnavailable
+
+from .attention_args import accumulation_dtype, check_args, is_decode_shape, triton_importable
+from .chunked import chunked_backward, chunked_forward
+
+
+def _triton_module(name: str) -> ModuleType:
+    """One of attnfx's Triton kernel modules, imported on first use (never at import time)."""
+    if not triton_importable():
+        raise KernelUnavailable("attnfx::attention on cuda: triton is not importable")
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+@torch.library.custom_op(
+    "attnfx::attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, Tensor? kv_lengths, "
+    "float scale, str causal, int window, float softcap) -> (Tensor out, Tensor lse)",
+)
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    alibi_slopes: Tensor | None,
+    kv_lengths: Tensor | None,
+    scale: float,
+    causal: str,
+    window: int,
+    softcap: float,
+) -> tuple[Tensor, Tensor]:
+    """Fused attention with AttentionSpec's semantics: (out, lse)."""
+    return chunked_forward(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+
+
+@attention.register_kernel("cuda")
+def _attention_cuda(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
+    if is_decode_shape(q.shape[2], k.shape[2]):
+        launch = _triton_module("triton_decode").decode_forward
+    else:
+        launch = _triton_module("triton_flash_fwd").flash_forward
+    return launch(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
+    d = check_args(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
+    out = q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
+    lse = q.new_empty(d.batch, d.heads, d.q_len, dtype=accumulation_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op(
+    "attnfx::attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
+    "Tensor? kv_lengths, Tensor out, Tensor lse, float scale, str causal, int window, float softcap, "
+    "bool bias_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)",
+)
+def attention_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    alibi_slopes: Tensor | None,
+    kv_lengths: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    causal: str,
+    window: int,
+    softcap: float,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of attnfx::attention recomputed from its lse: (dq, dk, dv, dbias)."""
+    return chunked_backward(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
+                            scale, causal, window, softcap, bias_grad)
+
+
+@attention_backward.register_kernel("cuda")
+def _attention_backward_cuda(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
+                             scale, causal, window, softcap, bias_grad):
+    launch = _triton_module("triton_flash_bwd").flash_backward
+    return launch(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
+                  scale, causal, window, softcap, bias_grad)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
+                             scale, causal, window, softcap, bias_grad):
+    check_args(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, alibi_slopes, kv_lengths, out, lse)
+    ctx.params = (scale, causal, window, softcap)
+
+
+def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
+    q, k, v, bias, alibi_slopes, kv_lengths, out, lse = ctx.saved_tensors
+    bias_grad = bias is not None and bias.dtype.is_floating_point and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.attnfx.attention_backward(
+        grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse, *ctx.params, bias_grad)
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

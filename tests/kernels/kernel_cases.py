@@ -1,0 +1,165 @@
+"""Attention test cases: one description per site, its tensors, the op's arguments and the oracle.
+
+Every kernel test compares against `evaluate(canonical_cascade(spec))` in float64, and gradients
+against autograd through that same oracle.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from attnfx.cost_model import AttentionSpec, Causal, MaskInput, alibi_slopes, canonical_cascade, evaluate
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# max |error| / max(1, max |expected|): 16-bit inputs round q/k/v and p before the dots.
+TOLERANCE = {"float64": 1e-10, "float32": 5e-5, "float16": 1e-2, "bfloat16": 4e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention site. `bias` names the mask tensor's full dims, e.g. "BHMN", "1H1N", "11MN";
+    `bias_kind` is "additive" or "bool"."""
+
+    batch: int = 1
+    heads: int = 2
+    kv_heads: int = 2
+    q_len: int = 37
+    kv_len: int = 37
+    head_dim: int = 16
+    value_dim: int | None = None
+    dtype: str = "float32"
+    scale: float | None = None
+    causal: str = "none"
+    window: int | None = None
+    bias: str | None = None
+    bias_kind: str = "additive"
+    softcap: float | None = None
+    alibi: bool = False
+    key_padding: bool = False
+
+    def with_(self, **changes) -> "Case":
+        return replace(self, **changes)
+
+    @property
+    def f(self) -> int:
+        return self.value_dim or self.head_dim
+
+    @property
+    def bias_shape(self) -> tuple[int, ...] | None:
+        if self.bias is None:
+            return None
+        full = (self.batch, self.heads, self.q_len, self.kv_len)
+        return tuple(n if c != "1" else 1 for c, n in zip(self.bias, full))
+
+    def spec(self, dtype: str = "float64") -> AttentionSpec:
+        mask = MaskInput.NONE if self.bias is None else MaskInput(self.bias_kind)
+        return AttentionSpec(
+            self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.f,
+            dtype=dtype, scale=self.scale_value, causal=Causal(self.causal), window=self.window, mask=mask,
+            mask_shape=self.bias_shape, softcap=self.softcap, alibi=self.alibi, key_padding=self.key_padding,
+        )
+
+    @property
+    def scale_value(self) -> float:
+        return self.scale if self.scale is not None else 1 / math.sqrt(self.head_dim)
+
+    def tensors(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Q, K, V (in the case's dtype) and the BIAS/MASK, SLOPES, KV_LENGTHS its features need."""
+        g = torch.Generator().manual_seed(seed)
+        dt = DTYPES[self.dtype]
+        t = {
+            "Q": torch.randn(self.batch, self.heads, self.q_len, self.head_dim, generator=g).to(dt),
+            "K": torch.randn(self.batch, self.kv_heads, self.kv_len, self.head_dim, generator=g).to(dt),
+            "V": torch.randn(self.batch, self.kv_heads, self.kv_len, self.f, generator=g).to(dt),
+        }
+        if self.bias is not None and self.bias_kind == "additive":
+            t["BIAS"] = torch.randn(self.bias_shape, generator=g).to(dt)
+        if self.bias is not None and self.bias_kind == "bool":
+            t["MASK"] = torch.rand(self.bias_shape, generator=g) > 0.25
+        if self.alibi:
+            t["SLOPES"] = alibi_slopes(self.heads)
+        if self.key_padding:
+            # NOTE: a third batch entry has no keys at all: its rows must come out 0.
+            lengths = [max(1, self.kv_len - self.kv_len // 4), max(1, self.kv_len // 3), 0][: self.batch]
+            t["KV_LENGTHS"] = torch.tensor(lengths)
+        return t
+
+    def op_args(self, t: dict[str, torch.Tensor]) -> tuple:
+        """Positional arguments of attnfx::attention (and of the Triton launchers)."""
+        return (t["Q"], t["K"], t["V"], t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"),
+                self.scale_value, self.causal, self.window or -1, self.softcap or 0.0)
+
+    def __str__(self) -> str:
+        return self.spec(self.dtype).describe().replace(" ", ",")
+
+
+def reference(case: Case, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float64 oracle's output (B, H, M, F)."""
+    return evaluate(canonical_cascade(case.spec()), t)
+
+
+def reference_grads(case: Case, t: dict[str, torch.Tensor], grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """d(sum(out * grad_out)) / d{Q, K, V, BIAS} by autograd through the float64 oracle."""
+    leaves = {n: x.detach().double().requires_grad_() for n, x in t.items() if n in ("Q", "K", "V", "BIAS")}
+    out = evaluate(canonical_cascade(case.spec()), {**t, **leaves})
+    out.backward(grad_out.double())
+    return {n: x.grad for n, x in leaves.items()}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: str, what: str = "") -> None:
+    """max |actual - expected| within TOLERANCE[dtype] of max(1, max |expected|)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    bound = TOLERANCE[dtype] * max(1.0, expected.double().abs().max().item() if expected.numel() else 0.0)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+# Every feature alone, at an awkward M != N: none of 37 and 100 is a multiple of a block.
+BASE = Case(q_len=37, kv_len=100, head_dim=16)
+FEATURES: dict[str, Case] = {
+    "plain": BASE,
+    "scale": BASE.with_(scale=0.37),
+    "softcap": BASE.with_(scale=1.0, softcap=1.5),
+    "bias_BHMN": BASE.with_(batch=2, bias="BHMN"),
+    "bias_1HMN": BASE.with_(batch=2, bias="1HMN"),
+    "bias_B1MN": BASE.with_(batch=2, bias="B1MN"),
+    "bias_11MN": BASE.with_(batch=2, bias="11MN"),
+    "bias_BH1N": BASE.with_(batch=2, bias="BH1N"),
+    "bias_111N": BASE.with_(batch=2, bias="111N"),
+    "bool_mask": BASE.with_(batch=2, bias="B1MN", bias_kind="bool"),
+    "alibi": BASE.with_(heads=3, kv_heads=3, alibi=True),
+    "causal_top_left": BASE.with_(causal="top_left"),
+    "causal_top_left_m_gt_n": BASE.with_(q_len=100, kv_len=37, causal="top_left"),
+    "causal_bottom_right": BASE.with_(causal="bottom_right"),
+    "causal_bottom_right_m_gt_n": BASE.with_(q_len=100, kv_len=37, causal="bottom_right"),
+    "window_bottom_right": BASE.with_(causal="bottom_right", window=20),
+    "window_top_left": BASE.with_(q_len=100, causal="top_left", window=20),
+    "gqa": BASE.with_(heads=4, kv_heads=2),
+    "mqa": BASE.with_(heads=4, kv_heads=1),
+    "key_padding": BASE.with_(batch=3, key_padding=True),
+    "value_dim": BASE.with_(value_dim=24),
+}
+# Features together, including the ones that interact (mask kinds with causal skipping, GQA with
+# per-head bias and slopes, padding with bottom-right alignment).
+COMBINED: dict[str, Case] = {
+    "all_additive_gqa": Case(batch=2, heads=4, kv_heads=2, q_len=37, kv_len=100, scale=0.3, causal="bottom_right",
+                             window=30, bias="1HMN", softcap=2.0, alibi=True, key_padding=True),
+    "all_bool_mqa": Case(batch=2, heads=4, kv_heads=1, q_len=100, kv_len=37, causal="top_left", window=25,
+                         bias="B1MN", bias_kind="bool", softcap=2.0, alibi=True, key_padding=True),
+    "causal_bias_gqa": Case(batch=2, heads=4, kv_heads=2, q_len=37, kv_len=100, causal="bottom_right", bias="BHMN"),
+    "alibi_softcap_padding": Case(batch=2, heads=2, q_len=100, kv_len=100, causal="top_left", softcap=1.0,
+                                  alibi=True, key_padding=True),
+}
+
+
+def finfo_min_mask_case() -> tuple[Case, dict[str, torch.Tensor]]:
+    """Hugging Face's additive mask: 0 or finfo.min, with rows 0-3 masked entirely. Those rows
+    are not empty for softmax (every score equals finfo.min): the oracle averages V over them."""
+    case = Case(batch=2, q_len=37, kv_len=100, bias="B1MN")
+    t = case.tensors()
+    keep = torch.rand(case.bias_shape, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[:, :, :4] = False
+    t["BIAS"] = torch.zeros(case.bias_shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    return case, t
