@@ -48,8 +48,9 @@ def build_export_module(
         output = next(n for n in graph.nodes if n.op == "output")
         output.args = (tuple(lowered),)
         graph.set_codegen(torch.fx.graph.CodeGen())
-        graph.eliminate_dead_code()
     module = torch.fx.GraphModule(gm, graph)
+    if probe:
+        module.graph.eliminate_dead_code()
     module.eval()  # exported for inference; GraphModule() starts in training mode
     module.recompile()
     return module
