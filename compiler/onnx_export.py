@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnxscript.optimizer
 import torch
 
 from attnfx.errors import ExportError
@@ -130,14 +131,21 @@ def export_onnx(
     )
 
 
-def _export(module: torch.nn.Module, args: tuple, kwargs: dict | None, dynamic_shapes: Any, opset: int):
+def _export(
+    module: torch.nn.Module, args: tuple, kwargs: dict | None, dynamic_shapes: Any, opset: int
+) -> torch.onnx.ONNXProgram:
+    """torch.onnx.export with onnxscript's generic optimiser (constant folding, dead code) but not its
+    opset-23 fusions: its RotaryEmbedding fusion feeds (1, S, D) cos/sin caches that onnxruntime
+    1.31 rejects at batch > 1 (seen on Llama), and attention is fused here already."""
     try:
-        return torch.onnx.export(
+        program = torch.onnx.export(
             module, tuple(args), kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, opset_version=opset,
-            dynamo=True, verbose=False,
+            dynamo=True, verbose=False, optimize=False,
         )
+        onnxscript.optimizer.optimize_ir(program.model)
     except Exception as exc:  # the exporter raises many types; all mean the same thing here
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
+    return program
 
 
 @contextlib.contextmanager
@@ -156,7 +164,7 @@ def _staged(dest: Path) -> Iterator[Path]:
 
 def _verify(
     gm: torch.fx.GraphModule, plans: list[SitePlan], path: Path, opt: Any, atol: float, opset: int, dynamic: bool
-):
+) -> tuple[tuple[str, float], ...]:
     """(label, max difference) per case; raises ExportError naming the first site that differs."""
     model = onnx.load(str(path), load_external_data=False)
     sites = site_of_onnx_node(model, plans)
@@ -175,14 +183,20 @@ def _verify(
     return tuple(checks)
 
 
-def _mismatch(gm, plans, case: Case, atol: float, opset: int, index: int, diff: float) -> str:
+def _mismatch(
+    gm: torch.fx.GraphModule, plans: list[SitePlan], case: Case, atol: float, opset: int, index: int, diff: float
+) -> str:
+    """The ExportError text: the first site whose own output differs, found with a probe export."""
     def export_probe(inputs: list[Any]) -> onnx.ModelProto:
         return _export(build_export_module(gm, plans, probe=True), tuple(inputs), None, None, opset).model_proto
 
-    culprit = localize(gm, plans, case, atol, export_probe)
+    head = f"output {index} differs from PyTorch by max |diff| {diff:.3g} > atol {atol:g} on {case.label}"
+    try:
+        culprit = localize(gm, plans, case, atol, export_probe)
+    except ExportError as exc:
+        return f"{head}; the site could not be found: {exc}"
     if culprit is None:
-        return (f"output {index} differs from PyTorch by max |diff| {diff:.3g} > atol {atol:g} on {case.label}; "
-                "every attention site matches on its own, so the difference comes from elsewhere in the graph")
+        return f"{head}; every attention site matches on its own, so the difference comes from elsewhere in the graph"
     plan, site_diff = culprit
     return (f"{plan.facts.label} ({plan.facts.module or '<root>'}, exported as {plan.op}): onnxruntime differs from "
             f"PyTorch by max |diff| {site_diff:.3g} > atol {atol:g} on {case.label} (model output {index}: {diff:.3g})")

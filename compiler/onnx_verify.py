@@ -12,7 +12,8 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,7 +39,8 @@ class Case:
 def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """The graph's placeholder values for a call `gm(*args, **kwargs)`."""
     bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    return list(gm.graph.process_inputs(*bound.args))
+    bound.apply_defaults()
+    return list(gm.graph.process_inputs(*bound.arguments.values()))
 
 
 def placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
@@ -60,8 +62,8 @@ class _Recorder(torch.fx.Interpreter):
         return out
 
 
-def run_torch(gm: torch.fx.GraphModule, inputs: list[Any], keep: set[str] = frozenset()) -> tuple[list, dict]:
-    """(flat outputs, outputs of the `keep` nodes) of the PyTorch graph."""
+def run_torch(gm: torch.fx.GraphModule, inputs: list[Any], keep: Iterable[str] = ()) -> tuple[list, dict]:
+    """(flat tensor outputs, outputs of the `keep` nodes by name) of the PyTorch graph."""
     recorder = _Recorder(gm, set(keep))
     with torch.no_grad():
         outputs = recorder.run(*inputs, enable_io_processing=False)
@@ -84,9 +86,11 @@ def count_nodes(model: onnx.ModelProto, plans: list[SitePlan]) -> tuple[Counter,
             per_node[_metadata(node).get(NODE_KEY)] += 1
         softmax += node.op_type == "Softmax"
     for plan in plans:
-        count = per_node[plan.facts.node] if plan.fused else 0
-        if plan.fused and count != 1:
-            raise ExportError(f"{plan.facts.label} ({plan.facts.module}): expected one {plan.op} node, found {count}")
+        if plan.fused and per_node[plan.facts.node] != 1:
+            raise ExportError(
+                f"{plan.facts.label} ({plan.facts.module}): expected one {plan.op} node, "
+                f"found {per_node[plan.facts.node]}"
+            )
     stray = sum(per_node.values()) - sum(p.fused for p in plans)
     if stray:
         raise ExportError(f"{stray} fused attention node(s) in the ONNX graph belong to no planned site")
