@@ -8,6 +8,7 @@ onnxruntime vs PyTorch at two sequence lengths), and only then moved into place.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -18,7 +19,10 @@ from typing import Any
 
 import onnx
 import onnxscript.optimizer
+import sympy
 import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
 
 from attnfx.errors import ExportError
 
@@ -103,14 +107,14 @@ def export_onnx(
     """Export `opt` (an attnfx.optimize result) to `path`; raises ExportError and leaves no file on failure.
 
     `opt` needs `graph_module`, `example_args`, `example_kwargs`, `dynamic_shapes` and optionally
-    `report`. `dynamic` keeps the capture's dynamic (batch, sequence) axes symbolic. `verify` runs
+    `report`. `dynamic` keeps the axes the capture left symbolic (batch, sequence) symbolic in ONNX. `verify` runs
     onnxruntime against PyTorch at the example inputs and at a second sequence length (the structural
     checks always run). `external_data` as in ONNXProgram.save (None: only above 2 GB).
     """
     gm = opt.graph_module
     report = getattr(opt, "report", None)
     plans = [plan_site(f, opset) for f in find_sites(gm, report)]
-    dynamic_shapes = opt.dynamic_shapes if dynamic else None
+    dynamic_shapes = _captured_dynamic_shapes(gm, opt) if dynamic else None
     program = _export(build_export_module(gm, plans), opt.example_args, opt.example_kwargs, dynamic_shapes, opset)
     fused, softmax = count_nodes(program.model_proto, plans)
     dest = Path(path)
@@ -146,6 +150,26 @@ def _export(
     except Exception as exc:  # the exporter raises many types; all mean the same thing here
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
     return program
+
+
+def _captured_dynamic_shapes(gm: torch.fx.GraphModule, opt: Any) -> Any:
+    """Dim.AUTO on exactly the axes the capture left symbolic, keyed by the graph's argument names.
+
+    Re-exporting with the capture's own `dynamic_shapes` is looser: with Dim.AUTO on every axis the
+    exporter keeps axes symbolic that the capture had pinned (hidden sizes). Falls back to
+    `opt.dynamic_shapes` for a graph without placeholder metadata.
+    """
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(v is None for v in vals) or not hasattr(gm, "_in_spec"):
+        return opt.dynamic_shapes
+    specs = [
+        {axis: Dim.AUTO for axis, size in enumerate(v.shape)
+         if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol)}
+        if isinstance(v, torch.Tensor) else None
+        for v in vals
+    ]
+    args, kwargs = pytree.tree_unflatten(specs, gm._in_spec)
+    return {**dict(zip(inspect.signature(gm.forward).parameters, args)), **kwargs}
 
 
 @contextlib.contextmanager

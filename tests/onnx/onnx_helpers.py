@@ -38,17 +38,15 @@ class StandIn:
     report: Report
 
 
-def seq_dynamic(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, Any]]:
-    """Dim.AUTO on the batch and sequence axes, as capture marks them: (B, S, ...) inputs and
-    (B, H, M, N) masks."""
-    axes = {1: (0,), 2: (0, 1), 3: (0, 1), 4: (0, 2, 3)}
-    return {name: {axis: Dim.AUTO for axis in axes[t.dim()]} for name, t in inputs.items()}
+def auto_dynamic(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, Any]]:
+    """Dim.AUTO on every axis, as the zoo's capture does: export keeps static what must be."""
+    return {name: {axis: Dim.AUTO for axis in range(t.dim())} for name, t in inputs.items()}
 
 
 def stand_in(model: torch.nn.Module, inputs: dict[str, torch.Tensor], *, refused: int = 0) -> StandIn:
     """Capture `model(**inputs)`; every attention call becomes a REWRITTEN report entry, plus
     `refused` REFUSED entries (sites optimize() would have left alone)."""
-    dynamic = seq_dynamic(inputs)
+    dynamic = auto_dynamic(inputs)
     gm = torch.export.export(model.eval(), (), inputs, dynamic_shapes=dynamic, strict=False).module()
     report = Report()
     for node in gm.graph.nodes:

@@ -35,12 +35,14 @@ def test_a_wrong_site_is_named_with_its_difference_and_no_file_is_left(tmp_path,
     assert previous.read_bytes() == b"an earlier export"
 
 
-def test_a_failed_check_leaves_a_new_directory_empty(tmp_path):
+def test_external_data_is_written_beside_the_model_and_removed_on_failure(tmp_path):
     torch.manual_seed(0)
     opt = stand_in(SelfAttention(causal=True), {"x": torch.randn(2, 6, 32)})
+    export_onnx(opt, tmp_path / "ok" / "model.onnx", external_data=True)
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["model.onnx", "model.onnx.data"]
     with pytest.raises(ExportError, match=r"^site 0 \(<root>, exported as Attention\): onnxruntime differs"):
-        export_onnx(opt, tmp_path / "out" / "tight.onnx", atol=0.0)
-    assert list((tmp_path / "out").iterdir()) == []
+        export_onnx(opt, tmp_path / "tight" / "model.onnx", external_data=True, atol=0.0)
+    assert list((tmp_path / "tight").iterdir()) == []
 
 
 def test_a_reported_site_missing_from_the_graph_is_an_error(tmp_path):

@@ -2,6 +2,7 @@
 import onnx
 import pytest
 import torch
+from torch.export import Dim
 
 from attnfx.onnx_export import export_onnx
 from onnx_helpers import (
@@ -103,3 +104,16 @@ def test_static_export_has_fixed_axes_and_checks_only_the_example(tmp_path):
     assert summary.inputs == {"x": (2, 6, 32)}
     assert [label for label, _ in summary.checks] == ["example inputs"]
     assert summary.checks[0][1] <= 1e-4
+
+
+def test_without_placeholder_metadata_the_captures_dynamic_shapes_are_used(tmp_path):
+    torch.manual_seed(0)
+    opt = stand_in(SelfAttention(causal=True), {"x": torch.randn(2, 6, 32)})
+    opt.dynamic_shapes = {"x": {0: Dim.AUTO, 1: Dim.AUTO}}
+    for node in opt.graph_module.graph.nodes:
+        if node.op == "placeholder":
+            del node.meta["val"]
+    summary = export_onnx(opt, tmp_path / "nometa.onnx")
+    batch, length, hidden = summary.inputs["x"]
+    assert isinstance(batch, str) and isinstance(length, str) and hidden == 32
+    assert [label for label, _ in summary.checks] == ["example inputs"]  # no known symbol to resize
