@@ -106,16 +106,17 @@ def lowered_attention(
     if op == MHA:
         return _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window)
     if op == GQA:
-        return _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, window, softcap)
+        return _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, window, softcap)
     if op == DECOMPOSED:
         return _decomposed(q, k, v, mask, slopes, kv_lengths, scale, causal, window, softcap)
     raise ValueError(f"unknown lowering {op!r}")
 
 
 def _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window, softcap):
+    """Attention-23 zeroes rows whose every key is removed itself, as SDPA does."""
     b, h, m, _ = q.shape
-    attn_mask = score_mask(q, k, mask, slopes, kv_lengths, causal=causal, causal_in_mask=not flagged,
-                           window=window, allow_bool=True)
+    attn_mask, _ = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=flagged, window=window,
+                               window_in_mask=True, allow_bool=True)
     attrs = {"scale": scale, "is_causal": int(flagged)}
     if softcap:
         attrs["softcap"] = softcap
@@ -128,23 +129,23 @@ def _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, 
 def _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window):
     b, h, m, _ = q.shape
     f = v.shape[3]
-    bias = score_mask(q, k, mask, slopes, kv_lengths, causal=causal, causal_in_mask=not flagged,
-                      window=window, allow_bool=False)
+    bias, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=flagged, window=window,
+                             window_in_mask=True, allow_bool=False)
     inputs = [_to_bsd(q), _to_bsd(repeat_kv(k, h)), _to_bsd(repeat_kv(v, h)), None, None, bias]
     attrs = {"num_heads": h, "scale": scale, "unidirectional": int(flagged)}
     y = torch.onnx.ops.symbolic(
         "com.microsoft::MultiHeadAttention", inputs, attrs, dtype=q.dtype, shape=(b, m, h * f), version=1,
         metadata_props=meta,
     )
-    return y.reshape(b, m, h, f).transpose(1, 2)
+    return _zero_empty_rows(y.reshape(b, m, h, f).transpose(1, 2), kept)
 
 
-def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, window, softcap):
+def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, window, softcap):
     """Causal self-attention (the plan guarantees M = N, E = F): the op's own causal and window."""
     b, h, m, e = q.shape
     n = k.shape[2]
-    bias = score_mask(q, k, mask, slopes, kv_lengths, causal="none", causal_in_mask=False, window=-1,
-                      allow_bool=False)
+    bias, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=True, window=window,
+                             window_in_mask=False, allow_bool=False)
     seqlens_k = torch.full((b,), n - 1, dtype=torch.int32, device=q.device)  # index of each row's last key
     total_len = torch.full((), n, dtype=torch.int32, device=q.device)
     inputs = [_to_bsd(q), _to_bsd(k), _to_bsd(v), None, None, seqlens_k, total_len, None, None, None, bias]
@@ -157,7 +158,7 @@ def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, windo
         "com.microsoft::GroupQueryAttention", inputs, attrs, dtype=q.dtype, shape=(b, m, h * e), version=1,
         metadata_props=meta,
     )
-    return y.reshape(b, m, h, e).transpose(1, 2)
+    return _zero_empty_rows(y.reshape(b, m, h, e).transpose(1, 2), kept)
 
 
 def _decomposed(q, k, v, mask, slopes, kv_lengths, scale, causal, window, softcap):
@@ -165,15 +166,15 @@ def _decomposed(q, k, v, mask, slopes, kv_lengths, scale, causal, window, softca
     scores = torch.matmul(q, repeat_kv(k, h).transpose(-1, -2)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    keep = score_mask(q, k, mask, slopes, kv_lengths, causal=causal, causal_in_mask=True, window=window,
-                      allow_bool=True)
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf")) if keep.dtype == torch.bool else scores + keep
+    terms, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=False, window=window,
+                              window_in_mask=True, allow_bool=True)
+    if terms is not None:
+        scores = scores.masked_fill(~terms, float("-inf")) if terms.dtype == torch.bool else scores + terms
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, repeat_kv(v, h))
+    return _zero_empty_rows(torch.matmul(probs, repeat_kv(v, h)), kept)
 
 
-def score_mask(
+def score_terms(
     q: Tensor,
     k: Tensor,
     mask: Tensor | None,
@@ -181,53 +182,70 @@ def score_mask(
     kv_lengths: Tensor | None,
     *,
     causal: str,
-    causal_in_mask: bool,
+    flagged: bool,
     window: int,
+    window_in_mask: bool,
     allow_bool: bool,
-) -> Tensor | None:
-    """Everything a site adds to or removes from its scores, as one (B|1, H|1, M, N) tensor.
+) -> tuple[Tensor | None, Tensor | None]:
+    """What a site adds to or removes from its scores: (the op's mask input, the keep-mask).
 
-    Bool (True attends) when every part is a keep-mask and the op takes bool; else additive in q's
-    dtype, -inf where a key is removed. onnxruntime wants the last two dims exactly (M, N).
+    The mask input is one (B|1, H|1, M, N) tensor (onnxruntime wants the last two dims exactly): bool
+    (True attends) when every part is a keep-mask and the op takes bool, else additive in q's dtype
+    with -inf where a key is removed. It leaves out what the op does itself (a `flagged` causal
+    diagonal; the window unless `window_in_mask`). The keep-mask covers every removal, the op's own
+    included, so rows left with no key can be zeroed as SDPA does; it is None when no row can be
+    (no bool mask, no key lengths, no bottom-right diagonal that can pass the first key).
     """
     m, n = q.shape[2], k.shape[2]
-    keep: list[Tensor] = []
-    add: list[Tensor] = []
-    if mask is not None:
-        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        (keep if mask.dtype == torch.bool else add).append(mask if mask.dtype == torch.bool else mask.to(q.dtype))
     rows = torch.arange(m, device=q.device).unsqueeze(1)
     cols = torch.arange(n, device=q.device).unsqueeze(0)
-    if slopes is not None:
-        add.append(slopes.to(q.dtype).reshape(1, -1, 1, 1) * (cols - rows).to(q.dtype))
     diagonal = rows + (n - m if causal == "bottom_right" else 0)
-    if causal != "none" and causal_in_mask:
-        keep.append((cols <= diagonal).reshape(1, 1, m, n))
-    if window >= 0:
-        keep.append((cols > diagonal - window).reshape(1, 1, m, n))
-    if kv_lengths is not None:
-        keep.append((cols < kv_lengths.reshape(-1, 1)).reshape(-1, 1, 1, n))
-    if not keep and not add:
-        return None
-    kept = _all(keep)
-    if add:
-        out = sum(add[1:], add[0])
-        if kept is not None:
-            out = torch.where(kept, out, float("-inf"))
-    elif allow_bool:
-        out = kept
+    causal_keep = (cols <= diagonal).reshape(1, 1, m, n) if causal != "none" else None
+    window_keep = (cols > diagonal - window).reshape(1, 1, m, n) if window >= 0 else None
+    length_keep = (cols < kv_lengths.reshape(-1, 1)).reshape(-1, 1, 1, n) if kv_lengths is not None else None
+    bool_mask = add_mask = None
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        bool_mask, add_mask = (mask, None) if mask.dtype == torch.bool else (None, mask.to(q.dtype))
+    alibi = slopes.to(q.dtype).reshape(1, -1, 1, 1) * (cols - rows).to(q.dtype) if slopes is not None else None
+
+    keep = _all([bool_mask, None if flagged else causal_keep, window_keep if window_in_mask else None, length_keep])
+    add = _sum([add_mask, alibi])
+    if add is not None:
+        op_mask = add if keep is None else torch.where(keep, add, float("-inf"))
+    elif keep is not None:
+        op_mask = keep if allow_bool else torch.where(keep, 0.0, float("-inf")).to(q.dtype)
     else:
-        out = torch.where(kept, 0.0, float("-inf")).to(q.dtype)
-    return out.expand(out.shape[0], out.shape[1], m, n)
+        op_mask = None
+    if op_mask is not None:
+        op_mask = op_mask.expand(op_mask.shape[0], op_mask.shape[1], m, n)
+
+    can_empty = bool_mask is not None or length_keep is not None or (causal == "bottom_right" and not flagged)
+    kept = _all([bool_mask, causal_keep, window_keep, length_keep]) if can_empty else None
+    return op_mask, kept
 
 
-def _all(masks: list[Tensor]) -> Tensor | None:
-    if not masks:
+def _all(masks: list[Tensor | None]) -> Tensor | None:
+    present = [t for t in masks if t is not None]
+    if not present:
         return None
-    out = masks[0]
-    for other in masks[1:]:
+    out = present[0]
+    for other in present[1:]:
         out = out & other
     return out
+
+
+def _sum(terms: list[Tensor | None]) -> Tensor | None:
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+def _zero_empty_rows(out: Tensor, kept: Tensor | None) -> Tensor:
+    """0 for query rows whose every key is removed, as SDPA and attnfx::attention give (the contrib
+    ops and a plain softmax give NaN there)."""
+    if kept is None:
+        return out
+    return torch.where(kept.any(dim=-1, keepdim=True), out, 0.0)
 
 
 def repeat_kv(t: Tensor, heads: int) -> Tensor:

@@ -43,9 +43,9 @@ class OpAttention(torch.nn.Module):
         return y + lse.transpose(1, 2).sum(-1, keepdim=True) if self.use_lse else y
 
 
-def _inputs(cross=False, bias=None, lengths=False):
+def _inputs(cross=False, bias=None, lengths=False, n=9):
     torch.manual_seed(1)
-    n = 9 if cross else 6
+    n = n if cross else 6
     inputs = {"x": 2 * torch.randn(2, 6, 32)}
     if cross:
         inputs["memory"] = torch.randn(2, n, 32)
@@ -71,6 +71,8 @@ CASES = [
     (dict(kv_heads=4), dict(cross=True, bias="bool", lengths=True), 23, "Attention", {"is_causal": 0}),
     (dict(kv_heads=4, causal="bottom_right", alibi=True), dict(cross=True, lengths=True), 18,
      "MultiHeadAttention", {"unidirectional": 0}),
+    # M = 6 > N = 4, bottom-right: queries 0 and 1 see no key (0 in PyTorch, NaN in the contrib op)
+    (dict(causal="bottom_right"), dict(cross=True, n=4), 20, "MultiHeadAttention", {"unidirectional": 0}),
 ]
 
 

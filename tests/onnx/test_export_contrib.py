@@ -52,3 +52,28 @@ def test_causal_mha_self_attention_uses_unidirectional(tmp_path):
     assert attributes(node) == {"num_heads": 4, "scale": pytest.approx(8**-0.5), "unidirectional": 1}
     assert summary.softmax_nodes == 0
     assert len(summary.checks) == 2 and all(diff <= 1e-4 for _, diff in summary.checks)
+
+
+def test_rows_with_every_key_masked_are_zero_as_in_sdpa(tmp_path):
+    """Causal + left padding leaves the padded queries no key: SDPA gives 0 there, the contrib ops NaN."""
+
+    class LeftPadded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = SelfAttention()
+
+        def forward(self, x, keep):
+            n = x.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            return self.attn(x, mask=causal & keep[:, None, None, :])
+
+    torch.manual_seed(0)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, :3] = False
+    opt = stand_in(LeftPadded(), {"x": torch.randn(2, 8, 32), "keep": keep})
+    with torch.no_grad():  # attention output 0, so the output projection gives its bias
+        out = opt.graph_module(**opt.example_kwargs)
+        assert torch.equal(out[1, :3], opt.graph_module.attn.o.bias.expand(3, 32))
+    summary = export_onnx(opt, tmp_path / "left.onnx", opset=20)
+    assert summary.fused_nodes == {"MultiHeadAttention": 1}
+    assert len(summary.checks) == 2 and all(diff <= 1e-4 for _, diff in summary.checks)
