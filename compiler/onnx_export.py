@@ -68,6 +68,7 @@ class ExportSummary:
     softmax_nodes: int  # Softmax nodes left anywhere in the graph
     inputs: dict[str, tuple[int | str, ...]]  # ONNX input shapes, symbolic axes by name
     checks: tuple[tuple[str, float], ...]  # (inputs, max |onnxruntime - PyTorch|); empty if not verified
+    no_second_length: str  # why only the example inputs were checked ("" when a second length was)
     atol: float
 
     @property
@@ -89,6 +90,8 @@ class ExportSummary:
         if self.checks:
             done = "; ".join(f"{label} max|diff| {d:.2g}" for label, d in self.checks)
             lines.append(f"onnxruntime vs PyTorch (atol {self.atol:g}): {done}")
+            if self.no_second_length:
+                lines.append(f"no second length checked: {self.no_second_length}")
         else:
             lines.append("onnxruntime vs PyTorch: not run (verify=False)")
         return "\n".join(lines)
@@ -121,7 +124,7 @@ def export_onnx(
     with _staged(dest) as staged:
         program.save(staged, external_data=external_data)
         check_file(str(staged))
-        checks = _verify(gm, plans, staged, opt, atol, opset, dynamic) if verify else ()
+        checks, no_second = _verify(gm, plans, staged, opt, atol, opset, dynamic) if verify else ((), "")
     return ExportSummary(
         path=dest,
         opset=opset,
@@ -131,6 +134,7 @@ def export_onnx(
         softmax_nodes=softmax,
         inputs={i.name: _dims(i) for i in program.model_proto.graph.input},
         checks=checks,
+        no_second_length=no_second,
         atol=atol,
     )
 
@@ -188,23 +192,24 @@ def _staged(dest: Path) -> Iterator[Path]:
 
 def _verify(
     gm: torch.fx.GraphModule, plans: list[SitePlan], path: Path, opt: Any, atol: float, opset: int, dynamic: bool
-) -> tuple[tuple[str, float], ...]:
-    """(label, max difference) per case; raises ExportError naming the first site that differs."""
+) -> tuple[tuple[tuple[str, float], ...], str]:
+    """((label, max difference) per case, why no second length was tried); raises ExportError naming
+    the first site that differs."""
     model = onnx.load(str(path), load_external_data=False)
     sites = site_of_onnx_node(model, plans)
     sess = session(str(path), sites)
     names = placeholder_names(gm)
     cases = [Case("example inputs", flat_inputs(gm, opt.example_args, opt.example_kwargs or {}))]
-    second = second_length_case(gm, cases[0].inputs) if dynamic else None
+    second, why_not = second_length_case(gm, cases[0].inputs) if dynamic else (None, "static export")
     cases += [second] if second else []
     checks = []
     for case in cases:
-        expected, _ = run_torch(gm, case.inputs)
+        expected = case.expected if case.expected is not None else run_torch(gm, case.inputs)[0]
         index, diff = worst_output(expected, run_onnx(sess, names, case.inputs, sites))
         if not diff <= atol:
             raise ExportError(_mismatch(gm, plans, case, atol, opset, index, diff))
         checks.append((case.label, diff))
-    return tuple(checks)
+    return tuple(checks), why_not
 
 
 def _mismatch(

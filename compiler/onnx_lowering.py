@@ -59,7 +59,7 @@ def build_export_module(
 def _lowering_kwargs(plan: SitePlan) -> dict[str, object]:
     f = plan.facts
     return dict(
-        op=plan.op, site=f.site, node=f.node, scale=f.scale, causal=f.causal,
+        op=plan.op, site=f.site, node=f.node, heads=f.heads, kv_heads=f.kv_heads, scale=f.scale, causal=f.causal,
         causal_flag=plan.causal_flag, window=f.window, softcap=f.softcap,
     )
 
@@ -92,23 +92,32 @@ def lowered_attention(
     op: str,
     site: int | None,
     node: str,
+    heads: int,
+    kv_heads: int,
     scale: float,
     causal: str,
     causal_flag: bool,
     window: int,
     softcap: float,
 ) -> Tensor:
-    """One site as `op`, in canonical layout: returns (B, H, M, F)."""
+    """One site as `op`, in canonical layout: returns (B, H, M, F).
+
+    Head counts come from the capture (ints): a re-export may see the head axis as symbolic, and the
+    contrib ops take them as attributes."""
     meta = {SITE_KEY: "" if site is None else str(site), NODE_KEY: node}
     flagged = causal_flag and causal != "none"
     if op == ATTENTION:
         return _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window, softcap)
     if op == MHA:
-        return _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window)
+        return _multi_head_attention(
+            q, k, v, mask, slopes, kv_lengths, meta, heads, kv_heads, scale, causal, flagged, window
+        )
     if op == GQA:
-        return _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, window, softcap)
+        return _group_query_attention(
+            q, k, v, mask, slopes, kv_lengths, meta, heads, kv_heads, scale, causal, window, softcap
+        )
     if op == DECOMPOSED:
-        return _decomposed(q, k, v, mask, slopes, kv_lengths, scale, causal, window, softcap)
+        return _decomposed(q, k, v, mask, slopes, kv_lengths, heads, kv_heads, scale, causal, window, softcap)
     raise ValueError(f"unknown lowering {op!r}")
 
 
@@ -126,12 +135,12 @@ def _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, 
     )
 
 
-def _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window):
-    b, h, m, _ = q.shape
+def _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, h, hkv, scale, causal, flagged, window):
+    b, _, m, _ = q.shape
     f = v.shape[3]
     bias, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=flagged, window=window,
                              window_in_mask=True, allow_bool=False)
-    inputs = [_to_bsd(q), _to_bsd(repeat_kv(k, h)), _to_bsd(repeat_kv(v, h)), None, None, bias]
+    inputs = [_to_bsd(q, h), _to_bsd(repeat_kv(k, h, hkv), h), _to_bsd(repeat_kv(v, h, hkv), h), None, None, bias]
     attrs = {"num_heads": h, "scale": scale, "unidirectional": int(flagged)}
     y = torch.onnx.ops.symbolic(
         "com.microsoft::MultiHeadAttention", inputs, attrs, dtype=q.dtype, shape=(b, m, h * f), version=1,
@@ -140,16 +149,16 @@ def _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal
     return _zero_empty_rows(y.reshape(b, m, h, f).transpose(1, 2), kept)
 
 
-def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, window, softcap):
+def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, h, hkv, scale, causal, window, softcap):
     """Causal self-attention (the plan guarantees M = N, E = F): the op's own causal and window."""
-    b, h, m, e = q.shape
+    b, _, m, e = q.shape
     n = k.shape[2]
     bias, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=True, window=window,
                              window_in_mask=False, allow_bool=False)
     seqlens_k = torch.full((b,), n - 1, dtype=torch.int32, device=q.device)  # index of each row's last key
     total_len = torch.full((), n, dtype=torch.int32, device=q.device)
-    inputs = [_to_bsd(q), _to_bsd(k), _to_bsd(v), None, None, seqlens_k, total_len, None, None, None, bias]
-    attrs = {"num_heads": h, "kv_num_heads": k.shape[1], "scale": scale}
+    inputs = [_to_bsd(q, h), _to_bsd(k, hkv), _to_bsd(v, hkv), None, None, seqlens_k, total_len, None, None, None, bias]
+    attrs = {"num_heads": h, "kv_num_heads": hkv, "scale": scale}
     if softcap:
         attrs["softcap"] = softcap
     if window >= 0:
@@ -161,9 +170,8 @@ def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causa
     return _zero_empty_rows(y.reshape(b, m, h, e).transpose(1, 2), kept)
 
 
-def _decomposed(q, k, v, mask, slopes, kv_lengths, scale, causal, window, softcap):
-    h = q.shape[1]
-    scores = torch.matmul(q, repeat_kv(k, h).transpose(-1, -2)) * scale
+def _decomposed(q, k, v, mask, slopes, kv_lengths, h, hkv, scale, causal, window, softcap):
+    scores = torch.matmul(q, repeat_kv(k, h, hkv).transpose(-1, -2)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     terms, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=False, window=window,
@@ -171,7 +179,7 @@ def _decomposed(q, k, v, mask, slopes, kv_lengths, scale, causal, window, softca
     if terms is not None:
         scores = scores.masked_fill(~terms, float("-inf")) if terms.dtype == torch.bool else scores + terms
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return _zero_empty_rows(torch.matmul(probs, repeat_kv(v, h)), kept)
+    return _zero_empty_rows(torch.matmul(probs, repeat_kv(v, h, hkv)), kept)
 
 
 def score_terms(
@@ -248,15 +256,15 @@ def _zero_empty_rows(out: Tensor, kept: Tensor | None) -> Tensor:
     return torch.where(kept.any(dim=-1, keepdim=True), out, 0.0)
 
 
-def repeat_kv(t: Tensor, heads: int) -> Tensor:
-    """(B, Hkv, N, D) -> (B, heads, N, D), each K/V head repeated for its group (SDPA's enable_gqa order)."""
-    b, hkv, n, d = t.shape
-    if hkv == heads:
+def repeat_kv(t: Tensor, heads: int, kv_heads: int) -> Tensor:
+    """(B, Hkv, N, D) -> (B, H, N, D), each K/V head repeated for its group (SDPA's enable_gqa order)."""
+    if heads == kv_heads:
         return t
-    return t.unsqueeze(2).expand(b, hkv, heads // hkv, n, d).reshape(b, heads, n, d)
+    b, _, n, d = t.shape
+    return t.unsqueeze(2).expand(b, kv_heads, heads // kv_heads, n, d).reshape(b, heads, n, d)
 
 
-def _to_bsd(t: Tensor) -> Tensor:
+def _to_bsd(t: Tensor, heads: int) -> Tensor:
     """(B, H, S, D) -> (B, S, H*D), the contrib ops' layout."""
-    b, h, s, d = t.shape
-    return t.transpose(1, 2).reshape(b, s, h * d)
+    b, _, s, d = t.shape
+    return t.transpose(1, 2).reshape(b, s, heads * d)

@@ -30,10 +30,11 @@ from .onnx_plan import FUSED_OPS, SitePlan
 
 @dataclass(frozen=True)
 class Case:
-    """Flat graph inputs to compare on, and how the summary names them."""
+    """Flat graph inputs to compare on, how the summary names them, and PyTorch's outputs if known."""
 
     label: str
     inputs: list[Any]
+    expected: list[torch.Tensor] | None = None
 
 
 def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -164,13 +165,14 @@ def worst_output(expected: list[torch.Tensor], got: list) -> tuple[int, float]:
     return worst, diffs[worst] if diffs else 0.0
 
 
-def second_length_case(gm: torch.fx.GraphModule, inputs: list[Any]) -> Case | None:
-    """The inputs at another sequence length, or None if the graph has no symbolic non-batch axis.
+def second_length_case(gm: torch.fx.GraphModule, inputs: list[Any]) -> tuple[Case | None, str]:
+    """(the inputs at another sequence length, "") or (None, why there is none).
 
     The free axes are the capture's own symbols (placeholder metadata), not the ONNX graph's: the
     exporter may leave axes symbolic that PyTorch pins. Every symbol but the batch (dim 0) is set to
-    about half its size (staying within position tables; 2 grows to 3), and tensors are cut or tiled
-    along those axes, so token ids and padding masks stay valid.
+    about half its size (within position tables), else to 1.5x when the graph's guards refuse that
+    (e.g. a minimum image size); tensors are cut or tiled along those axes, so token ids and padding
+    masks stay valid.
     """
     shapes = [getattr(n.meta.get("val"), "shape", None) for n in gm.graph.nodes if n.op == "placeholder"]
     sizes: dict[sympy.Symbol, int] = {}
@@ -182,18 +184,29 @@ def second_length_case(gm: torch.fx.GraphModule, inputs: list[Any]) -> Case | No
                 sizes[expr] = int(value.shape[axis])
                 if axis == 0:
                     batch.add(expr)
-    new = {s: (max(2, n // 2) if n > 2 else 3) for s, n in sizes.items() if s not in batch}
-    if not new:
-        return None
-    resized = []
-    for shape, value in zip(shapes, inputs):
-        for axis, size in enumerate(shape or ()):
-            expr = _expr(size)
-            if expr is not None and expr.free_symbols & new.keys():
-                value = _resize(value, axis, int(expr.subs({**sizes, **new})))
-        resized.append(value)
-    label = "second length (" + ", ".join(f"{s} {sizes[s]}->{n}" for s, n in new.items()) + ")"
-    return Case(label, resized)
+    free = {s: n for s, n in sizes.items() if s not in batch}
+    if not free:
+        return None, "no symbolic axis besides the batch"
+    refusals = []
+    for new in ({s: max(2, n // 2) if n > 2 else 3 for s, n in free.items()}, {s: n + n // 2 for s, n in free.items()}):
+        resized = [_resized(shape, value, {**sizes, **new}, new.keys()) for shape, value in zip(shapes, inputs)]
+        label = "second length (" + ", ".join(f"{s} {sizes[s]}->{n}" for s, n in new.items()) + ")"
+        try:  # the graph's own guards say which lengths the model takes
+            expected, _ = run_torch(gm, resized)
+        except Exception as exc:  # guards raise AssertionError, shape checks RuntimeError
+            refusals.append(f"{label}: {str(exc).splitlines()[0]}")
+            continue
+        return Case(label, resized, expected), ""
+    return None, "the PyTorch graph refuses " + "; ".join(refusals)
+
+
+def _resized(shape: Any, value: Any, sizes: dict[sympy.Symbol, int], changed: Iterable[sympy.Symbol]) -> Any:
+    changed = set(changed)
+    for axis, size in enumerate(shape or ()):
+        expr = _expr(size)
+        if expr is not None and expr.free_symbols & changed:
+            value = _resize(value, axis, int(expr.subs(sizes)))
+    return value
 
 
 def _expr(size: Any) -> sympy.Expr | None:

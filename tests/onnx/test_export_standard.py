@@ -104,6 +104,23 @@ def test_static_export_has_fixed_axes_and_checks_only_the_example(tmp_path):
     assert summary.inputs == {"x": (2, 6, 32)}
     assert [label for label, _ in summary.checks] == ["example inputs"]
     assert summary.checks[0][1] <= 1e-4
+    assert summary.no_second_length == "static export"
+
+
+def test_a_length_the_model_refuses_is_not_the_second_length(tmp_path):
+    class AtLeastSix(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = SelfAttention(causal=True)
+
+        def forward(self, x):
+            torch._check(x.shape[1] >= 6)
+            return self.attn(x)
+
+    torch.manual_seed(0)
+    summary = export_onnx(stand_in(AtLeastSix(), {"x": torch.randn(2, 8, 32)}), tmp_path / "six.onnx")
+    (length,) = [axis for axis in summary.inputs["x"][1:] if isinstance(axis, str)]
+    assert [label for label, _ in summary.checks] == ["example inputs", f"second length ({length} 8->12)"]
 
 
 def test_without_placeholder_metadata_the_captures_dynamic_shapes_are_used(tmp_path):
@@ -116,4 +133,5 @@ def test_without_placeholder_metadata_the_captures_dynamic_shapes_are_used(tmp_p
     summary = export_onnx(opt, tmp_path / "nometa.onnx")
     batch, length, hidden = summary.inputs["x"]
     assert isinstance(batch, str) and isinstance(length, str) and hidden == 32
-    assert [label for label, _ in summary.checks] == ["example inputs"]  # no known symbol to resize
+    assert [label for label, _ in summary.checks] == ["example inputs"]
+    assert summary.no_second_length == "no symbolic axis besides the batch"  # none known without metadata
