@@ -19,7 +19,6 @@ from typing import Any
 
 import onnx
 import onnxscript.optimizer
-import sympy
 import torch
 from torch.export import Dim
 from torch.utils import _pytree as pytree
@@ -168,7 +167,7 @@ def _captured_dynamic_shapes(gm: torch.fx.GraphModule, opt: Any) -> Any:
         return opt.dynamic_shapes
     specs = [
         {axis: Dim.AUTO for axis, size in enumerate(v.shape)
-         if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol)}
+         if isinstance(size, torch.SymInt) and size.node.expr.free_symbols}  # s0 or s0 + 1: not pinned
         if isinstance(v, torch.Tensor) else None
         for v in vals
     ]

@@ -135,3 +135,23 @@ def test_without_placeholder_metadata_the_captures_dynamic_shapes_are_used(tmp_p
     assert isinstance(batch, str) and isinstance(length, str) and hidden == 32
     assert [label for label, _ in summary.checks] == ["example inputs"]
     assert summary.no_second_length == "no symbolic axis besides the batch"  # none known without metadata
+
+
+def test_an_axis_derived_from_two_lengths_stays_dynamic(tmp_path):
+    """A key mask over cache + new tokens has length P + M: an expression, not a symbol of its own."""
+
+    class Cached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = SelfAttention()
+
+        def forward(self, x, past, keep):
+            return self.attn(x, torch.cat([past, x], dim=1), keep[:, None, None, :])
+
+    torch.manual_seed(0)
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[1, :2] = False
+    inputs = {"x": torch.randn(2, 4, 32), "past": torch.randn(2, 6, 32), "keep": keep}
+    summary = export_onnx(stand_in(Cached(), inputs), tmp_path / "cached.onnx")
+    assert isinstance(summary.inputs["keep"][1], str)
+    assert len(summary.checks) == 2 and all(diff <= 1e-4 for _, diff in summary.checks)
