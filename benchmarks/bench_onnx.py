@@ -210,7 +210,7 @@ def main() -> None:
             print(f"\n{name}: optimised module from {source}\n{summary}\n", flush=True)
             for n in args.lengths:
                 feed = {k: v.numpy() for k, v in make_inputs(n).items()}
-                repeats = 5 if n <= 512 else 3
+                repeats = 10 if n <= 512 else 5
                 base = measure(plain, feed, args.threads, repeats)
                 ours = measure(summary.path, feed, args.threads, repeats)
                 rows.append((name, n, base, ours))

@@ -21,7 +21,6 @@ class Entry:
     status: str
     variant: str
     replacement: str
-    spec: Any = None
 
 
 @dataclass
