@@ -55,7 +55,7 @@ def _plan_standard(f: SiteFacts) -> SitePlan:
     if flag:
         why.append("is_causal=1")
     elif f.causal != "none":
-        why.append("bottom-right causal with M != N as mask (ONNX is_causal is top-left)")
+        why.append("bottom-right causal as mask (ONNX is_causal is top-left; M and N may differ)")
     if f.softcap:
         why.append(f"softcap={f.softcap:g}")
     why += _mask_parts(f)
@@ -84,16 +84,16 @@ def _plan_contrib(f: SiteFacts) -> SitePlan:
     why = [_heads(f), f"scale={f.scale:.4g}"]
     if f.kv_heads != f.heads:
         why.append(
-            f"not causal self-attention, so K/V heads repeated x{f.heads // f.kv_heads} for MultiHeadAttention"
+            f"GroupQueryAttention needs causal self-attention with E = F, so K/V heads repeated "
+            f"x{f.heads // f.kv_heads} for MultiHeadAttention"
         )
-    flag = causal_self
-    if flag:
+    if causal_self:
         why.append("unidirectional=1")
     elif f.causal != "none":
-        why.append(f"{f.causal} causal as attention_bias (unidirectional is top-left and needs M = N)")
+        why.append(f"{f.causal} causal as attention_bias (unidirectional is exact only when M = N)")
     if f.window >= 0:
         why.append(f"window={f.window} as attention_bias")
-    return SitePlan(f, MHA, flag, "; ".join(why + _mask_parts(f, via="attention_bias")))
+    return SitePlan(f, MHA, causal_self, "; ".join(why + _mask_parts(f, via="attention_bias")))
 
 
 def _heads(f: SiteFacts) -> str:

@@ -13,8 +13,8 @@ def test_decoder_at_opset_20_uses_gqa_for_causal_self_attention_and_mha_for_cros
     assert summary.softmax_nodes == 0
     assert [s.became for s in summary.sites] == ["GroupQueryAttention"] * 2 + ["MultiHeadAttention"]
     assert summary.sites[2].why == (
-        "GQA heads=4/2; scale=0.3536; not causal self-attention, so K/V heads repeated x2 for "
-        "MultiHeadAttention; bool mask as attention_bias"
+        "GQA heads=4/2; scale=0.3536; GroupQueryAttention needs causal self-attention with E = F, so K/V "
+        "heads repeated x2 for MultiHeadAttention; bool mask as attention_bias"
     )
     gqa, _, mha = fused_nodes(tmp_path / "decoder.onnx")
     assert gqa.domain == mha.domain == "com.microsoft"
