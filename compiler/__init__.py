@@ -8,15 +8,28 @@ from .module import OptimizedModule
 from .pipeline import optimize
 from .report import Report, SiteEntry
 
+
+
+def __getattr__(name: str):
+    """ONNX export loads on first use: onnx, onnxruntime and onnxscript are the `[onnx]` extra."""
+    if name in ("export_onnx", "ExportSummary"):
+        from . import onnx_export
+
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module 'attnfx' has no attribute {name!r}")
+
+
 __all__ = [
     "AttnfxError",
     "CaptureError",
     "ExportError",
+    "ExportSummary",
     "KernelUnavailable",
     "MatchError",
     "OptimizedModule",
     "Report",
     "SiteEntry",
     "VerificationError",
+    "export_onnx",
     "optimize",
 ]

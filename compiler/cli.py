@@ -52,6 +52,14 @@ def _optimize_command(ns: argparse.Namespace) -> int:
         return 2
     print(opt.report.to_json() if ns.json else format_report(opt.report, details=ns.details))
     print(f"\noptimize() took {opt.report.optimize_seconds:.2f} s")
+    if ns.onnx:
+        from .onnx_export import export_onnx
+
+        try:
+            print(export_onnx(opt, ns.onnx, opset=ns.opset))
+        except AttnfxError as exc:
+            print(f"attnfx: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     if not ns.no_bench:
         times = time_interleaved({"eager": lambda: model(*args, **kwargs), "attnfx": lambda: opt(*args, **kwargs)},
                                  repeats=ns.repeats)
@@ -73,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     opt.add_argument("--repeats", type=int, default=5, help="timed calls per contender")
     opt.add_argument("--details", action="store_true", help="print each site's cascade and candidates")
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
+    opt.add_argument("--onnx", metavar="OUT.onnx", help="also export the optimised graph to ONNX (verified in onnxruntime)")
+    opt.add_argument("--opset", type=int, default=23, help="ONNX opset: 23+ standard Attention, lower onnxruntime contrib ops")
     ns = parser.parse_args(argv)
     return _optimize_command(ns)
 
