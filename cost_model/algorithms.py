@@ -22,7 +22,7 @@ from typing import Callable
 import sympy as sp
 
 from .spec import AttentionSpec, Causal, MaskInput
-from .symbols import (B, Bc, Br, C, E, F, G, H, Hkv, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m)
+from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
 
 Expr = sp.Expr | int
 
@@ -49,7 +49,8 @@ class Kernel:
     fresh: Expr = 0  # bytes of each output the kernel allocates ...
     allocs: Expr | None = None  # ... how many per call (default: one per launch) ...
     refaults: Expr | None = None  # ... and how many of those a trimming heap maps anew each call
-    ctas: Expr = 0  # GPU thread blocks per launch (0: enough to fill the device)
+    ctas: Expr = 0  # GPU thread blocks per launch (0: enough to fill the device) ...
+    balance: Expr = 1  # ... and their mean work over the busiest one's
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class Algorithm:
     peak: Expr  # intermediate bytes alive at once, beyond inputs and output
     exact: bool = True
     tiles: Callable[[AttentionSpec, str], dict[str, int]] = field(default=lambda spec, device: {})
-    splits: Callable[[AttentionSpec, int], int] = field(default=lambda spec, sms: 1)
+    # split counts worth trying (the fastest is used); candidates must not depend on N, so that
+    # the best time stays monotone in N
+    splits: Callable[[AttentionSpec, int], tuple[int, ...]] = field(default=lambda spec, workers: (1,))
     description: str = ""
 
     def kernels_for(self, spec: AttentionSpec) -> tuple[Kernel, ...]:
@@ -111,8 +114,8 @@ EAGER = Algorithm(
         Kernel("AV", "gemm", rows=M, flops_mm=2 * BHMN * F, inputs=s * B * Hkv * N * F,
                read=SCORES + s * B * (H - Hkv) * N * F, write=O_OUT),
     ),
-    # NOTE: the scores and the probabilities are alive together; timing adds GQA's repeated K/V
-    peak=2 * SCORES,
+    # NOTE: the scores and the probabilities are alive together, and so are GQA's repeated K/V
+    peak=2 * SCORES + s * B * (H - Hkv) * N * (E + F),
 )
 
 
@@ -123,8 +126,8 @@ def _cpu_sdpa_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
     return {"Br": 128, "Bc": 128}
 
 
-# K/V blocks every computed tile reads beyond the first pass over K and V (GQA: per query head)
-_TILE_KV = sp.Max(s * B * H * T * Bc * (E + F) - KV, 0)
+# K/V every query tile loads beyond the first pass over K and V (GQA: once per query head)
+_TILE_KV = s * B * (H * K_t - Hkv * N) * (E + F)
 
 SDPA = Algorithm(
     "sdpa", "1-pass", frozenset({"cpu", "cuda"}), tiles=_cpu_sdpa_tiles,
@@ -159,7 +162,7 @@ CHUNKED = Algorithm(
     kernels=(
         Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F),
                inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * B * H * T * Br * F,
-               reread=sp.Max(s * B * Hkv * T * Bc * (E + F) - KV, 0), reuse=KV,
+               reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV,
                fresh=_CHUNK, allocs=T, refaults=0),
         # scale, amax, maximum, sub, exp, sub, exp, mul, sum, add, mul, add, and their views
         Kernel("chunk softmax", "ew", launches=18 * T, exps=B * H * P_t + B * H * T * Br,
@@ -193,24 +196,32 @@ FLASH = Algorithm(
 )
 
 
-def _decode_splits(spec: AttentionSpec, sms: int) -> int:
-    """Enough splits to give every SM a block, none shorter than 256 keys."""
-    per_head = max(1, -(-max(sms, 1) // (spec.batch * spec.kv_heads)))
-    return max(1, min(per_head, spec.kv_len // 256 or 1))
+_DECODE_BLOCK = 64
 
+
+def _decode_splits(spec: AttentionSpec, workers: int) -> tuple[int, ...]:
+    """1, 2, 4, ... splits per KV head, up to enough to give every worker a block."""
+    per_head = max(1, -(-max(workers, 1) // (spec.batch * spec.kv_heads)))
+    return tuple(sorted({min(2**i, per_head) for i in range(per_head.bit_length() + 1)}))
+
+
+_SPLIT = sp.Min(S - 1, 1)  # 1 when the keys are split (a combine kernel runs), else 0
+_PARTIALS = _SPLIT * 4 * B * H * M * S * (F + 2)  # fp32 (O_s, m_s, l_s) per split
 
 DECODE_SPLIT_KV = Algorithm(
     "decode_split_kv", "split-KV", frozenset({"cuda"}), splits=_decode_splits,
-    tiles=lambda spec, device: {"Br": spec.q_len, "Bc": 64},
+    tiles=lambda spec, device: {"Br": spec.q_len, "Bc": _DECODE_BLOCK},
     description="attnfx Triton split-KV decode (Flash-Decoding): grouped heads, one heavy pass + combine",
     kernels=(
-        Kernel("split", "flash", flops_mm=2 * B * H * P * (E + F), exps=B * H * P + B * H * M * S,
-               ew=3 * B * H * P + (2 * F + 4) * B * H * M * S, inputs=KV + Q_IN,
-               write=4 * B * H * M * S * (F + 2), ctas=B * Hkv * S),
-        Kernel("combine", "ew", ew=B * H * M * S * (2 * F + 4), exps=B * H * M * S, divides=B * H * M * F,
-               read=4 * B * H * M * S * (F + 2), write=O_OUT),
+        # the busiest split loads ceil(T/S) key blocks; its per-split epilogue does not wait on them
+        Kernel("split", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t, ew=3 * B * H * P_t,
+               inputs=KV, ctas=B * Hkv * S, balance=P_t / (M * Bc * S * sp.ceiling(T / S))),
+        Kernel("split prologue/epilogue", "flash", launches=0, exps=B * H * M * S, ew=(2 * F + 4) * B * H * M * S,
+               inputs=Q_IN, reread=Q_IN * (S - 1), write=_PARTIALS + (1 - _SPLIT) * O_OUT, ctas=B * Hkv * S),
+        Kernel("combine", "ew", launches=_SPLIT, ew=_SPLIT * B * H * M * S * (2 * F + 4),
+               exps=_SPLIT * B * H * M * S, divides=B * H * M * F, read=_PARTIALS, write=_SPLIT * O_OUT),
     ),
-    peak=4 * B * H * M * S * (F + 2),
+    peak=_PARTIALS,
 )
 
 # Approximate algorithms: no variant declares them yet; priced for explain() and crossovers.

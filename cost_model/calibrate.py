@@ -1,9 +1,10 @@
 """Measure this CPU's rates for the time model in a few seconds (design note §6, step 1).
 
-A GEMM at attention shapes, copies sized for each cache level and for DRAM, a fused softmax (the
-exp-bound kernel), a tiny op (dispatch overhead), a large fresh allocation (first-touch page-fault
-cost), and SDPA at a tiny and a medium shape (its fixed cost and its efficiency). Each rate is the
-best of a few repetitions: the least disturbed estimate on a shared machine.
+GEMMs at attention shapes, one-row products (decode streams K and V through GEMM micro-kernels),
+copies sized for each cache level and for DRAM, a fused softmax and torch.exp (finite and -inf
+inputs), a tiny op (dispatch overhead), a large fresh allocation (first-touch page-fault cost), and
+SDPA at a tiny and a medium shape (its fixed cost and its efficiency). Each rate is the best of a few
+repetitions: the least disturbed estimate on a shared machine.
 
     python -m attnfx.cost_model.calibrate          # measure, cache and print the host profile
 """
@@ -32,7 +33,7 @@ def _clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def _best(fn: Callable[[], object], reps: int = 5, inner: int = 1) -> float:
+def _best(fn: Callable[[], object], reps: int, inner: int = 1) -> float:
     """Least seconds per call of `fn` over `reps` timed batches of `inner` calls, after a warm-up."""
     clock = _clock()
     fn()
@@ -63,107 +64,113 @@ def _cache_sizes() -> tuple[int, int]:
     return l2, max(sizes.get(3, 0), 16 * 2**20)
 
 
-def _gemm_rate(dtype: torch.dtype) -> float:
+def _gemm_rate(dtype: torch.dtype, reps: int) -> float:
     """FLOP/s of batched GEMMs shaped like attention's QK^T and PV products."""
-    rates = []
+    seconds = flops = 0.0
     for (m, k, n) in ((512, 64, 512), (512, 512, 64)):
         a, b = torch.randn(8, m, k, dtype=dtype), torch.randn(8, k, n, dtype=dtype)
         out = torch.empty(8, m, n, dtype=dtype)
-        rates.append(2 * 8 * m * k * n / _best(lambda: torch.bmm(a, b, out=out), reps=5))
-    return len(rates) / sum(1 / r for r in rates)
+        seconds += _best(lambda: torch.bmm(a, b, out=out), reps)
+        flops += 2 * 8 * m * k * n
+    return flops / seconds
 
 
-def _half_rows(gemm_rate: float) -> float:
+def _half_rows(gemm_rate: float, reps: int) -> float:
     """Rows at which a GEMM reaches half the GEMM rate, from single-row products (decode's QK^T and
-    PV) on cache-resident operands: streaming the wide operand costs that many rows of compute."""
+    PV) on cache-resident operands."""
     q, k = torch.randn(16, 1, 128), torch.randn(16, 128, 256)
     p, v = torch.randn(16, 1, 256), torch.randn(16, 256, 128)
     out_s, out_o = torch.empty(16, 1, 256), torch.empty(16, 1, 128)
-    t = _best(lambda: torch.bmm(q, k, out=out_s), reps=5, inner=20)
-    t += _best(lambda: torch.bmm(p, v, out=out_o), reps=5, inner=20)
-    flops = 2 * 2 * 16 * 128 * 256
-    return max(gemm_rate * t / flops - 1.0, 0.0)
+    t = _best(lambda: torch.bmm(q, k, out=out_s), reps, inner=20)
+    t += _best(lambda: torch.bmm(p, v, out=out_o), reps, inner=20)
+    return max(gemm_rate * t / (2 * 2 * 16 * 128 * 256) - 1.0, 0.0)
 
 
-def _gemv_efficiency(dram_bw: float, llc: int) -> float:
-    """Bandwidth a one-row product (decode's q K^T and p V) reaches on DRAM-resident K and V, as a
-    fraction of a copy's."""
+def _gemv_efficiency(dram_bw: float, footprint: int, reps: int) -> float:
+    """Bandwidth one-row products (decode's q K^T and p V) reach on memory-resident K and V, as a
+    fraction of a copy's: how fast GEMM micro-kernels stream an operand."""
     heads, e = 16, 128
-    n = max(2 * llc // (heads * e * 4), 256)
+    n = max(footprint // (2 * heads * e * 4), 256)
     q, k = torch.randn(1, heads, 1, e), torch.randn(1, heads, n, e)
     p, v = torch.randn(1, heads, 1, n), torch.randn(1, heads, n, e)
     kt = k.transpose(-1, -2)
-    t = _best(lambda: q @ kt, reps=3) + _best(lambda: p @ v, reps=3)
+    t = _best(lambda: q @ kt, reps) + _best(lambda: p @ v, reps)
     return min(2 * k.numel() * 4 / t / dram_bw, 1.0)
 
 
-def _copy_bw(footprint: int) -> float:
+def _copy_bw(footprint: int, reps: int) -> float:
     """Bytes/s of an elementwise op that reads and writes `footprint` bytes in all."""
     n = max(footprint // 8, 1024)
     x, y = torch.randn(n), torch.empty(n)
     inner = max(1, int(2e6 // n))
-    return 8 * n / _best(lambda: torch.add(x, 1.0, out=y), reps=5, inner=inner)
+    return 8 * n / _best(lambda: torch.add(x, 1.0, out=y), reps, inner=inner)
 
 
-def _fault_bw(launch_s: float) -> float:
+def _fault_bw(launch_s: float, reps: int) -> float:
     """Bytes/s of touching a fresh allocation above glibc's mmap threshold (page faults)."""
-    n = 3 * _GLIBC_MMAP_THRESHOLD_MAX // 4
+    n = 3 * _GLIBC_MMAP_THRESHOLD_MAX // 4  # elements: 96 MiB
     warm = torch.empty(n)
-    t_warm = _best(lambda: warm.fill_(1.0), reps=3)
-    t_fresh = _best(lambda: torch.empty(n).fill_(1.0), reps=3)
+    t_warm = _best(lambda: warm.fill_(1.0), reps)
+    t_fresh = _best(lambda: torch.empty(n).fill_(1.0), reps)
     return 4 * n / max(t_fresh - t_warm - launch_s, 1e-6)
 
 
-def _sdpa_time(b: int, h: int, n: int, e: int) -> float:
+def _sdpa_time(b: int, h: int, n: int, e: int, reps: int) -> float:
     q, k, v = (torch.randn(b, h, n, e) for _ in range(3))
-    return _best(lambda: F.scaled_dot_product_attention(q, k, v), reps=5)
+    return _best(lambda: F.scaled_dot_product_attention(q, k, v), reps)
 
 
-def calibrate(threads: int | None = None) -> HardwareProfile:
-    """Measure the host at `threads` (default: torch's current setting). Takes ~2-5 s."""
+def _rate(elements: int, seconds: float, launch: float) -> float:
+    return elements / max(seconds - launch, 1e-9)
+
+
+def calibrate(threads: int | None = None, quick: bool = False) -> HardwareProfile:
+    """Measure the host at `threads` (default: torch's current setting): ~3-6 s, or well under a
+    second with `quick` (one repetition, smaller buffers: a rough profile for smoke tests)."""
     from .profiles import machine_id
     from .timing import predict
 
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    reps = 1 if quick else 7
     try:
         threads = torch.get_num_threads()
         l2, llc = _cache_sizes()
         l2_total = l2 * threads
+        dram_footprint = 2 * llc if quick else 8 * llc
         x1 = torch.randn(1)
-        launch = _best(lambda: x1 * 0.5, reps=5, inner=200)
+        launch = _best(lambda: x1 * 0.5, reps, inner=200)
         rows = torch.randn(256, 1024)
-        exp_rate = rows.numel() / _best(lambda: torch.softmax(rows, -1), reps=5, inner=5)
         small = torch.randn(16384)
-        small_out = torch.empty_like(small)
-        ew = small.numel() / max(_best(lambda: torch.mul(small, 1.5, out=small_out), reps=5, inner=50) - launch, 1e-9)
-        exp_op = small.numel() / max(_best(lambda: torch.exp(small, out=small_out), reps=5, inner=50) - launch, 1e-9)
+        out = torch.empty_like(small)
         minus_inf = torch.full_like(small, -float("inf"))
-        exp_inf = small.numel() / max(_best(lambda: torch.exp(minus_inf, out=small_out), reps=5, inner=50) - launch, 1e-9)
-        gemm = _gemm_rate(torch.float32)
+        gemm = _gemm_rate(torch.float32, reps)
+        dram = _copy_bw(dram_footprint, reps)
         profile = HardwareProfile(
             name=f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads > 1)})",
             device="cpu",
-            mm_flops={"fp32": gemm, "half": _gemm_rate(torch.bfloat16)},
-            ew_flops=ew, exp_rate=exp_rate, exp_op_rate=exp_op, exp_inf_rate=exp_inf, half_rows=_half_rows(gemm),
-            levels=((l2_total, _copy_bw(l2_total // 2)), (llc, _copy_bw(llc // 2))),
-            dram_bw=_copy_bw(8 * llc), launch_s=launch,
-            efficiency={"gemm": 1.0, "sdpa": 1.0}, call_s={"sdpa": 0.0},
-            parallel=threads, overlap=0.0, fault_bw=_fault_bw(launch),
+            mm_flops={"fp32": gemm, "half": _gemm_rate(torch.bfloat16, reps)},
+            ew_flops=_rate(small.numel(), _best(lambda: torch.mul(small, 1.5, out=out), reps, 50), launch),
+            exp_rate=rows.numel() / _best(lambda: torch.softmax(rows, -1), reps, inner=5),
+            exp_op_rate=_rate(small.numel(), _best(lambda: torch.exp(small, out=out), reps, 50), launch),
+            exp_inf_rate=_rate(small.numel(), _best(lambda: torch.exp(minus_inf, out=out), reps, 50), launch),
+            half_rows=_half_rows(gemm, reps), gemv_efficiency=_gemv_efficiency(dram, dram_footprint, reps),
+            levels=((l2_total, _copy_bw(l2_total // 2, reps)), (llc, _copy_bw(llc // 2, reps))),
+            dram_bw=dram, launch_s=launch, efficiency={"gemm": 1.0, "sdpa": 1.0}, call_s={"sdpa": 0.0},
+            parallel=threads, overlap=0.0, fault_bw=_fault_bw(launch, reps),
             fault_threshold=_GLIBC_MMAP_THRESHOLD_MAX if platform.libc_ver()[0] == "glibc" else None,
-            source="calibrated", machine_id=machine_id(), threads=threads,
+            source="calibrated" + (" (quick)" if quick else ""), machine_id=machine_id(), threads=threads,
             date=datetime.datetime.now().isoformat(timespec="seconds"),
         )
-        profile = replace(profile, gemv_efficiency=_gemv_efficiency(profile.dram_bw, llc))
-        # SDPA: its fixed cost from a tiny call, then its GEMM efficiency from a medium one.
+        # SDPA: its fixed cost from a tiny call, then its efficiency against the model at a medium one
         tiny = AttentionSpec(1, 1, 1, 16, 16, 64, 64)
-        call = max(_sdpa_time(1, 1, 16, 64) - predict("sdpa", tiny, profile).total_s, 0.0)
+        call = max(_sdpa_time(1, 1, 16, 64, reps) - predict("sdpa", tiny, profile).total_s, 0.0)
         profile = replace(profile, call_s={"sdpa": call})
-        medium = AttentionSpec(1, 8, 8, 1024, 1024, 64, 64)
-        model = predict("sdpa", medium, profile)
+        n = 512 if quick else 1024
+        model = predict("sdpa", AttentionSpec(1, 8, 8, n, n, 64, 64), profile)
         mm_s = model.flops_mm / profile.mm_rate("float32", "sdpa")
-        measured = _sdpa_time(1, 8, 1024, 64)
+        measured = _sdpa_time(1, 8, n, 64, reps)
         efficiency = mm_s / max(measured - (model.total_s - mm_s), 0.25 * mm_s)
         return replace(profile, efficiency={"gemm": 1.0, "sdpa": min(efficiency, 1.5)})
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import sympy as sp
 
 from .spec import AttentionSpec, Causal, MaskInput
@@ -17,6 +18,7 @@ s, s_a, s_m = sp.symbols("s s_a s_m", positive=True)  # bytes: q/k/v/o element, 
 P = sp.Symbol("P", positive=True)  # live (m, n) pairs per head
 P_t = sp.Symbol("P_t", positive=True)  # pairs per head a tiled kernel computes (whole tiles)
 T = sp.Symbol("T", positive=True)  # (q tile, kv tile) pairs per head a tiled kernel visits
+K_t = sp.Symbol("K_t", positive=True)  # key positions per head a tiled kernel loads, all q tiles summed
 Br, Bc = sp.symbols("B_r B_c", positive=True)  # query / key tile sizes
 R, C = sp.symbols("R C", positive=True)  # query tiles ceil(M/Br), key tiles ceil(N/Bc)
 S = sp.Symbol("S", positive=True)  # key splits (split-KV decode)
@@ -39,28 +41,40 @@ def pairs_expr(spec: AttentionSpec) -> sp.Expr:
     return M * N - M * (M - 1) / 2
 
 
-def tile_counts(spec: AttentionSpec, br: int, bc: int, clip: bool = False) -> tuple[int, int]:
-    """(pairs, tiles) per head a kernel with `br` x `bc` tiles computes: every tile that holds a
+def _key_ranges(spec: AttentionSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row m, the first and last visible key (last < first: none)."""
+    m = np.arange(spec.q_len, dtype=np.int64)
+    if spec.causal is Causal.NONE:
+        return np.zeros_like(m), np.full_like(m, spec.kv_len - 1)
+    offset = spec.causal.offset(spec.q_len, spec.kv_len)
+    hi = np.minimum(spec.kv_len - 1, m + offset)
+    lo = np.zeros_like(m) if spec.window is None else np.maximum(0, m + offset - spec.window + 1)
+    return lo, hi
+
+
+def live_pairs(spec: AttentionSpec) -> int:
+    """Same as `spec.live_pairs()`, vectorised (sites with 100k-token keys are priced often)."""
+    lo, hi = _key_ranges(spec)
+    return int(np.maximum(hi - lo + 1, 0).sum())
+
+
+def tile_counts(spec: AttentionSpec, br: int, bc: int, clip: bool = False) -> tuple[int, int, int]:
+    """(pairs, tiles, keys) per head for a kernel with `br` x `bc` tiles: every tile that holds a
     live pair is computed whole (`clip`: cut at the last live key of its rows), the others are
-    skipped."""
+    skipped; `keys` counts the key positions loaded, summed over the query tiles."""
     m_len, n_len = spec.q_len, spec.kv_len
     br, bc = max(1, min(br, m_len)), max(1, min(bc, n_len))
-    offset = spec.causal.offset(m_len, n_len)
-    pairs = tiles = 0
-    for m0 in range(0, m_len, br):
-        rows = min(br, m_len - m0)
-        if spec.causal is Causal.NONE:
-            lo, hi = 0, n_len - 1
-        else:
-            hi = min(n_len - 1, m0 + rows - 1 + offset)
-            lo = 0 if spec.window is None else max(0, m0 + offset - spec.window + 1)
-        if hi < lo:
-            continue
-        first, last = lo // bc, hi // bc
-        for j in range(first, last + 1):
-            pairs += rows * min(bc, (hi + 1 if clip else n_len) - j * bc)
-            tiles += 1
-    return pairs, tiles
+    lo, hi = _key_ranges(spec)
+    starts = np.arange(0, m_len, br)
+    rows = np.minimum(br, m_len - starts)
+    tile_lo = lo[starts]  # the first row of a tile sees the fewest keys on the left ...
+    tile_hi = hi[np.minimum(starts + br, m_len) - 1]  # ... its last row the most on the right
+    live = tile_hi >= tile_lo
+    first, last = tile_lo // bc, tile_hi // bc
+    tiles = np.where(live, last - first + 1, 0)
+    right = (tile_hi + 1) if clip else np.minimum((last + 1) * bc, n_len)
+    width = np.where(live, right - first * bc, 0)
+    return int((rows * width).sum()), int(tiles.sum()), int(width.sum())
 
 
 def bind(spec: AttentionSpec, tiles: dict[str, int] | None = None, splits: int = 1) -> dict[sp.Symbol, float]:
@@ -68,14 +82,14 @@ def bind(spec: AttentionSpec, tiles: dict[str, int] | None = None, splits: int =
     tiles = tiles or {}
     br = max(1, min(int(tiles.get("Br", spec.q_len)), spec.q_len))
     bc = max(1, min(int(tiles.get("Bc", spec.kv_len)), spec.kv_len))
-    pt, nt = tile_counts(spec, br, bc, clip=bool(tiles.get("clip", 0)))
+    pt, nt, kt = tile_counts(spec, br, bc, clip=bool(tiles.get("clip", 0)))
     size = spec.element_size
     mask_elems = math.prod(spec.mask_shape) if spec.mask_shape is not None else 0
     mask_bytes = 1 if spec.mask is MaskInput.BOOL else size
     return {
         B: spec.batch, H: spec.heads, Hkv: spec.kv_heads, M: spec.q_len, N: spec.kv_len,
         E: spec.head_dim, F: spec.value_dim, s: size, s_a: size, s_m: mask_bytes,
-        P: spec.live_pairs(), P_t: pt, T: nt, Br: br, Bc: bc,
+        P: live_pairs(spec), P_t: pt, T: nt, K_t: kt, Br: br, Bc: bc,
         R: math.ceil(spec.q_len / br), C: math.ceil(spec.kv_len / bc), S: splits,
         Mk: mask_elems, W: spec.window or spec.kv_len,
     }

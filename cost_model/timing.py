@@ -22,11 +22,11 @@ from .passes import analyze
 from .spec import AttentionSpec
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",
-           "reuse", "rows", "fresh", "ctas")
+           "reuse", "rows", "fresh", "ctas", "balance")
 _FUSED_EXP_UNITS = ("softmax", "sdpa", "flash")  # exps inside a fused kernel, not a torch.exp op
 _GEMM_UNITS = ("gemm", "sdpa", "flash")  # kernels whose loads go through GEMM micro-kernels
 _ARGS = (sym.B, sym.H, sym.Hkv, sym.M, sym.N, sym.E, sym.F, sym.s, sym.s_a, sym.s_m, sym.P, sym.P_t, sym.T,
-         sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W)
+         sym.K_t, sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W)
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Prediction:
     passes: int
     kv_reads: int  # passes that read K (with recompute), from the cascade's pass analysis
     launches: int
+    splits: int = 1  # key splits the prediction assumes (split-KV decode)
 
 
 @lru_cache(maxsize=None)
@@ -96,7 +97,7 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
         t_m += v["inputs"] / (stream * p.bandwidth(site_inputs))
     if v["reread"]:
         t_m += v["reread"] / (stream * p.bandwidth(v["reuse"]))
-    busy = (max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)) / _utilisation(v["ctas"], p.parallel)
+    busy = (max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)) / (_utilisation(v["ctas"], p.parallel) * v["balance"])
     fault = v["faults"] * v["fresh"] / p.fault_bw if p.fault_bw else 0.0
     overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0))
     return KernelTime(k.name, int(launches), t_c, t_m, fault, overhead, busy + fault + overhead)
@@ -128,15 +129,24 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
         raise KeyError(f"no cost model for algorithm {algorithm!r}; known: {sorted(ALGORITHMS)}") from None
 
 
-def bindings(algorithm: Algorithm, spec: AttentionSpec, profile: HardwareProfile) -> dict[sp.Symbol, float]:
+def bindings(algorithm: Algorithm, spec: AttentionSpec, profile: HardwareProfile,
+             splits: int | None = None) -> dict[sp.Symbol, float]:
     tiles = algorithm.tiles(spec, profile.device)
-    return sym.bind(spec, tiles, algorithm.splits(spec, profile.parallel))
+    if splits is None:
+        splits = predict(algorithm, spec, profile).splits
+    return sym.bind(spec, tiles, splits)
 
 
 def predict(algorithm: str | Algorithm, spec: AttentionSpec, profile: HardwareProfile) -> Prediction:
-    """Time, counts, traffic and memory of `algorithm` at `spec` on `profile`."""
+    """Time, counts, traffic and memory of `algorithm` at `spec` on `profile` (with the fastest of
+    the algorithm's split counts)."""
     alg = resolve(algorithm)
-    values = bindings(alg, spec, profile)
+    return min((_predict(alg, spec, profile, s) for s in alg.splits(spec, profile.parallel)),
+               key=lambda p: p.total_s)
+
+
+def _predict(alg: Algorithm, spec: AttentionSpec, profile: HardwareProfile, splits: int) -> Prediction:
+    values = sym.bind(spec, alg.tiles(spec, profile.device), splits)
     args = tuple(float(values[a]) for a in _ARGS)
     totals = dict.fromkeys(("flops_mm", "exps", "ew", "divides", "bytes", "launches"), 0.0)
     times = []
@@ -150,12 +160,10 @@ def predict(algorithm: str | Algorithm, spec: AttentionSpec, profile: HardwarePr
         totals["bytes"] += v["inputs"] + v["read"] + v["write"] + v["reread"]
     analysis = analyze(CATALOG[alg.cascade])
     peak = _value(alg.peak, args)
-    if alg.name == "eager" and spec.kv_heads != spec.heads:
-        peak += spec.element_size * spec.batch * spec.heads * spec.kv_len * (spec.head_dim + spec.value_dim)
     return Prediction(
         alg.name, sum(t.total_s for t in times), tuple(times), totals["flops_mm"], totals["exps"],
         totals["ew"], totals["divides"], totals["bytes"], peak, analysis.passes,
-        analysis.reads.get("K", 0), int(totals["launches"]))
+        analysis.reads.get("K", 0), int(totals["launches"]), splits)
 
 
 def symbolic(algorithm: str | Algorithm, spec: AttentionSpec) -> dict[str, sp.Expr]:
@@ -164,7 +172,7 @@ def symbolic(algorithm: str | Algorithm, spec: AttentionSpec) -> dict[str, sp.Ex
     out: dict[str, sp.Expr] = {}
     ks = alg.kernels_for(spec)
     for name, fields in (("matmul FLOPs", ("flops_mm",)), ("exp", ("exps",)), ("other ew", ("ew",)),
-                         ("divides", ("divides",)), ("bytes", ("read", "write", "reread")),
+                         ("divides", ("divides",)), ("bytes", ("inputs", "read", "write", "reread")),
                          ("launches", ("launches",))):
         out[name] = sp.simplify(sum((sp.sympify(getattr(k, f)) for k in ks for f in fields), sp.Integer(0)))
     out["peak bytes"] = sp.sympify(alg.peak)
