@@ -43,6 +43,7 @@ class Kernel:
     inputs: Expr = 0  # bytes of the site's inputs (Q, K, V, mask) read: cold unless they all fit in cache
     read: Expr = 0  # bytes of intermediates read: hot if one launch's traffic fits in cache
     write: Expr = 0
+    footprint: Expr | None = None  # bytes one launch touches (default: its share of read + write)
     reread: Expr = 0  # bytes of inputs read again (K/V once per query tile) ...
     reuse: Expr = 0  # ... which hit in a cache that holds `reuse` bytes
     rows: Expr = 0  # rows of each GEMM (0: not a GEMM, or many)
@@ -163,18 +164,18 @@ CHUNKED = Algorithm(
         Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F),
                inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * B * H * T * Br * F,
                reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV,
-               fresh=_CHUNK, allocs=T, refaults=0),
+               footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
         # scale, amax, maximum, sub, exp, sub, exp, mul, sum, add, mul, add, and their views
         Kernel("chunk softmax", "ew", launches=18 * T, exps=B * H * P_t + B * H * T * Br,
                masked_exps=B * H * (P_t - P), ew=4 * B * H * P_t + 2 * B * H * T * Br * F,
                read=5 * _TILES + 8 * B * H * T * Br * F, write=3 * _TILES + 4 * B * H * T * Br * F,
-               fresh=_CHUNK, allocs=3 * T, refaults=2 + R),
+               footprint=2 * _CHUNK, fresh=_CHUNK, allocs=3 * T, refaults=2 + R),
         Kernel("chunk bias", "ew", "bias", launches=2 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
-               write=_TILES, fresh=_CHUNK, allocs=T, refaults=0),
+               write=_TILES, footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
         Kernel("chunk keep-mask", "ew", "bool_mask", launches=3 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
-               write=_TILES, fresh=_CHUNK, allocs=T, refaults=0),
+               write=_TILES, footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
         Kernel("chunk causal band", "ew", "causal", launches=6 * T, ew=B * H * P_t, read=_TILES, write=_TILES,
-               fresh=_CHUNK, allocs=T, refaults=0),
+               footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
         Kernel("query block", "ew", launches=6 * R, ew=2 * B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
                write=s * B * H * M * E + O_OUT),
     ),

@@ -22,7 +22,7 @@ from .passes import analyze
 from .spec import AttentionSpec
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",
-           "reuse", "rows", "fresh", "ctas", "balance")
+           "reuse", "rows", "fresh", "ctas", "balance", "footprint")
 _FUSED_EXP_UNITS = ("softmax", "sdpa", "flash")  # exps inside a fused kernel, not a torch.exp op
 _GEMM_UNITS = ("gemm", "sdpa", "flash")  # kernels whose loads go through GEMM micro-kernels
 _ARGS = (sym.B, sym.H, sym.Hkv, sym.M, sym.N, sym.E, sym.F, sym.s, sym.s_a, sym.s_m, sym.P, sym.P_t, sym.T,
@@ -64,7 +64,9 @@ def _compiled(expr: sp.Expr) -> Callable[..., float]:
     return sp.lambdify(_ARGS, sp.sympify(expr), "math")
 
 
-def _value(expr: sp.Expr | int, args: tuple[float, ...]) -> float:
+def _value(expr: sp.Expr | int | None, args: tuple[float, ...]) -> float:
+    if expr is None:
+        return 0.0
     if isinstance(expr, (int, float)):
         return float(expr)
     return float(_compiled(expr)(*args))
@@ -91,7 +93,7 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
     hot = v["read"] + v["write"]
     t_m = 0.0
     if hot:
-        bw = p.bandwidth(hot / max(launches, 1.0))
+        bw = p.bandwidth(v["footprint"] if k.footprint is not None else hot / max(launches, 1.0))
         t_m += v["read"] / (stream * bw) + v["write"] / bw
     if v["inputs"]:
         t_m += v["inputs"] / (stream * p.bandwidth(site_inputs))
