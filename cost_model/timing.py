@@ -131,14 +131,6 @@ def resolve(algorithm: str | Algorithm) -> Algorithm:
         raise KeyError(f"no cost model for algorithm {algorithm!r}; known: {sorted(ALGORITHMS)}") from None
 
 
-def bindings(algorithm: Algorithm, spec: AttentionSpec, profile: HardwareProfile,
-             splits: int | None = None) -> dict[sp.Symbol, float]:
-    tiles = algorithm.tiles(spec, profile.device)
-    if splits is None:
-        splits = predict(algorithm, spec, profile).splits
-    return sym.bind(spec, tiles, splits)
-
-
 def predict(algorithm: str | Algorithm, spec: AttentionSpec, profile: HardwareProfile) -> Prediction:
     """Time, counts, traffic and memory of `algorithm` at `spec` on `profile` (with the fastest of
     the algorithm's split counts)."""
