@@ -19,7 +19,8 @@ from .passes import analyze
 from .profiles import resolve_target
 from .select import Option, select
 from .spec import AttentionSpec, Causal, MaskInput
-from .symbols import bind
+from . import symbols as sym
+from .symbols import bind, pairs_expr
 from .timing import predict, symbolic
 
 _ALIASES = {"B": "batch", "H": "heads", "Hkv": "kv_heads", "M": "q_len", "N": "kv_len", "E": "head_dim",
@@ -83,10 +84,30 @@ def _costs(names: list[str], spec: AttentionSpec, profile: HardwareProfile) -> l
         for label, expr in symbolic(name, spec).items():
             value = float(sp.sympify(expr).subs(values)) if expr != 0 else 0.0
             lines.append(f"  {label:<13} {sp.sstr(expr)} = {_fmt(value)}")
+        if spec.dynamic:
+            lines += _dynamic(name, spec, values)
         slowest = sorted(pred.kernels, key=lambda k: -k.total_s)[:4]
         lines.append("  time by kernel: " + ", ".join(
             f"{k.name} {k.total_s * 1e3:.3f} ms (compute {k.compute_s * 1e3:.3f}, memory {k.memory_s * 1e3:.3f}"
             + (f", faults {k.fault_s * 1e3:.3f}" if k.fault_s else "") + ")" for k in slowest))
+    return lines
+
+
+_DIMS = {"batch": sym.B, "heads": sym.H, "kv_heads": sym.Hkv, "q_len": sym.M, "kv_len": sym.N,
+         "head_dim": sym.E, "value_dim": sym.F}
+
+
+def _dynamic(name: str, spec: AttentionSpec, values: dict) -> list[str]:
+    """The costs as functions of the site's dynamic sizes, every other size fixed (tile-granular
+    pair counts approximated by the live pairs' closed form)."""
+    free = {_DIMS[d] for d in spec.dynamic if d in _DIMS}
+    pairs = pairs_expr(spec)
+    fixed = {k: v for k, v in values.items() if k not in free and k not in (sym.P, sym.P_t)}
+    lines = [f"  in the dynamic sizes ({', '.join(sorted(spec.dynamic))}; tile counts as at this shape):"]
+    for label, expr in symbolic(name, spec).items():
+        if label in ("matmul FLOPs", "exp", "bytes", "peak bytes"):
+            form = sp.sympify(expr).subs({sym.P: pairs, sym.P_t: pairs}).subs(fixed)
+            lines.append(f"    {label:<13} ~ {sp.sstr(sp.simplify(form))}")
     return lines
 
 

@@ -34,3 +34,10 @@ def test_shape_keywords():
     assert (spec.batch, spec.q_len, spec.kv_heads, spec.value_dim) == (1, 512, 4, 32)
     assert spec.scale == 32 ** -0.5
     assert spec_from(dict(batch=2, heads=2, kv_len=8, q_len=1, head_dim=8, mask="bool")).mask_shape == (2, 1, 1, 8)
+
+
+def test_dynamic_sizes_stay_symbolic():
+    spec = AttentionSpec(1, 8, 8, 128, 128, 64, 64, scale=0.125, dynamic=frozenset({"kv_len", "q_len"}))
+    text = explain(spec, target=DESIGN_NOTE_CPU)
+    assert "in the dynamic sizes (kv_len, q_len" in text
+    assert "matmul FLOPs  ~ 2048*M*N" in text  # eager: 2*B*H*M*N*(E+F) with B=1, H=8, E=F=64
