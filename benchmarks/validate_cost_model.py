@@ -9,7 +9,7 @@ ranking and prints Spearman's rank correlation of predicted vs measured latency 
 (point, variant) pairs, how often the chosen variant is within 10% of the measured best (and the
 regret when not), and saves a predicted-vs-measured PNG when matplotlib is installed.
 
-    python benchmarks/validate_cost_model.py [--threads 1] [--quick] [--png out.png] [--json raw.json]
+    python benchmarks/validate_cost_model.py [--threads 1] [--quick] [--png out/x.png] [--json raw.json]
 
 With one thread the clock is the thread's CPU time (a shared machine's other jobs then do not count);
 with more it is wall time.
@@ -22,7 +22,8 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu = thread CPU time (default with 1 thread), wall = perf_counter")
     parser.add_argument("--budget", type=float, default=0.25, help="seconds of measurement per point")
     parser.add_argument("--quick", action="store_true", help="every 4th point only")
-    parser.add_argument("--png", default="cost_model_validation.png")
+    parser.add_argument("--png", default="out/cost_model_validation.png", help="plot path (if matplotlib)")
     parser.add_argument("--json", default=None, help="write the raw measurements and predictions here")
     args = parser.parse_args(argv)
 
@@ -300,6 +301,7 @@ def _plot(rows: list[dict], rho: float, path: str) -> None:
            title=f"attnfx cost model on this CPU (Spearman {rho:.3f})")
     ax.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"saved {path}")
 

@@ -18,8 +18,8 @@ from .hardware import HardwareProfile
 from .passes import analyze
 from .profiles import resolve_target
 from .select import Option, select
-from .spec import AttentionSpec, Causal, MaskInput
 from . import symbols as sym
+from .spec import AttentionSpec, Causal, MaskInput
 from .symbols import bind, pairs_expr
 from .timing import predict, symbolic
 

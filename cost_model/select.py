@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .algorithms import ALGORITHMS
 from .hardware import HardwareProfile
+from .profiles import resolve_target
 from .spec import AttentionSpec
 from .timing import Prediction, predict
 
@@ -107,8 +108,6 @@ def select(options: list[Option], target: str | HardwareProfile = "cpu",
     `target` is "cpu" (this host's calibrated profile), "cuda" (the current GPU's spec sheet, H100
     without one) or a `HardwareProfile`. Options whose algorithm has no cost model are refused.
     """
-    from .profiles import resolve_target  # NOTE: deferred, calibration imports torch
-
     profile = resolve_target(target)
     refused = [o for o in options if o.refusal is not None]
     runnable = []
