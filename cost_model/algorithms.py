@@ -9,10 +9,11 @@ kernel computes and moves. A kernel's `when` names a feature of the site it exis
 Conventions (design note §4): counts are totals over the whole call. Traffic comes in three kinds:
 `inputs` (the site's Q, K, V and mask: cold unless all of them fit in cache), `read`/`write` of
 intermediates (hot when one launch's traffic fits in cache), and `reread` of inputs (K/V once per
-query tile), which hits in a cache that holds `reuse` bytes. `fresh` is the size of each newly allocated output: on a CPU, allocations above the
-allocator's mmap threshold are mapped (page-faulted) anew on every call, and of the smaller ones a
-heap that trims its top maps `refaults` anew (measured: all but one of an eager chain's score
-tensors; two plus one per query block for the chunked loop).
+query tile), which hits in a cache that holds `reuse` bytes. `fresh` is the size of each newly
+allocated output: on a CPU, allocations above glibc's mmap threshold are page-faulted anew on every
+call, and of those between the profile's `fault_min` and that threshold a heap that trims its top
+maps `refaults` anew (measured with getrusage: all but one of an eager chain's score tensors; two
+plus one per query block for the chunked loop).
 """
 from __future__ import annotations
 

@@ -83,12 +83,15 @@ def price(option: Option, profile: HardwareProfile, memory_budget: float | None 
 
 
 def _why(winner: Candidate, ranked: list[Candidate], budget: float | None) -> str:
+    """The winner against (up to) three others: speed ratio, extra passes, traffic and launches."""
     parts = []
     others = [c for c in ranked if c is not winner]
     for c in others[:3]:
         ratio = c.predicted_s / winner.predicted_s
-        reason = f"{ratio:.1f}x faster than {c.option.variant}" if ratio >= 1 else \
-            f"{c.option.variant} would be {1 / ratio:.1f}x faster but needs {_mib(c.peak_bytes)} > budget {_mib(budget or 0)}"
+        reason = f"{ratio:.1f}x faster than {c.option.variant}"
+        if ratio < 1:
+            reason = (f"{c.option.variant} would be {1 / ratio:.1f}x faster but needs {_mib(c.peak_bytes)}"
+                      f" > budget {_mib(budget or 0)}")
         extra = []
         if c.passes > winner.passes:
             extra.append(f"{c.passes - winner.passes} pass(es) more")

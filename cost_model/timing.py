@@ -19,7 +19,7 @@ from .algorithms import ALGORITHMS, Algorithm, Kernel
 from .catalog import CATALOG
 from .hardware import HardwareProfile
 from .passes import analyze
-from .spec import AttentionSpec
+from .spec import AttentionSpec, MaskInput
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",
            "reuse", "rows", "fresh", "ctas", "balance", "footprint")
@@ -117,7 +117,9 @@ def _faults(k: Kernel, v: dict[str, float], args: tuple[float, ...], p: Hardware
 
 def site_input_bytes(spec: AttentionSpec) -> float:
     """Bytes of Q, K, V and the mask tensor as passed: what must come from memory at least once."""
-    mask = math.prod(spec.mask_shape) * (1 if spec.mask.value == "bool" else spec.element_size) if spec.mask_shape else 0
+    mask = 0
+    if spec.mask_shape is not None:
+        mask = math.prod(spec.mask_shape) * (1 if spec.mask is MaskInput.BOOL else spec.element_size)
     return spec.element_size * (spec.batch * spec.heads * spec.q_len * spec.head_dim
                                 + spec.batch * spec.kv_heads * spec.kv_len * (spec.head_dim + spec.value_dim)) + mask
 
