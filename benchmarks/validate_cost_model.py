@@ -113,7 +113,7 @@ def eager(spec: AttentionSpec, ops: Operands, causal_bias: torch.Tensor | None) 
     return p @ v  # (b, h, m, f)
 
 
-def chunk_sizes(spec: AttentionSpec, budget: int = 1 << 22, key_chunk: int = 512) -> tuple[int, int]:
+def chunk_sizes(spec: AttentionSpec, budget: int = 1 << 20, key_chunk: int = 512) -> tuple[int, int]:
     """Query block and key chunk so that one score chunk holds at most max(budget, B*H) elements."""
     rows = spec.batch * spec.heads
     nc = max(1, min(spec.kv_len, key_chunk, budget // rows))
@@ -122,7 +122,8 @@ def chunk_sizes(spec: AttentionSpec, budget: int = 1 << 22, key_chunk: int = 512
 
 def chunked(spec: AttentionSpec, ops: Operands) -> torch.Tensor:
     """Stand-in for the chunked variant until it is registered: queries in blocks, keys in chunks,
-    an online softmax per row, G query heads stacked per K/V head."""
+    an online softmax per row, G query heads stacked per K/V head, every op after a chunk's matmul
+    in place (so the chunk is the only score-sized allocation)."""
     b, hk, g, n = spec.batch, spec.kv_heads, spec.groups, spec.kv_len
     mc, nc = chunk_sizes(spec)
     out = ops.q.new_empty(b, spec.heads, spec.q_len, spec.value_dim)
@@ -136,7 +137,8 @@ def chunked(spec: AttentionSpec, ops: Operands) -> torch.Tensor:
         hi = min(n, m1) if spec.causal is Causal.TOP_LEFT else n
         for n0 in range(0, hi, nc):
             n1 = min(n0 + nc, hi)
-            s = (rows @ ops.k[:, :, n0:n1].transpose(-1, -2)).view(*shape, n1 - n0) * spec.scale
+            s = (rows @ ops.k[:, :, n0:n1].transpose(-1, -2)).view(*shape, n1 - n0)  # (b, hk, g, mc, nc)
+            s.mul_(spec.scale)
             keep = None
             if ops.mask is not None:
                 rows_ = slice(m0, m1) if ops.mask.shape[2] > 1 else slice(None)
@@ -144,15 +146,16 @@ def chunked(spec: AttentionSpec, ops: Operands) -> torch.Tensor:
                 if chunk.dtype == torch.bool:
                     keep = chunk
                 else:
-                    s = s + chunk
+                    s.add_(chunk)
             if spec.causal is Causal.TOP_LEFT:
                 band = torch.arange(n0, n1).view(1, -1) <= torch.arange(m0, m1).view(-1, 1)
                 keep = band if keep is None else keep & band
             if keep is not None:
-                s = s.masked_fill(~keep, -math.inf)
+                s.masked_fill_(~keep, -math.inf)
             new_max = torch.maximum(run_max, s.amax(dim=-1, keepdim=True))
-            p = torch.exp(s - new_max)
-            alpha = torch.exp(run_max - new_max)
+            safe = new_max.masked_fill(new_max == -math.inf, 0.0)
+            p = s.sub_(safe).exp_()
+            alpha = torch.exp(run_max - safe)
             run_sum = run_sum * alpha + p.sum(dim=-1, keepdim=True)
             acc = acc * alpha + (p.view(b, hk, -1, n1 - n0) @ ops.v[:, :, n0:n1]).view_as(acc)
             run_max = new_max

@@ -23,7 +23,7 @@ from typing import Callable
 import sympy as sp
 
 from .spec import AttentionSpec, Causal, MaskInput
-from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
+from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
 
 Expr = sp.Expr | int
 
@@ -33,7 +33,7 @@ class Kernel:
     """One kind of launch of an algorithm and what all its launches cost together."""
 
     name: str
-    unit: str  # efficiency class in the hardware profile: gemm | ew | softmax | copy | sdpa | flash
+    unit: str  # rate class in the hardware profile: gemm | ew | select | softmax | copy | sdpa | flash
     when: str | None = None  # a FEATURES key: the kernel only runs for sites that have it
     launches: Expr = 1
     flops_mm: Expr = 0
@@ -51,8 +51,8 @@ class Kernel:
     fresh: Expr = 0  # bytes of each output the kernel allocates ...
     allocs: Expr | None = None  # ... how many per call (default: one per launch) ...
     refaults: Expr | None = None  # ... and how many of those a trimming heap maps anew each call
-    ctas: Expr = 0  # GPU thread blocks per launch (0: enough to fill the device) ...
-    balance: Expr = 1  # ... and their mean work over the busiest one's
+    ctas: Expr = 0  # blocks of work one launch splits over the workers (0: any number) ...
+    largest: Expr = 0  # ... and the largest block's share of the launch's work (0: all alike)
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,9 @@ KV = s * B * Hkv * N * (E + F)  # K and V as passed
 MASK = s_m * Mk  # the mask tensor as passed (broadcast dims not materialised)
 
 
-def _ew(name: str, when: str | None, inputs: Expr = 0) -> Kernel:
+def _ew(name: str, when: str | None, inputs: Expr = 0, unit: str = "ew") -> Kernel:
     """An eager elementwise op over the scores: read them (and `inputs`), write a new tensor."""
-    return Kernel(name, "ew", when, ew=BHMN, inputs=inputs, read=SCORES, write=SCORES, fresh=SCORES)
+    return Kernel(name, unit, when, ew=BHMN, inputs=inputs, read=SCORES, write=SCORES, fresh=SCORES)
 
 
 EAGER = Algorithm(
@@ -109,7 +109,7 @@ EAGER = Algorithm(
         Kernel("softcap", "ew", "softcap", launches=3, ew=2 * BHMN, exps=BHMN, read=3 * SCORES,
                write=3 * SCORES, fresh=SCORES),
         _ew("add bias", "bias", inputs=MASK),
-        _ew("where mask", "bool_mask", inputs=MASK),
+        _ew("where mask", "bool_mask", inputs=MASK, unit="select"),
         _ew("causal mask", "causal", inputs=s_a * M * N),
         Kernel("softmax", "softmax", exps=BHMN, ew=3 * BHMN, divides=BHMN, read=SCORES, write=SCORES,
                fresh=SCORES),
@@ -128,6 +128,8 @@ def _cpu_sdpa_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
     return {"Br": 128, "Bc": 128}
 
 
+# the busiest query tile's share of a tiled kernel's pairs
+_QUERY_TILE = Br * K_max / (B * H * P_t)
 # K/V every query tile loads beyond the first pass over K and V (GQA: once per query head)
 _TILE_KV = s * B * (H * K_t - Hkv * N) * (E + F)
 
@@ -139,7 +141,7 @@ SDPA = Algorithm(
         Kernel("bool mask -> float", "ew", "bool_mask", ew=Mk, inputs=MASK, write=s * Mk, fresh=s * Mk),
         Kernel("sdpa", "sdpa", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t, ew=3 * B * H * P_t,
                divides=B * H * M * F, inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV,
-               reuse=s * N * (E + F), rows=Br, ctas=B * H * R),
+               reuse=s * N * (E + F), rows=Br, ctas=B * H * R, largest=_QUERY_TILE),
         Kernel("sdpa mask", "ew", "mask", launches=0, ew=B * H * P_t, inputs=MASK,
                reread=sp.Max(s_m * B * H * P_t - MASK, 0), reuse=MASK),
     ),
@@ -149,38 +151,40 @@ SDPA = Algorithm(
 
 def _chunk_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
     """kernels/chunked.py's rule: 512-key chunks and query blocks so that one (B, H, mc, nc) score
-    chunk holds at most 2^22 elements; causal loops stop at the last visible key."""
+    chunk holds at most 2^20 elements; causal loops stop at the last visible key."""
     rows = spec.batch * spec.heads
-    nc = max(1, min(spec.kv_len, 512, (1 << 22) // rows))
-    return {"Br": max(1, min(spec.q_len, (1 << 22) // (rows * nc))), "Bc": nc, "clip": 1}
+    nc = max(1, min(spec.kv_len, 512, (1 << 20) // rows))
+    return {"Br": max(1, min(spec.q_len, (1 << 20) // (rows * nc))), "Bc": nc, "clip": 1}
 
 
 _TILES = s_a * B * H * P_t  # bytes of every score chunk the loop materialises, summed
 _CHUNK = s_a * B * H * Br * Bc  # bytes of one score chunk
+_ROWS = B * H * T * Br  # running statistics updated per chunk
 
 CHUNKED = Algorithm(
     "chunked", "1-pass", frozenset({"cpu", "cuda"}), tiles=_chunk_tiles,
     description="attnfx's pure-torch loop over query blocks x key chunks with an online softmax",
     kernels=(
+        # the chunk's matmul allocates it; every later score op works on it in place
         Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F),
-               inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * B * H * T * Br * F,
-               reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV,
-               footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
-        # scale, amax, maximum, sub, exp, sub, exp, mul, sum, add, mul, add, and their views
-        Kernel("chunk softmax", "ew", launches=18 * T, exps=B * H * P_t + B * H * T * Br,
-               masked_exps=B * H * (P_t - P), ew=4 * B * H * P_t + 2 * B * H * T * Br * F,
-               read=5 * _TILES + 8 * B * H * T * Br * F, write=3 * _TILES + 4 * B * H * T * Br * F,
-               footprint=2 * _CHUNK, fresh=_CHUNK, allocs=3 * T, refaults=2 + R),
-        Kernel("chunk bias", "ew", "bias", launches=2 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
-               write=_TILES, footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
-        Kernel("chunk keep-mask", "ew", "bool_mask", launches=3 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
-               write=_TILES, footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
-        Kernel("chunk causal band", "ew", "causal", launches=6 * T, ew=B * H * P_t, read=_TILES, write=_TILES,
-               footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
-        Kernel("query block", "ew", launches=6 * R, ew=2 * B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
+               inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * _ROWS * F,
+               reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV, footprint=2 * _CHUNK, fresh=_CHUNK,
+               allocs=T, refaults=0),
+        # scale, amax, sub, exp in place, sum; the running max, sum and output on (B, H, mc, 1|F);
+        # index ranges and views
+        Kernel("chunk softmax", "ew", launches=22 * T, exps=B * H * P_t + _ROWS, masked_exps=B * H * (P_t - P),
+               ew=4 * B * H * P_t + 4 * _ROWS * F, read=5 * _TILES + 8 * _ROWS * F, write=3 * _TILES + 4 * _ROWS * F,
+               footprint=2 * _CHUNK),
+        Kernel("chunk bias", "ew", "bias", launches=2 * T, ew=B * H * P_t, inputs=MASK, read=_TILES, write=_TILES,
+               footprint=2 * _CHUNK),
+        Kernel("chunk keep-mask", "select", "bool_mask", launches=3 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
+               write=_TILES, footprint=2 * _CHUNK),
+        Kernel("chunk causal band", "select", "causal", launches=4 * T, ew=B * H * P_t, read=_TILES, write=_TILES,
+               footprint=2 * _CHUNK),
+        Kernel("query block", "ew", launches=17 * R, ew=2 * B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
                write=s * B * H * M * E + O_OUT),
     ),
-    peak=3 * _CHUNK + 4 * B * H * Br * (F + 2),
+    peak=_CHUNK + 4 * B * H * Br * (F + 2),
 )
 
 
@@ -190,7 +194,7 @@ FLASH = Algorithm(
     kernels=(
         Kernel("flash", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t + B * H * M * C,
                ew=3 * B * H * P_t + (2 * F + 4) * B * H * M * C, divides=B * H * M * F,
-               inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV, reuse=KV, ctas=B * H * R),
+               inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV, reuse=KV, ctas=B * H * R, largest=_QUERY_TILE),
         Kernel("flash mask", "ew", "mask", launches=0, ew=B * H * P_t, inputs=MASK,
                reread=sp.Max(s_m * B * H * P_t - MASK, 0), reuse=MASK),
     ),
@@ -215,9 +219,9 @@ DECODE_SPLIT_KV = Algorithm(
     tiles=lambda spec, device: {"Br": spec.q_len, "Bc": _DECODE_BLOCK},
     description="attnfx Triton split-KV decode (Flash-Decoding): grouped heads, one heavy pass + combine",
     kernels=(
-        # the busiest split loads ceil(T/S) key blocks; its per-split epilogue does not wait on them
+        # the busiest split loads ceil(T/S) key blocks for the G query heads of its KV head
         Kernel("split", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t, ew=3 * B * H * P_t,
-               inputs=KV, ctas=B * Hkv * S, balance=P_t / (M * Bc * S * sp.ceiling(T / S))),
+               inputs=KV, ctas=B * Hkv * S, largest=G * M * Bc * sp.ceiling(T / S) / (B * H * P_t)),
         Kernel("split prologue/epilogue", "flash", launches=0, exps=B * H * M * S, ew=(2 * F + 4) * B * H * M * S,
                inputs=Q_IN, reread=Q_IN * (S - 1), write=_PARTIALS + (1 - _SPLIT) * O_OUT, ctas=B * Hkv * S),
         Kernel("combine", "ew", launches=_SPLIT, ew=_SPLIT * B * H * M * S * (2 * F + 4),

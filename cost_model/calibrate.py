@@ -2,9 +2,10 @@
 
 GEMMs at attention shapes, one-row products (decode streams K and V through GEMM micro-kernels),
 copies sized for each cache level and for DRAM, a fused softmax and torch.exp (finite and -inf
-inputs), a tiny op (dispatch overhead), a large fresh allocation (first-touch page-fault cost), and
-SDPA at a tiny and a medium shape (its fixed cost and its efficiency). Each rate is the best of a few
-repetitions: the least disturbed estimate on a shared machine.
+inputs), masked_fill with a broadcast bool mask (~10x slower than a multiply here), a tiny op
+(dispatch overhead), a large fresh allocation (first-touch page-fault cost), and SDPA at a tiny and a
+medium shape (its fixed cost and its efficiency). Each rate is the best of a few repetitions: the
+least disturbed estimate on a shared machine.
 
     python -m attnfx.cost_model.calibrate          # measure, cache and print the host profile
 """
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .hardware import DESIGN_NOTE_CPU, HardwareProfile
+from .hardware import SANDBOX_CPU, HardwareProfile
 from .spec import AttentionSpec
 
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps allocations above this fresh on every call
@@ -140,6 +141,8 @@ def _one_thread(quick: bool) -> HardwareProfile:
     minus_inf = torch.full_like(small, -float("inf"))
     gemm = _gemm_rate(torch.float32, reps)
     dram = _copy_bw(dram_footprint, reps)
+    chunk = torch.randn(8, 256, 512)
+    masked = torch.arange(512).view(1, -1) > torch.arange(256).view(-1, 1)  # a causal band's complement
     profile = HardwareProfile(
         name=f"cpu ({platform.processor() or platform.machine()}, 1 thread)", device="cpu",
         mm_flops={"fp32": gemm, "half": _gemm_rate(torch.bfloat16, reps)},
@@ -147,6 +150,7 @@ def _one_thread(quick: bool) -> HardwareProfile:
         exp_rate=rows.numel() / _best(lambda: torch.softmax(rows, -1), reps, inner=5),
         exp_op_rate=_rate(small.numel(), _best(lambda: torch.exp(small, out=out), reps, 50), launch),
         exp_inf_rate=_rate(small.numel(), _best(lambda: torch.exp(minus_inf, out=out), reps, 50), launch),
+        select_rate=chunk.numel() / _best(lambda: chunk.masked_fill_(masked, 0.0), reps),
         half_rows=_half_rows(gemm, reps), gemv_efficiency=_gemv_efficiency(dram, dram_footprint, reps),
         levels=((l2, _copy_bw(l2 // 2, reps)), (llc, _copy_bw(llc // 2, reps))),
         dram_bw=dram, launch_s=launch, efficiency={"gemm": 1.0, "sdpa": 1.0}, call_s={"sdpa": 0.0},
@@ -213,6 +217,7 @@ def calibrate(threads: int | None = None, quick: bool = False) -> HardwareProfil
             mm_flops={k: v * up["compute"] for k, v in one.mm_flops.items()},
             ew_flops=one.ew_flops * up["compute"], exp_rate=one.exp_rate * up["exp"],
             exp_op_rate=one.exp_op_rate * up["exp"], exp_inf_rate=one.exp_inf_rate * up["exp"],
+            select_rate=one.select_rate * up["compute"],
             levels=((l2 * threads, l2_bw * up["cache"]), (llc, llc_bw * up["cache"])),
             dram_bw=one.dram_bw * up["dram"], fault_bw=(one.fault_bw or 0) * up["dram"] or None,
             notes=note or "speed-ups over one thread: " + ", ".join(f"{k} {v:.2f}x" for k, v in up.items()))
@@ -232,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     print(profile.describe())
     print(f"levels: {[(f'{c / 2**20:.1f} MiB', f'{bw / 1e9:.1f} GB/s') for c, bw in profile.levels]}; "
           f"fault {profile.fault_bw / 1e9:.2f} GB/s; sdpa call {profile.call_s['sdpa'] * 1e6:.1f} us "
-          f"(design note: {DESIGN_NOTE_CPU.mm_flops['fp32'] / 1e9:.0f} GFLOP/s GEMM on 2 threads)")
+          f"(design note: {SANDBOX_CPU.mm_flops['fp32'] / 1e9:.0f} GFLOP/s GEMM on 2 threads)")
     if profile.notes:
         print(profile.notes)
     if not args.no_save:

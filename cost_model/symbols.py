@@ -19,6 +19,7 @@ P = sp.Symbol("P", positive=True)  # live (m, n) pairs per head
 P_t = sp.Symbol("P_t", positive=True)  # pairs per head a tiled kernel computes (whole tiles)
 T = sp.Symbol("T", positive=True)  # (q tile, kv tile) pairs per head a tiled kernel visits
 K_t = sp.Symbol("K_t", positive=True)  # key positions per head a tiled kernel loads, all q tiles summed
+K_max = sp.Symbol("K_max", positive=True)  # key positions the busiest query tile loads
 Br, Bc = sp.symbols("B_r B_c", positive=True)  # query / key tile sizes
 R, C = sp.symbols("R C", positive=True)  # query tiles ceil(M/Br), key tiles ceil(N/Bc)
 S = sp.Symbol("S", positive=True)  # key splits (split-KV decode)
@@ -58,10 +59,11 @@ def live_pairs(spec: AttentionSpec) -> int:
     return int(np.maximum(hi - lo + 1, 0).sum())
 
 
-def tile_counts(spec: AttentionSpec, br: int, bc: int, clip: bool = False) -> tuple[int, int, int]:
-    """(pairs, tiles, keys) per head for a kernel with `br` x `bc` tiles: every tile that holds a
-    live pair is computed whole (`clip`: cut at the last live key of its rows), the others are
-    skipped; `keys` counts the key positions loaded, summed over the query tiles."""
+def tile_counts(spec: AttentionSpec, br: int, bc: int, clip: bool = False) -> tuple[int, int, int, int]:
+    """(pairs, tiles, keys, most keys) per head for a kernel with `br` x `bc` tiles: every tile that
+    holds a live pair is computed whole (`clip`: cut at the last live key of its rows), the others
+    are skipped; `keys` counts the key positions loaded, summed over the query tiles, and `most
+    keys` is the largest count one query tile loads."""
     m_len, n_len = spec.q_len, spec.kv_len
     br, bc = max(1, min(br, m_len)), max(1, min(bc, n_len))
     lo, hi = _key_ranges(spec)
@@ -74,7 +76,7 @@ def tile_counts(spec: AttentionSpec, br: int, bc: int, clip: bool = False) -> tu
     tiles = np.where(live, last - first + 1, 0)
     right = (tile_hi + 1) if clip else np.minimum((last + 1) * bc, n_len)
     width = np.where(live, right - first * bc, 0)
-    return int((rows * width).sum()), int(tiles.sum()), int(width.sum())
+    return int((rows * width).sum()), int(tiles.sum()), int(width.sum()), int(width.max(initial=0))
 
 
 def bind(spec: AttentionSpec, tiles: dict[str, int] | None = None, splits: int = 1) -> dict[sp.Symbol, float]:
@@ -82,14 +84,14 @@ def bind(spec: AttentionSpec, tiles: dict[str, int] | None = None, splits: int =
     tiles = tiles or {}
     br = max(1, min(int(tiles.get("Br", spec.q_len)), spec.q_len))
     bc = max(1, min(int(tiles.get("Bc", spec.kv_len)), spec.kv_len))
-    pt, nt, kt = tile_counts(spec, br, bc, clip=bool(tiles.get("clip", 0)))
+    pt, nt, kt, kmax = tile_counts(spec, br, bc, clip=bool(tiles.get("clip", 0)))
     size = spec.element_size
     mask_elems = math.prod(spec.mask_shape) if spec.mask_shape is not None else 0
     mask_bytes = 1 if spec.mask is MaskInput.BOOL else size
     return {
         B: spec.batch, H: spec.heads, Hkv: spec.kv_heads, M: spec.q_len, N: spec.kv_len,
         E: spec.head_dim, F: spec.value_dim, s: size, s_a: size, s_m: mask_bytes,
-        P: live_pairs(spec), P_t: pt, T: nt, K_t: kt, Br: br, Bc: bc,
+        P: live_pairs(spec), P_t: pt, T: nt, K_t: kt, K_max: max(kmax, 1), Br: br, Bc: bc,
         R: math.ceil(spec.q_len / br), C: math.ceil(spec.kv_len / bc), S: splits,
         Mk: mask_elems, W: spec.window or spec.kv_len,
     }

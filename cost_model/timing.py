@@ -1,6 +1,7 @@
 """Predicted time of an algorithm at a site on a hardware profile (design note §4, time model).
 
-Per kernel: T = (max(Tc, Tm) + (1 - overlap) * min(Tc, Tm)) / utilisation + faults + launches,
+Per kernel: T = (max(Tc, Tm) + (1 - overlap) * min(Tc, Tm)) / utilisation + faults + launches
+(utilisation: whole waves of blocks over the workers, and no less than the largest block's time),
 with Tc = matmul FLOPs / (efficiency * GEMM rate) + ew / ew rate + exps / exp rate and Tm = traffic
 at the bandwidth of the kernel's working set (re-reads at the bandwidth of their reuse set).
 An eager graph is the sum of its kernels.
@@ -22,11 +23,11 @@ from .passes import analyze
 from .spec import AttentionSpec, MaskInput
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",
-           "reuse", "rows", "fresh", "ctas", "balance", "footprint")
+           "reuse", "rows", "fresh", "ctas", "largest", "footprint")
 _FUSED_EXP_UNITS = ("softmax", "sdpa", "flash")  # exps inside a fused kernel, not a torch.exp op
 _GEMM_UNITS = ("gemm", "sdpa", "flash")  # kernels whose loads go through GEMM micro-kernels
 _ARGS = (sym.B, sym.H, sym.Hkv, sym.M, sym.N, sym.E, sym.F, sym.s, sym.s_a, sym.s_m, sym.P, sym.P_t, sym.T,
-         sym.K_t, sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W)
+         sym.K_t, sym.K_max, sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
         skinny = 1.0 + (p.half_rows / v["rows"] if v["rows"] else 0.0)
         t_c = v["flops_mm"] * skinny / p.mm_rate(spec.dtype, k.unit)
     exp_rate = p.exp_rate if k.unit in _FUSED_EXP_UNITS else p.exp_op_rate
-    t_c += (v["ew"] + v["divides"]) / p.ew_flops + (v["exps"] - v["masked_exps"]) / exp_rate
+    ew_rate = p.select_rate if k.unit == "select" and p.select_rate else p.ew_flops
+    t_c += (v["ew"] + v["divides"]) / ew_rate + (v["exps"] - v["masked_exps"]) / exp_rate
     t_c += v["masked_exps"] / (p.exp_inf_rate or exp_rate)
     stream = p.gemv_efficiency if k.unit in _GEMM_UNITS else 1.0
     hot = v["read"] + v["write"]
@@ -99,7 +101,9 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
         t_m += v["inputs"] / (stream * p.bandwidth(site_inputs))
     if v["reread"]:
         t_m += v["reread"] / (stream * p.bandwidth(v["reuse"]))
-    busy = (max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)) / (_utilisation(v["ctas"], p.parallel) * v["balance"])
+    work = max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)  # on the whole device, perfectly shared
+    # NOTE: whole waves of blocks, and never less than the largest block on one worker
+    busy = max(work / _utilisation(v["ctas"], p.parallel), work * p.parallel * v["largest"])
     fault = v["faults"] * v["fresh"] / p.fault_bw if p.fault_bw else 0.0
     overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0))
     return KernelTime(k.name, int(launches), t_c, t_m, fault, overhead, busy + fault + overhead)

@@ -1,11 +1,11 @@
 """explain(): every section is there and carries the site's numbers."""
 from attnfx.cost_model import AttentionSpec, Option, explain
 from attnfx.cost_model.explain import spec_from
-from attnfx.cost_model.hardware import DESIGN_NOTE_CPU, H100_SXM
+from attnfx.cost_model.hardware import SANDBOX_CPU, H100_SXM
 
 
 def test_explain_prints_every_section():
-    text = explain(dict(B=2, H=8, Hkv=2, N=1024, E=64, causal=True), target=DESIGN_NOTE_CPU,
+    text = explain(dict(B=2, H=8, Hkv=2, N=1024, E=64, causal=True), target=SANDBOX_CPU,
                    memory_budget=32 * 2**20)
     for section in ("== cascades and passes ==", "== costs at this shape (formula = value) ==",
                     "== ranked variants ==", "== crossovers =="):
@@ -25,7 +25,7 @@ def test_explain_on_a_gpu_prices_the_cuda_kernels():
 def test_explain_takes_the_callers_options():
     spec = AttentionSpec(1, 4, 4, 256, 256, 64, 64, scale=0.125)
     options = [Option("sdpa", "sdpa", spec, "canonical", "SDPA has no softcap"), Option("eager", "eager", spec, "c")]
-    text = explain(spec, target=DESIGN_NOTE_CPU, options=options)
+    text = explain(spec, target=SANDBOX_CPU, options=options)
     assert "refused: SDPA has no softcap" in text and "winner: eager" in text
 
 
@@ -38,6 +38,6 @@ def test_shape_keywords():
 
 def test_dynamic_sizes_stay_symbolic():
     spec = AttentionSpec(1, 8, 8, 128, 128, 64, 64, scale=0.125, dynamic=frozenset({"kv_len", "q_len"}))
-    text = explain(spec, target=DESIGN_NOTE_CPU)
+    text = explain(spec, target=SANDBOX_CPU)
     assert "in the dynamic sizes (kv_len, q_len" in text
     assert "matmul FLOPs  ~ 2048*M*N" in text  # eager: 2*B*H*M*N*(E+F) with B=1, H=8, E=F=64

@@ -6,18 +6,18 @@ import torch
 
 from attnfx.cost_model import profiles
 from attnfx.cost_model.crossovers import linear_crossover
-from attnfx.cost_model.hardware import A100, DESIGN_NOTE_CPU, H100_PCIE, H100_SXM, H200, gpu_profile_for
+from attnfx.cost_model.hardware import A100, SANDBOX_CPU, H100_PCIE, H100_SXM, H200, gpu_profile_for
 
 
 def test_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
-    path = profiles.save_profile(DESIGN_NOTE_CPU, tmp_path / "p.json")
-    assert profiles.load_profile(path) == DESIGN_NOTE_CPU
+    path = profiles.save_profile(SANDBOX_CPU, tmp_path / "p.json")
+    assert profiles.load_profile(path) == SANDBOX_CPU
     assert json.loads(path.read_text())["torch"] == torch.__version__
 
 
 def test_cache_is_ignored_when_stale_or_corrupt(tmp_path):
-    path = profiles.save_profile(DESIGN_NOTE_CPU, tmp_path / "p.json")
+    path = profiles.save_profile(SANDBOX_CPU, tmp_path / "p.json")
     payload = json.loads(path.read_text())
     payload["torch"] = "0.0.1"
     path.write_text(json.dumps(payload))
@@ -29,9 +29,9 @@ def test_cache_is_ignored_when_stale_or_corrupt(tmp_path):
 
 def test_host_profile_reads_the_cache_without_measuring(tmp_path, monkeypatch):
     monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
-    profiles.save_profile(DESIGN_NOTE_CPU, profiles.cache_path())
+    profiles.save_profile(SANDBOX_CPU, profiles.cache_path())
     monkeypatch.setattr("attnfx.cost_model.calibrate.calibrate", lambda *a, **k: pytest.fail("calibrated"))
-    assert profiles.host_profile() == DESIGN_NOTE_CPU
+    assert profiles.host_profile() == SANDBOX_CPU
     assert profiles.cache_path().name == f"profile-{profiles.machine_id()}-t{torch.get_num_threads()}.json"
 
 
@@ -45,9 +45,9 @@ def test_gpu_spec_sheets_by_name():
 
 def test_bandwidth_falls_as_the_working_set_grows():
     sizes = [2**k for k in range(10, 34)]
-    bws = [DESIGN_NOTE_CPU.bandwidth(n) for n in sizes]
+    bws = [SANDBOX_CPU.bandwidth(n) for n in sizes]
     assert all(a >= b for a, b in zip(bws, bws[1:]))
-    assert bws[0] == DESIGN_NOTE_CPU.levels[0][1] and bws[-1] == DESIGN_NOTE_CPU.dram_bw
+    assert bws[0] == SANDBOX_CPU.levels[0][1] and bws[-1] == SANDBOX_CPU.dram_bw
 
 
 @pytest.mark.parametrize("profile, expected", [(H100_SXM, 168), (A100, 152)])

@@ -2,7 +2,7 @@
 import pytest
 
 from attnfx.cost_model import AttentionSpec, Causal, Option, select
-from attnfx.cost_model.hardware import DESIGN_NOTE_CPU, H100_SXM
+from attnfx.cost_model.hardware import SANDBOX_CPU, H100_SXM
 from attnfx.cost_model.timing import predict
 
 SPEC = AttentionSpec(1, 8, 8, 2048, 2048, 64, 64, scale=0.125, causal=Causal.TOP_LEFT)
@@ -13,7 +13,7 @@ def _options(spec=SPEC, **refusals):
 
 
 def test_ranked_fastest_first_and_winner_is_the_fastest():
-    sel = select(_options(), target=DESIGN_NOTE_CPU)
+    sel = select(_options(), target=SANDBOX_CPU)
     times = [c.predicted_s for c in sel.ranked]
     assert times == sorted(times) and len(times) == 3
     assert sel.winner is sel.ranked[0]
@@ -22,7 +22,7 @@ def test_ranked_fastest_first_and_winner_is_the_fastest():
 
 
 def test_refused_options_are_never_ranked():
-    sel = select(_options(sdpa="no softcap"), target=DESIGN_NOTE_CPU)
+    sel = select(_options(sdpa="no softcap"), target=SANDBOX_CPU)
     assert [o.variant for o in sel.refused] == ["sdpa"]
     assert "sdpa" not in {c.option.variant for c in sel.ranked}
     assert sel.winner.option.variant != "sdpa"
@@ -31,25 +31,25 @@ def test_refused_options_are_never_ranked():
 def test_unknown_algorithms_and_wrong_devices_are_refused_with_a_reason():
     options = [Option("mystery", "mystery", SPEC, "canonical"), Option("flash", "flash", SPEC, "canonical"),
                Option("eager", "eager", SPEC, "canonical")]
-    sel = select(options, target=DESIGN_NOTE_CPU)
+    sel = select(options, target=SANDBOX_CPU)
     reasons = {o.variant: o.refusal for o in sel.refused}
     assert "no cost model" in reasons["mystery"] and "does not run on cpu" in reasons["flash"]
     assert sel.winner.option.variant == "eager"
 
 
 def test_memory_budget_excludes_the_materialising_variant():
-    eager_peak = predict("eager", SPEC, DESIGN_NOTE_CPU).peak_bytes
+    eager_peak = predict("eager", SPEC, SANDBOX_CPU).peak_bytes
     # eager alone: over the budget, nothing can win
-    none = select(_options(sdpa="x", chunked="x"), target=DESIGN_NOTE_CPU, memory_budget=eager_peak / 2)
+    none = select(_options(sdpa="x", chunked="x"), target=SANDBOX_CPU, memory_budget=eager_peak / 2)
     assert none.winner is None and "budget" in none.why
     # a budget between the chunked loop's peak and eager's leaves only the chunked loop
     small = AttentionSpec(1, 8, 8, 128, 1024, 64, 64, scale=0.125)
-    chunked_peak = predict("chunked", small, DESIGN_NOTE_CPU).peak_bytes
-    peak = predict("eager", small, DESIGN_NOTE_CPU).peak_bytes
+    chunked_peak = predict("chunked", small, SANDBOX_CPU).peak_bytes
+    peak = predict("eager", small, SANDBOX_CPU).peak_bytes
     assert chunked_peak < peak
-    free = select(_options(small, sdpa="x"), target=DESIGN_NOTE_CPU)
+    free = select(_options(small, sdpa="x"), target=SANDBOX_CPU)
     assert free.winner.option.variant == "eager"  # fastest when memory is free
-    tight = select(_options(small, sdpa="x"), target=DESIGN_NOTE_CPU, memory_budget=(chunked_peak + peak) / 2)
+    tight = select(_options(small, sdpa="x"), target=SANDBOX_CPU, memory_budget=(chunked_peak + peak) / 2)
     assert tight.winner.option.variant == "chunked"
     assert not next(c for c in tight.ranked if c.option.variant == "eager").fits
     assert "budget" in tight.why
