@@ -87,16 +87,16 @@ def _half_rows(gemm_rate: float, reps: int) -> float:
     return max(gemm_rate * t / (2 * 2 * 16 * 128 * 256) - 1.0, 0.0)
 
 
-def _gemv_efficiency(dram_bw: float, footprint: int, reps: int) -> float:
-    """Bandwidth one-row products (decode's q K^T and p V) reach on memory-resident K and V, as a
-    fraction of a copy's: how fast GEMM micro-kernels stream an operand."""
+def _gemv_efficiency(copy_bw: float, footprint: int, reps: int) -> float:
+    """Bandwidth one-row products (decode's q K^T and p V) reach on K and V of `footprint` bytes, as
+    a fraction of a copy's at that size: how fast GEMM micro-kernels stream an operand."""
     heads, e = 16, 128
     n = max(footprint // (2 * heads * e * 4), 256)
     q, k = torch.randn(1, heads, 1, e), torch.randn(1, heads, n, e)
     p, v = torch.randn(1, heads, 1, n), torch.randn(1, heads, n, e)
     kt = k.transpose(-1, -2)
     t = _best(lambda: q @ kt, reps) + _best(lambda: p @ v, reps)
-    return min(2 * k.numel() * 4 / t / dram_bw, 1.0)
+    return min(2 * k.numel() * 4 / t / copy_bw, 1.0)
 
 
 def _copy_bw(footprint: int, reps: int) -> float:
@@ -141,6 +141,7 @@ def _one_thread(quick: bool) -> HardwareProfile:
     minus_inf = torch.full_like(small, -float("inf"))
     gemm = _gemm_rate(torch.float32, reps)
     dram = _copy_bw(dram_footprint, reps)
+    llc_bw = _copy_bw(llc // 2, reps)
     chunk = torch.randn(8, 256, 512)
     masked = torch.arange(512).view(1, -1) > torch.arange(256).view(-1, 1)  # a causal band's complement
     profile = HardwareProfile(
@@ -152,7 +153,8 @@ def _one_thread(quick: bool) -> HardwareProfile:
         exp_inf_rate=_rate(small.numel(), _best(lambda: torch.exp(minus_inf, out=out), reps, 50), launch),
         select_rate=chunk.numel() / _best(lambda: chunk.masked_fill_(masked, 0.0), reps),
         half_rows=_half_rows(gemm, reps), gemv_efficiency=_gemv_efficiency(dram, dram_footprint, reps),
-        levels=((l2, _copy_bw(l2 // 2, reps)), (llc, _copy_bw(llc // 2, reps))),
+        gemv_cache_efficiency=_gemv_efficiency(llc_bw, llc // 4, reps),
+        levels=((l2, _copy_bw(l2 // 2, reps)), (llc, llc_bw)),
         dram_bw=dram, launch_s=launch, efficiency={"gemm": 1.0, "sdpa": 1.0}, call_s={"sdpa": 0.0},
         parallel=1, overlap=0.0, fault_bw=_fault_bw(launch, reps),
         fault_threshold=_GLIBC_MMAP_THRESHOLD_MAX if platform.libc_ver()[0] == "glibc" else None,

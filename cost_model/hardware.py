@@ -26,7 +26,8 @@ class HardwareProfile:
     launch_s: float  # per kernel launch (an eager op's dispatch on a CPU)
     efficiency: dict[str, float] = field(default_factory=dict)  # unit -> fraction of mm_flops
     half_rows: float = 0.0  # a GEMM of r rows reaches r / (r + half_rows) of the GEMM rate
-    gemv_efficiency: float = 1.0  # share of copy bandwidth at which a GEMM streams operands it reads
+    gemv_efficiency: float = 1.0  # share of copy bandwidth at which a GEMM streams operands from DRAM
+    gemv_cache_efficiency: float = 0.0  # ... and from the last cache level (0: as from DRAM)
     call_s: dict[str, float] = field(default_factory=dict)  # unit -> extra fixed seconds per call
     parallel: int = 1  # threads (CPU) or SMs x resident blocks (GPU) that split a kernel's blocks
     overlap: float = 1.0  # 1: memory hides under compute (GPU); 0: they add up (CPU thread)
@@ -46,6 +47,15 @@ class HardwareProfile:
         key = "fp32" if dtype in ("float32", "float64") else "half"
         rate = self.mm_flops.get(key) or self.mm_flops["fp32"]
         return rate * self.efficiency.get(unit, 1.0) * (0.5 if dtype == "float64" else 1.0)
+
+    def stream_efficiency(self, footprint: float) -> float:
+        """Share of `bandwidth(footprint)` a GEMM reaches when it streams an operand of that size:
+        the cache-level share while it fits the last cache, tending to the DRAM share past it."""
+        if not self.gemv_cache_efficiency or not self.levels:
+            return self.gemv_efficiency
+        llc_bw = self.levels[-1][1]
+        hit = min(max((self.bandwidth(footprint) - self.dram_bw) / max(llc_bw - self.dram_bw, 1e-9), 0.0), 1.0)
+        return self.gemv_efficiency + hit * (self.gemv_cache_efficiency - self.gemv_efficiency)
 
     def bandwidth(self, footprint: float) -> float:
         """Bytes/s for a kernel whose data set is `footprint` bytes: a level's rate while it fits,
@@ -111,7 +121,8 @@ SANDBOX_CPU = HardwareProfile(
     name="cpu (sandbox, 2-core EPYC)", device="cpu",
     mm_flops={"fp32": 152e9, "half": 402e9}, ew_flops=20e9, exp_rate=2.8e9, exp_op_rate=2.8e9,
     exp_inf_rate=0.7e9, select_rate=3.6e9, levels=((2e6, 180e9), (32e6, 150e9)), dram_bw=34e9, launch_s=2e-6,
-    efficiency={"gemm": 1.0, "sdpa": 1.3}, half_rows=1.5, gemv_efficiency=0.35, call_s={"sdpa": 3e-6},
+    efficiency={"gemm": 1.0, "sdpa": 1.3}, half_rows=1.5, gemv_efficiency=0.35,
+    gemv_cache_efficiency=0.55, call_s={"sdpa": 3e-6},
     parallel=2, overlap=0.0, fault_bw=3e9, fault_threshold=32 * 2**20,
     source="design note + calibration", threads=2,
 )

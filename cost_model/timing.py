@@ -91,16 +91,21 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
     ew_rate = p.select_rate if k.unit == "select" and p.select_rate else p.ew_flops
     t_c += (v["ew"] + v["divides"]) / ew_rate + (v["exps"] - v["masked_exps"]) / exp_rate
     t_c += v["masked_exps"] / (p.exp_inf_rate or exp_rate)
-    stream = p.gemv_efficiency if k.unit in _GEMM_UNITS else 1.0
+    gemm = k.unit in _GEMM_UNITS
+
+    def read_time(nbytes: float, footprint: float) -> float:
+        bw = p.bandwidth(footprint)
+        return nbytes / (bw * (p.stream_efficiency(footprint) if gemm else 1.0))
+
     hot = v["read"] + v["write"]
     t_m = 0.0
     if hot:
-        bw = p.bandwidth(v["footprint"] if k.footprint is not None else hot / max(launches, 1.0))
-        t_m += v["read"] / (stream * bw) + v["write"] / bw
+        footprint = v["footprint"] if k.footprint is not None else hot / max(launches, 1.0)
+        t_m += read_time(v["read"], footprint) + v["write"] / p.bandwidth(footprint)
     if v["inputs"]:
-        t_m += v["inputs"] / (stream * p.bandwidth(site_inputs))
+        t_m += read_time(v["inputs"], site_inputs)
     if v["reread"]:
-        t_m += v["reread"] / (stream * p.bandwidth(v["reuse"]))
+        t_m += read_time(v["reread"], v["reuse"])
     work = max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)  # on the whole device, perfectly shared
     # NOTE: whole waves of blocks, and never less than the largest block on one worker
     busy = max(work / _utilisation(v["ctas"], p.parallel), work * p.parallel * v["largest"])
