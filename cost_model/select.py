@@ -83,14 +83,22 @@ def price(option: Option, profile: HardwareProfile, memory_budget: float | None 
 
 
 def _why(winner: Candidate, ranked: list[Candidate], budget: float | None) -> str:
-    """The winner against (up to) three others: speed ratio, extra passes, traffic and launches."""
-    parts = []
+    """The winner against the runner-up, the next one and eager: speed ratio, extra passes,
+    traffic and launches (variants offered under several lowerings are named with theirs)."""
+    names = [c.option.variant for c in ranked]
+
+    def label(c: Candidate) -> str:
+        o = c.option
+        return f"{o.variant} [{o.lowering}]" if names.count(o.variant) > 1 else o.variant
+
     others = [c for c in ranked if c is not winner]
-    for c in others[:3]:
+    shown = others[:2] + [c for c in others[2:] if c.option.algorithm == "eager"][:1]
+    parts = []
+    for c in shown:
         ratio = c.predicted_s / winner.predicted_s
-        reason = f"{ratio:.1f}x faster than {c.option.variant}"
+        reason = f"{ratio:.1f}x faster than {label(c)}"
         if ratio < 1:
-            reason = (f"{c.option.variant} would be {1 / ratio:.1f}x faster but needs {_mib(c.peak_bytes)}"
+            reason = (f"{label(c)} would be {1 / ratio:.1f}x faster but needs {_mib(c.peak_bytes)}"
                       f" > budget {_mib(budget or 0)}")
         extra = []
         if c.passes > winner.passes:
@@ -100,7 +108,7 @@ def _why(winner: Candidate, ranked: list[Candidate], budget: float | None) -> st
         if c.launches > 4 * max(winner.launches, 1):
             extra.append(f"{c.launches} launches")
         parts.append(reason + (f" ({', '.join(extra)})" if extra else ""))
-    head = f"{winner.option.variant} predicted {_ms(winner.predicted_s)}"
+    head = f"{label(winner)} predicted {_ms(winner.predicted_s)}"
     return "; ".join([head] + parts) if parts else f"{head}; the only runnable option"
 
 

@@ -67,3 +67,11 @@ def test_targets_by_name():
     assert select(_options(), target="A100-SXM4-80GB").target.startswith("A100")
     with pytest.raises(ValueError, match="unknown target"):
         select(_options(), target="tpu")
+
+
+def test_why_names_lowerings_when_a_variant_has_several():
+    options = [Option("sdpa", "sdpa", SPEC, "flag"), Option("sdpa", "sdpa", SPEC, "tensor"),
+               Option("chunked", "chunked", SPEC, "flag"), Option("eager", "eager", SPEC, "as written")]
+    sel = select(options, target=SANDBOX_CPU)
+    assert sel.why.startswith("sdpa [") and "than sdpa [" in sel.why
+    assert "faster than eager" in sel.why  # eager is always compared, even when not a runner-up
