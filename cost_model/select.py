@@ -1,13 +1,18 @@
 """Rank the variants that can take a site by predicted time, under an optional memory budget.
 
-Placeholder roofline until the full cost model lands: time = max(FLOPs / peak, bytes / bandwidth)
-+ launches * overhead, with eager charged for materialising the (B, H, M, N) scores.
+Each runnable option is priced by its algorithm's cascade on the target profile (`timing.predict`);
+options that would exceed `memory_budget` (bytes of intermediates) stay in the ranking, flagged, but
+cannot win. `why` says in one line why the winner won, against the runner-up and against eager.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .spec import AttentionSpec, MaskInput
+from .algorithms import ALGORITHMS
+from .hardware import HardwareProfile
+from .profiles import resolve_target
+from .spec import AttentionSpec
+from .timing import Prediction, predict
 
 
 @dataclass(frozen=True)
@@ -23,10 +28,26 @@ class Option:
 
 @dataclass(frozen=True)
 class Candidate:
+    """A runnable option with its predicted cost."""
+
     option: Option
     predicted_s: float
     hbm_bytes: float
     peak_bytes: float
+    flops: float = 0.0  # matmul FLOPs
+    exps: float = 0.0
+    passes: int = 0
+    kv_reads: int = 0
+    launches: int = 0
+    fits: bool = True  # peak_bytes within the memory budget
+    prediction: Prediction | None = field(default=None, compare=False, repr=False)
+
+    def describe(self) -> str:
+        o = self.option
+        budget = "" if self.fits else "  OVER BUDGET"
+        return (f"{o.variant:<16} [{o.algorithm}, {o.lowering}] {_ms(self.predicted_s)}  "
+                f"traffic {_mib(self.hbm_bytes)}  peak {_mib(self.peak_bytes)}  {self.passes}-pass  "
+                f"{self.launches} launches{budget}")
 
 
 @dataclass(frozen=True)
@@ -35,40 +56,87 @@ class Selection:
     refused: tuple[Option, ...]
     winner: Candidate | None
     why: str
+    target: str = ""
+
+    def describe(self) -> str:
+        lines = [f"on {self.target}:" if self.target else "candidates:"]
+        lines += [f"  {i}. {c.describe()}" for i, c in enumerate(self.ranked, 1)]
+        lines += [f"  -  {o.variant:<16} refused: {o.refusal}" for o in self.refused]
+        lines.append(f"  winner: {self.winner.option.variant if self.winner else 'none'} ({self.why})")
+        return "\n".join(lines)
 
 
-_CPU = {"flops": 150e9, "bandwidth": 30e9, "launch_s": 8e-6}
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
 
 
-def _predict(option: Option) -> Candidate:
-    s = option.spec
-    heads = s.batch * s.heads
-    pairs = s.live_pairs() if option.algorithm != "eager" else s.q_len * s.kv_len
-    flops = 2.0 * heads * pairs * (s.head_dim + s.value_dim)
-    io = s.element_size * heads * (s.q_len * (s.head_dim + s.value_dim) + s.kv_len * (s.head_dim + s.value_dim))
-    if s.mask is not MaskInput.NONE and s.mask_shape is not None:
-        mask_elems = 1
-        for d in s.mask_shape:
-            mask_elems *= d
-        io += 4 * mask_elems
-    scores = 4.0 * heads * s.q_len * s.kv_len
-    if option.algorithm == "eager":
-        io += 8 * scores  # each elementwise op reads and writes the scores
-        peak, launches = 2 * scores, 8
-    else:
-        peak, launches = 4.0 * heads * s.q_len, 1
-    t = max(flops / _CPU["flops"], io / _CPU["bandwidth"]) + launches * _CPU["launch_s"]
-    return Candidate(option, t, io, peak)
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
-def select(options: list[Option], memory_budget: float | None = None) -> Selection:
-    """Pick the fastest option that can run and fits `memory_budget` (bytes of intermediates)."""
-    runnable = [o for o in options if o.refusal is None]
-    refused = tuple(o for o in options if o.refusal is not None)
-    ranked = sorted((_predict(o) for o in runnable), key=lambda c: c.predicted_s)
-    fitting = [c for c in ranked if memory_budget is None or c.peak_bytes <= memory_budget]
+def price(option: Option, profile: HardwareProfile, memory_budget: float | None = None) -> Candidate:
+    """The candidate for one runnable option on `profile`."""
+    p = predict(option.algorithm, option.spec, profile)
+    fits = memory_budget is None or p.peak_bytes <= memory_budget
+    return Candidate(option, p.total_s, p.bytes, p.peak_bytes, p.flops_mm, p.exps, p.passes, p.kv_reads,
+                     p.launches, fits, p)
+
+
+def _why(winner: Candidate, ranked: list[Candidate], budget: float | None) -> str:
+    """The winner against the runner-up, the next one and eager: speed ratio, extra passes,
+    traffic and launches (variants offered under several lowerings are named with theirs)."""
+    names = [c.option.variant for c in ranked]
+
+    def label(c: Candidate) -> str:
+        o = c.option
+        return f"{o.variant} [{o.lowering}]" if names.count(o.variant) > 1 else o.variant
+
+    others = [c for c in ranked if c is not winner]
+    shown = others[:2] + [c for c in others[2:] if c.option.algorithm == "eager"][:1]
+    parts = []
+    for c in shown:
+        ratio = c.predicted_s / winner.predicted_s
+        reason = f"{ratio:.1f}x faster than {label(c)}"
+        if ratio < 1:
+            reason = (f"{label(c)} would be {1 / ratio:.1f}x faster but needs {_mib(c.peak_bytes)}"
+                      f" > budget {_mib(budget or 0)}")
+        extra = []
+        if c.passes > winner.passes:
+            extra.append(f"{c.passes - winner.passes} pass(es) more")
+        if c.hbm_bytes > 1.5 * winner.hbm_bytes:
+            extra.append(f"{c.hbm_bytes / winner.hbm_bytes:.1f}x the traffic")
+        if c.launches > 4 * max(winner.launches, 1):
+            extra.append(f"{c.launches} launches")
+        parts.append(reason + (f" ({', '.join(extra)})" if extra else ""))
+    head = f"{label(winner)} predicted {_ms(winner.predicted_s)}"
+    return "; ".join([head] + parts) if parts else f"{head}; the only runnable option"
+
+
+def select(options: list[Option], target: str | HardwareProfile = "cpu",
+           memory_budget: float | None = None) -> Selection:
+    """Pick the fastest option that can run and fits `memory_budget` (bytes of intermediates).
+
+    `target` is "cpu" (this host's calibrated profile), "cuda" (the current GPU's spec sheet, H100
+    without one) or a `HardwareProfile`. Options whose algorithm has no cost model are refused.
+    """
+    profile = resolve_target(target)
+    refused = [o for o in options if o.refusal is not None]
+    runnable = []
+    for o in options:
+        if o.refusal is not None:
+            continue
+        if o.algorithm not in ALGORITHMS:
+            refused.append(Option(o.variant, o.algorithm, o.spec, o.lowering,
+                                  f"no cost model for algorithm {o.algorithm!r}"))
+        elif profile.device not in ALGORITHMS[o.algorithm].devices:
+            refused.append(Option(o.variant, o.algorithm, o.spec, o.lowering,
+                                  f"{o.algorithm} does not run on {profile.device}"))
+        else:
+            runnable.append(o)
+    ranked = sorted((price(o, profile, memory_budget) for o in runnable), key=lambda c: c.predicted_s)
+    fitting = [c for c in ranked if c.fits]
     if not fitting:
-        return Selection(tuple(ranked), refused, None, "no option fits the memory budget")
+        why = "no option fits the memory budget" if ranked else "no option can run"
+        return Selection(tuple(ranked), tuple(refused), None, why, profile.name)
     winner = fitting[0]
-    why = f"lowest predicted time ({winner.predicted_s * 1e3:.3f} ms)"
-    return Selection(tuple(ranked), refused, winner, why)
+    return Selection(tuple(ranked), tuple(refused), winner, _why(winner, ranked, memory_budget), profile.name)

@@ -1,0 +1,249 @@
+"""The algorithms variants declare, each priced as data: its cascade and the kernels it launches.
+
+An `Algorithm` names the einsum cascade it computes (for the pass analysis) and lists the kernels it
+runs on the way, each with sympy expressions (symbols in `attnfx.cost_model.symbols`) for what the
+kernel computes and moves. A kernel's `when` names a feature of the site it exists for (`gqa`,
+`causal`, `bool_mask`, ...). Adding an algorithm (linear, sigmoid, window, ...) is adding an entry to
+`ALGORITHMS`: the time model, the selection and `explain()` pick it up.
+
+Conventions (design note §4): counts are totals over the whole call. Traffic comes in three kinds:
+`inputs` (the site's Q, K, V and mask: cold unless all of them fit in cache), `read`/`write` of
+intermediates (hot when one launch's traffic fits in cache), and `reread` of inputs (K/V once per
+query tile), which hits in a cache that holds `reuse` bytes. `fresh` is the size of each newly
+allocated output: on a CPU, allocations above glibc's mmap threshold are page-faulted anew on every
+call, and of those between the profile's `fault_min` and that threshold a heap that trims its top
+maps `refaults` anew (measured with getrusage: all but one of an eager chain's score tensors; two
+plus one per query block for the chunked loop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sympy as sp
+
+from .spec import AttentionSpec, Causal, MaskInput
+from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
+
+Expr = sp.Expr | int
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kind of launch of an algorithm and what all its launches cost together."""
+
+    name: str
+    unit: str  # rate class in the hardware profile: gemm | ew | select | softmax | copy | sdpa | flash
+    when: str | None = None  # a FEATURES key: the kernel only runs for sites that have it
+    launches: Expr = 1
+    flops_mm: Expr = 0
+    exps: Expr = 0
+    masked_exps: Expr = 0  # exps of -inf inputs (a standalone exp op takes a slow path for them)
+    ew: Expr = 0
+    divides: Expr = 0
+    inputs: Expr = 0  # bytes of the site's inputs (Q, K, V, mask) read: cold unless they all fit in cache
+    read: Expr = 0  # bytes of intermediates read: hot if one launch's traffic fits in cache
+    write: Expr = 0
+    footprint: Expr | None = None  # bytes one launch touches (default: its share of read + write)
+    reread: Expr = 0  # bytes of inputs read again (K/V once per query tile) ...
+    reuse: Expr = 0  # ... which hit in a cache that holds `reuse` bytes
+    rows: Expr = 0  # rows of each GEMM (0: not a GEMM, or many)
+    fresh: Expr = 0  # bytes of each output the kernel allocates ...
+    allocs: Expr | None = None  # ... how many per call (default: one per launch) ...
+    refaults: Expr | None = None  # ... and how many of those a trimming heap maps anew each call
+    ctas: Expr = 0  # blocks of work one launch splits over the workers (0: any number) ...
+    largest: Expr = 0  # ... and the largest block's share of the launch's work (0: all alike)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    cascade: str  # key into attnfx.cost_model.catalog.CATALOG
+    devices: frozenset[str]
+    kernels: tuple[Kernel, ...]
+    peak: Expr  # intermediate bytes alive at once, beyond inputs and output
+    exact: bool = True
+    tiles: Callable[[AttentionSpec, str], dict[str, int]] = field(default=lambda spec, device: {})
+    # split counts worth trying (the fastest is used); candidates must not depend on N, so that
+    # the best time stays monotone in N
+    splits: Callable[[AttentionSpec, int], tuple[int, ...]] = field(default=lambda spec, workers: (1,))
+    description: str = ""
+
+    def kernels_for(self, spec: AttentionSpec) -> tuple[Kernel, ...]:
+        return tuple(k for k in self.kernels if k.when is None or FEATURES[k.when](spec))
+
+
+FEATURES: dict[str, Callable[[AttentionSpec], bool]] = {
+    "gqa": lambda spec: spec.kv_heads != spec.heads,
+    "scale": lambda spec: spec.scale != 1.0,
+    "softcap": lambda spec: spec.softcap is not None,
+    "bias": lambda spec: spec.mask is MaskInput.ADDITIVE or spec.alibi,
+    "bool_mask": lambda spec: spec.mask is MaskInput.BOOL or spec.key_padding,
+    "mask": lambda spec: spec.mask is not MaskInput.NONE,
+    "causal": lambda spec: spec.causal is not Causal.NONE,
+}
+
+BHMN = B * H * M * N  # materialised score elements
+SCORES = s_a * BHMN  # bytes of one materialised score tensor
+Q_IN = s * B * H * M * E
+O_OUT = s * B * H * M * F
+KV = s * B * Hkv * N * (E + F)  # K and V as passed
+MASK = s_m * Mk  # the mask tensor as passed (broadcast dims not materialised)
+
+
+def _ew(name: str, when: str | None, inputs: Expr = 0, unit: str = "ew") -> Kernel:
+    """An eager elementwise op over the scores: read them (and `inputs`), write a new tensor."""
+    return Kernel(name, unit, when, ew=BHMN, inputs=inputs, read=SCORES, write=SCORES, fresh=SCORES)
+
+
+EAGER = Algorithm(
+    "eager", "3-pass", frozenset({"cpu", "cuda"}),
+    description="the model's own graph: matmul, one kernel per elementwise op, softmax, matmul",
+    kernels=(
+        Kernel("repeat_kv", "copy", "gqa", launches=2, inputs=KV, write=s * B * H * N * (E + F),
+               fresh=s * B * H * N * E),
+        # with GQA the products read the repeated copies (hot) instead of K and V
+        Kernel("QK", "gemm", rows=M, flops_mm=2 * BHMN * E, inputs=Q_IN + s * B * Hkv * N * E,
+               read=s * B * (H - Hkv) * N * E, write=SCORES, fresh=SCORES, refaults=0),
+        _ew("scale", "scale"),
+        Kernel("softcap", "ew", "softcap", launches=3, ew=2 * BHMN, exps=BHMN, read=3 * SCORES,
+               write=3 * SCORES, fresh=SCORES),
+        _ew("add bias", "bias", inputs=MASK),
+        _ew("where mask", "bool_mask", inputs=MASK, unit="select"),
+        _ew("causal mask", "causal", inputs=s_a * M * N),
+        Kernel("softmax", "softmax", exps=BHMN, ew=3 * BHMN, divides=BHMN, read=SCORES, write=SCORES,
+               fresh=SCORES),
+        Kernel("AV", "gemm", rows=M, flops_mm=2 * BHMN * F, inputs=s * B * Hkv * N * F,
+               read=SCORES + s * B * (H - Hkv) * N * F, write=O_OUT),
+    ),
+    # NOTE: the scores and the probabilities are alive together, and so are GQA's repeated K/V
+    peak=2 * SCORES + s * B * (H - Hkv) * N * (E + F),
+)
+
+
+def _cpu_sdpa_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
+    """ATen's CPU flash kernel: 32/64/256-row query blocks (M < 192 / < 768 / more), 512 keys."""
+    if device == "cpu":
+        return {"Br": 256 if spec.q_len >= 768 else 64 if spec.q_len >= 192 else 32, "Bc": 512}
+    return {"Br": 128, "Bc": 128}
+
+
+# the busiest query tile's share of a tiled kernel's pairs
+_QUERY_TILE = Br * K_max / (B * H * P_t)
+# K/V every query tile loads beyond the first pass over K and V (GQA: once per query head)
+_TILE_KV = s * B * (H * K_t - Hkv * N) * (E + F)
+
+SDPA = Algorithm(
+    "sdpa", "1-pass", frozenset({"cpu", "cuda"}), tiles=_cpu_sdpa_tiles,
+    description="torch scaled_dot_product_attention: flash-style 1-pass (CPU kernel or CUDA flash)",
+    kernels=(
+        # SDPA turns a bool mask into an additive one before its kernel runs
+        Kernel("bool mask -> float", "ew", "bool_mask", ew=Mk, inputs=MASK, write=s * Mk, fresh=s * Mk),
+        Kernel("sdpa", "sdpa", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t, ew=3 * B * H * P_t,
+               divides=B * H * M * F, inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV,
+               reuse=s * N * (E + F), rows=Br, ctas=B * H * R, largest=_QUERY_TILE),
+        Kernel("sdpa mask", "ew", "mask", launches=0, ew=B * H * P_t, inputs=MASK,
+               reread=sp.Max(s_m * B * H * P_t - MASK, 0), reuse=MASK),
+    ),
+    peak=4 * B * H * M,
+)
+
+
+def _chunk_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
+    """kernels/chunked.py's rule: 512-key chunks and query blocks so that one (B, H, mc, nc) score
+    chunk holds at most 2^20 elements; causal loops stop at the last visible key."""
+    rows = spec.batch * spec.heads
+    nc = max(1, min(spec.kv_len, 512, (1 << 20) // rows))
+    return {"Br": max(1, min(spec.q_len, (1 << 20) // (rows * nc))), "Bc": nc, "clip": 1}
+
+
+_TILES = s_a * B * H * P_t  # bytes of every score chunk the loop materialises, summed
+_CHUNK = s_a * B * H * Br * Bc  # bytes of one score chunk
+_ROWS = B * H * T * Br  # running statistics updated per chunk
+
+CHUNKED = Algorithm(
+    "chunked", "1-pass", frozenset({"cpu", "cuda"}), tiles=_chunk_tiles,
+    description="attnfx's pure-torch loop over query blocks x key chunks with an online softmax",
+    kernels=(
+        # the chunk's matmul allocates it; every later score op works on it in place
+        Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F),
+               inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * _ROWS * F,
+               reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV, footprint=2 * _CHUNK, fresh=_CHUNK,
+               allocs=T, refaults=0),
+        # scale, amax, sub, exp in place, sum; the running max, sum and output on (B, H, mc, 1|F);
+        # index ranges and views
+        Kernel("chunk softmax", "ew", launches=22 * T, exps=B * H * P_t + _ROWS, masked_exps=B * H * (P_t - P),
+               ew=4 * B * H * P_t + 4 * _ROWS * F, read=5 * _TILES + 8 * _ROWS * F, write=3 * _TILES + 4 * _ROWS * F,
+               footprint=2 * _CHUNK),
+        Kernel("chunk bias", "ew", "bias", launches=2 * T, ew=B * H * P_t, inputs=MASK, read=_TILES, write=_TILES,
+               footprint=2 * _CHUNK),
+        Kernel("chunk keep-mask", "select", "bool_mask", launches=3 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
+               write=_TILES, footprint=2 * _CHUNK),
+        Kernel("chunk causal band", "select", "causal", launches=4 * T, ew=B * H * P_t, read=_TILES, write=_TILES,
+               footprint=2 * _CHUNK),
+        Kernel("query block", "ew", launches=17 * R, ew=2 * B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
+               write=s * B * H * M * E + O_OUT),
+    ),
+    peak=_CHUNK + 4 * B * H * Br * (F + 2),
+)
+
+
+FLASH = Algorithm(
+    "flash", "1-pass", frozenset({"cuda"}), tiles=lambda spec, device: {"Br": 64, "Bc": 64},
+    description="attnfx Triton 1-pass kernel (FA2 cascade, split-Q)",
+    kernels=(
+        Kernel("flash", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t + B * H * M * C,
+               ew=3 * B * H * P_t + (2 * F + 4) * B * H * M * C, divides=B * H * M * F,
+               inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV, reuse=KV, ctas=B * H * R, largest=_QUERY_TILE),
+        Kernel("flash mask", "ew", "mask", launches=0, ew=B * H * P_t, inputs=MASK,
+               reread=sp.Max(s_m * B * H * P_t - MASK, 0), reuse=MASK),
+    ),
+    peak=4 * B * H * M,
+)
+
+
+_DECODE_BLOCK = 64
+
+
+def _decode_splits(spec: AttentionSpec, workers: int) -> tuple[int, ...]:
+    """1, 2, 4, ... splits per KV head, up to enough to give every worker a block."""
+    per_head = max(1, -(-max(workers, 1) // (spec.batch * spec.kv_heads)))
+    return tuple(sorted({min(2**i, per_head) for i in range(per_head.bit_length() + 1)}))
+
+
+_SPLIT = sp.Min(S - 1, 1)  # 1 when the keys are split (a combine kernel runs), else 0
+_PARTIALS = _SPLIT * 4 * B * H * M * S * (F + 2)  # fp32 (O_s, m_s, l_s) per split
+
+DECODE_SPLIT_KV = Algorithm(
+    "decode_split_kv", "split-KV", frozenset({"cuda"}), splits=_decode_splits,
+    tiles=lambda spec, device: {"Br": spec.q_len, "Bc": _DECODE_BLOCK},
+    description="attnfx Triton split-KV decode (Flash-Decoding): grouped heads, one heavy pass + combine",
+    kernels=(
+        # the busiest split loads ceil(T/S) key blocks for the G query heads of its KV head
+        Kernel("split", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t, ew=3 * B * H * P_t,
+               inputs=KV, ctas=B * Hkv * S, largest=G * M * Bc * sp.ceiling(T / S) / (B * H * P_t)),
+        Kernel("split prologue/epilogue", "flash", launches=0, exps=B * H * M * S, ew=(2 * F + 4) * B * H * M * S,
+               inputs=Q_IN, reread=Q_IN * (S - 1), write=_PARTIALS + (1 - _SPLIT) * O_OUT, ctas=B * Hkv * S),
+        Kernel("combine", "ew", launches=_SPLIT, ew=_SPLIT * B * H * M * S * (2 * F + 4),
+               exps=_SPLIT * B * H * M * S, divides=B * H * M * F, read=_PARTIALS, write=_SPLIT * O_OUT),
+    ),
+    peak=_PARTIALS,
+)
+
+# Approximate algorithms: no variant declares them yet; priced for explain() and crossovers.
+LINEAR = Algorithm(
+    "linear", "linear", frozenset({"cpu", "cuda"}), exact=False,
+    description="linear attention, phi = elu + 1, non-causal (Katharopoulos et al.)",
+    kernels=(
+        Kernel("features", "ew", launches=4, exps=B * H * M * E + B * Hkv * N * E,
+               ew=2 * (B * H * M * E + B * Hkv * N * E), inputs=Q_IN + s * B * Hkv * N * E,
+               write=s * (B * H * M * E + B * Hkv * N * E)),
+        Kernel("KV state", "gemm", flops_mm=2 * B * Hkv * N * E * F + B * Hkv * N * E,
+               inputs=s * B * Hkv * N * F, read=s * B * Hkv * N * E, write=4 * B * Hkv * E * (F + 1)),
+        Kernel("readout", "gemm", launches=3, flops_mm=2 * B * H * M * E * (F + 1), divides=B * H * M * F,
+               read=s * B * H * M * E + 4 * B * Hkv * E * (F + 1), write=O_OUT),
+    ),
+    peak=4 * B * Hkv * E * (F + 1),
+)
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (EAGER, SDPA, CHUNKED, FLASH, DECODE_SPLIT_KV, LINEAR)}

@@ -1,0 +1,116 @@
+"""Which hardware profile a target names, and the on-disk cache of the host's calibrated profile.
+
+The host CPU is measured once per machine and thread count (a few seconds) and cached as JSON at
+`$ATTNFX_CACHE_DIR` (default `~/.cache/attnfx`) under `profile-<machine id>-t<threads>.json`, with
+the date and the torch version it was measured with; a different torch version re-measures.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+from .hardware import GPU_PROFILES, H100_SXM, HardwareProfile, gpu_profile_for
+
+CACHE_ENV = "ATTNFX_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "attnfx")
+
+
+def machine_id() -> str:
+    """A short id for this machine: its OS machine id, CPU model and core count (cloned VMs can
+    share a machine id, not usually a CPU)."""
+    parts = [platform.node(), platform.machine(), str(os.cpu_count())]
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            parts.append(Path(path).read_text().strip())
+            break
+        except OSError:
+            continue
+    try:
+        models = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        parts.append(models[0] if models else "")
+    except OSError:
+        parts.append(platform.processor())
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def cache_path(threads: int | None = None) -> Path:
+    threads = threads or _torch_threads()
+    return cache_dir() / f"profile-{machine_id()}-t{threads}.json"
+
+
+def save_profile(profile: HardwareProfile, path: Path | None = None) -> Path:
+    import torch
+
+    path = path or cache_path(profile.threads or None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"torch": torch.__version__, "profile": profile.to_json()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def load_profile(path: Path | None = None) -> HardwareProfile | None:
+    """The cached profile, or None when there is none or it was measured with another torch."""
+    import torch
+
+    path = path or cache_path()
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("torch") != torch.__version__:
+            return None
+        return HardwareProfile.from_json(payload["profile"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def host_profile(recalibrate: bool = False) -> HardwareProfile:
+    """This CPU at torch's current thread count: cached, or measured now and cached."""
+    if not recalibrate:
+        cached = load_profile()
+        if cached is not None:
+            return cached
+    from .calibrate import calibrate
+
+    profile = calibrate()
+    save_profile(profile)
+    return profile
+
+
+def cuda_profile() -> HardwareProfile:
+    """The spec sheet of the current GPU; H100 SXM when no GPU is visible."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return gpu_profile_for(props.name, props.multi_processor_count)
+    except (ImportError, RuntimeError):
+        pass
+    return H100_SXM
+
+
+def resolve_target(target: str | HardwareProfile) -> HardwareProfile:
+    """"cpu", "cuda", a spec-sheet name (e.g. "A100-SXM4-80GB") or a profile."""
+    if isinstance(target, HardwareProfile):
+        return target
+    if target == "cpu":
+        return host_profile()
+    if target == "cuda":
+        return cuda_profile()
+    if target in GPU_PROFILES:
+        return GPU_PROFILES[target]
+    raise ValueError(f"unknown target {target!r}: use 'cpu', 'cuda', one of {sorted(GPU_PROFILES)} "
+                     "or a HardwareProfile")

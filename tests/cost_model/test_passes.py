@@ -1,0 +1,80 @@
+"""The §3 pass-count algorithm must reproduce the design note's expected-results table."""
+import pytest
+
+from attnfx.cost_model import catalog
+from attnfx.cost_model.einsums import EinsumCascade
+from attnfx.cost_model.passes import analyze
+
+TABLE = [
+    # cascade, passes, re-reads of the key-ranked inputs (with recompute)
+    (catalog.FUSEMAX_1, 2, {"A": 2, "B": 1}),
+    (catalog.FUSEMAX_2, 1, {"A": 1, "B": 1}),
+    (catalog.FUSEMAX_3, 1, {"A": 1, "B": 1}),
+    (catalog.THREE_PASS, 3, {"K": 3, "V": 1}),
+    (catalog.DEFERRED, 2, {"K": 2, "V": 1}),
+    (catalog.LOCAL_MAX, 2, {"K": 2, "V": 1}),
+    (catalog.ONLINE_SOFTMAX, 2, None),
+    (catalog.UNSAFE_SOFTMAX, 2, None),
+    (catalog.ONE_PASS, 1, {"K": 1, "V": 1}),
+    (catalog.SIGMOID, 1, {"K": 1, "V": 1}),
+    (catalog.LINEAR, 1, {"K": 1, "V": 1}),
+    (catalog.LINFORMER, 1, {"K": 1, "V": 1}),
+    (catalog.SPLIT_KV, 1, {"K": 1, "V": 1}),
+]
+
+
+@pytest.mark.parametrize("cascade, passes, reads", TABLE, ids=[row[0].name for row in TABLE])
+def test_design_note_table(cascade, passes, reads):
+    result = analyze(cascade)
+    assert result.passes == passes
+    if reads is not None:
+        assert {t: result.reads[t] for t in reads} == reads
+
+
+def test_three_pass_levels_follow_the_cascade_order():
+    level = analyze(catalog.THREE_PASS).level
+    assert level == {"QK": 1, "GM": 1, "SN": 2, "SD": 2, "A": 3, "AV": 3}
+
+
+def test_local_max_statistics_are_light():
+    # GM, PRM and SD only touch n1: they run between the passes and get no level of their own
+    level = analyze(catalog.LOCAL_MAX).level
+    assert {"GM", "PRM", "SD"}.isdisjoint(level)
+    assert level["A"] == 2
+
+
+def test_gqa_and_decode_keep_the_pass_count():
+    gqa = EinsumCascade.of(
+        "gqa 1-pass decode",
+        "BQK[g,n1,n0] = Q[g,e] * K[n1,n0,e]",
+        "LM[g,n1] = max_n0 BQK[g,n1,n0]",
+        "RM[g,n1+1] = max(RM[g,n1], LM[g,n1])",
+        "SLN[g,n1,n0] = exp(BQK[g,n1,n0] - RM[g,n1+1])",
+        "SLD[g,n1] = sum_n0 SLN[g,n1,n0]",
+        "SLNV[g,f,n1] = SLN[g,n1,n0] * V[n1,n0,f]",
+        "PRM[g,n1] = exp(RM[g,n1] - RM[g,n1+1])",
+        "RD[g,n1+1] = SLD[g,n1] + RD[g,n1] * PRM[g,n1]",
+        "RNV[g,f,n1+1] = SLNV[g,f,n1] + RNV[g,f,n1] * PRM[g,n1]",
+        "AV[g,f] = RNV[g,f,C] / RD[g,C]",
+    )
+    result = analyze(gqa)
+    assert (result.passes, result.reads) == (1, {"K": 1, "V": 1})
+
+
+def test_reading_a_final_value_forces_a_new_pass():
+    # the same recurrence, once consumed at its last coordinate by a heavy Einsum
+    cascade = EinsumCascade.of("final", "RS[n+1] = RS[n] + A[n]", "Z[n] = A[n] / RS[N]")
+    assert analyze(cascade).passes == 2
+
+
+def test_loop_carried_reads_add_no_edge():
+    graph = catalog.ONE_PASS.graph
+    assert not graph.has_edge("RM", "RM")
+    assert graph.has_edge("RM", "PRM") and graph.edges["RNV", "AV"]["final"]
+
+
+def test_malformed_cascades_are_rejected():
+    with pytest.raises(ValueError, match="produced twice"):
+        EinsumCascade.of("dup", "X[n] = A[n]", "X[n] = B[n]")
+    with pytest.raises(ValueError, match="not an Einsum"):
+        EinsumCascade.of("bad", "just words")
