@@ -3,6 +3,8 @@
     opt = attnfx.optimize(model, example_args, example_kwargs)
     print(opt.report)
 """
+from attnfx.cost_model import explain
+
 from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable, MatchError, VerificationError
 from .module import OptimizedModule
 from .pipeline import optimize
@@ -30,6 +32,7 @@ __all__ = [
     "Report",
     "SiteEntry",
     "VerificationError",
+    "explain",
     "export_onnx",
     "optimize",
 ]

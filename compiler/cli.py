@@ -68,6 +68,21 @@ def _optimize_command(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_command(ns: argparse.Namespace) -> int:
+    from attnfx.cost_model import explain
+
+    shape = {k: v for k, v in (("B", ns.B), ("H", ns.H), ("Hkv", ns.Hkv), ("M", ns.M), ("N", ns.N),
+                               ("E", ns.E), ("F", ns.F)) if v is not None}
+    shape["causal"] = ns.causal
+    shape["dtype"] = ns.dtype
+    try:
+        print(explain(shape, target=ns.target, memory_budget=ns.memory_budget))
+    except (ValueError, KeyError) as exc:
+        print(f"attnfx: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnfx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,7 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
     opt.add_argument("--onnx", metavar="OUT.onnx", help="also export the optimised graph to ONNX (verified in onnxruntime)")
     opt.add_argument("--opset", type=int, default=23, help="ONNX opset: 23+ standard Attention, lower onnxruntime contrib ops")
+    exp = commands.add_parser("explain", help="the cost model's analysis of one attention shape, no model needed")
+    for name, default in (("B", 1), ("H", 8), ("Hkv", None), ("M", None), ("N", 2048), ("E", 64), ("F", None)):
+        exp.add_argument(f"--{name}", type=int, default=default)
+    exp.add_argument("--causal", action="store_true")
+    exp.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    exp.add_argument("--target", default="cpu", help='"cpu" (this host, calibrated), "cuda", or a spec sheet name')
+    exp.add_argument("--memory-budget", type=float, help="bytes of intermediates a variant may keep live")
     ns = parser.parse_args(argv)
+    if ns.command == "explain":
+        return _explain_command(ns)
     return _optimize_command(ns)
 
 

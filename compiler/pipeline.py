@@ -15,6 +15,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from attnfx.cost_model.cascade import canonical_cascade
+from attnfx.cost_model.hardware import HardwareProfile
 from attnfx.cost_model.select import Option, Selection, select
 from attnfx.cost_model.spec import AttentionSpec
 from attnfx.kernels import VARIANTS, Variant
@@ -33,6 +34,15 @@ from .verify import compare, external_inputs, record, run_emitted
 LONG_LENGTH = 2048  # where dynamic-length sites are also priced before eager may win
 
 
+@dataclass(frozen=True)
+class _Pricing:
+    target: str | HardwareProfile
+    memory_budget: float | None
+
+    def select(self, options: list[Option]) -> Selection:
+        return select(options, target=self.target, memory_budget=self.memory_budget)
+
+
 @dataclass
 class _Plan:
     entry: SiteEntry
@@ -47,6 +57,7 @@ def optimize(
     *,
     dynamic_shapes: Any = None,
     verify: bool = True,
+    target: str | HardwareProfile | None = None,
     memory_budget: float | None = None,
     variants: Sequence[str] | None = None,
 ) -> OptimizedModule:
@@ -54,7 +65,10 @@ def optimize(
 
     `example_args`/`example_kwargs` are what the model is called with (batch and sequence dims are
     captured dynamic unless `dynamic_shapes` says otherwise). `verify=False` skips the numerical
-    check of each site. `variants` restricts the implementations considered, by name.
+    check of each site. `target` prices the variants for "cpu" (this host, calibrated once and
+    cached), "cuda" or a `HardwareProfile`; by default, the device of the example inputs.
+    `memory_budget` (bytes) excludes variants whose intermediates would exceed it. `variants`
+    restricts the implementations considered, by name.
     """
     started = time.perf_counter()
     args, kwargs = _normalise_inputs(model, example_args, example_kwargs)
@@ -66,7 +80,8 @@ def optimize(
     candidates = _variants(variants)
     report = Report(model=type(model).__name__, capture=captured.method, notes=list(captured.notes))
 
-    plans = _match_and_emit(work, report, candidates, device, memory_budget)
+    pricing = _Pricing(target if target is not None else device, memory_budget)
+    plans = _match_and_emit(work, report, candidates, device, pricing)
     for entry in report.entries:
         entry.module_path = entry.module_path.removeprefix(captured.module_prefix)
     graph_kwargs = {k: v for k, v in kwargs.items() if k not in captured.constants}
@@ -84,7 +99,8 @@ def optimize(
     result = _check_end_to_end(work, original, report, args, graph_kwargs, expected) if accepted and verify else work
     report.optimize_seconds = time.perf_counter() - started
     def respecialize(new_args: tuple, new_kwargs: dict) -> OptimizedModule:
-        return optimize(model, new_args, new_kwargs, verify=verify, memory_budget=memory_budget, variants=variants)
+        return optimize(model, new_args, new_kwargs, verify=verify, target=target, memory_budget=memory_budget,
+                        variants=variants)
 
     return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
                            respecialize if dynamic_shapes is None else None)
@@ -140,7 +156,7 @@ def _entry(index: int, node: Node, status: str) -> SiteEntry:
 
 
 def _match_and_emit(work: GraphModule, report: Report, candidates: tuple[Variant, ...], device: str,
-                    memory_budget: float | None) -> list[_Plan]:
+                    pricing: _Pricing) -> list[_Plan]:
     evaluator = MaskEvaluator(work)
     plans = []
     for node in list(work.graph.nodes):
@@ -159,7 +175,7 @@ def _match_and_emit(work: GraphModule, report: Report, candidates: tuple[Variant
             _refuse(entry, site)
             continue
         entry.mask, entry.notes = site.facts.text, list(site.notes)
-        chosen = _choose(entry, site, candidates, device, memory_budget)
+        chosen = _choose(entry, site, candidates, device, pricing)
         if chosen is None:
             continue
         lowering, variant = chosen
@@ -173,13 +189,13 @@ def _refuse(entry: SiteEntry, refusal: Refusal, status: str = "REFUSED") -> None
 
 
 def _choose(entry: SiteEntry, site: Site, candidates: tuple[Variant, ...], device: str,
-            memory_budget: float | None) -> tuple[Lowering, Variant] | None:
+            pricing: _Pricing) -> tuple[Lowering, Variant] | None:
     eager_spec = site.lowerings[-1].spec
     entry.spec = eager_spec
     entry.cascade = str(canonical_cascade(eager_spec, tuple(n.name for n in site.nodes)))
     options, by_key = _options(site, candidates, device)
-    selection = select(options, memory_budget=memory_budget)
-    selection, why = _prefer_for_long_inputs(selection, options, eager_spec, memory_budget)
+    selection = pricing.select(options)
+    selection, why = _prefer_for_long_inputs(selection, options, eager_spec, pricing)
     entry.candidates = [CandidateRow(c.option.variant, c.option.lowering, c.option.algorithm,
                                      c.predicted_s * 1e3, c.hbm_bytes / 2**20, c.peak_bytes / 2**20)
                         for c in selection.ranked]
@@ -189,8 +205,12 @@ def _choose(entry: SiteEntry, site: Site, candidates: tuple[Variant, ...], devic
     if winner is not None and winner.option.variant == "eager" and len(selection.ranked) == 1:
         winner = None  # eager is the only thing that can run it: say why nothing else can
     if winner is None:
-        _refuse(entry, Refusal(Reason.NO_VARIANT, "no variant can take this site: " + "; ".join(
-            f"{o.variant} [{o.lowering}]: {o.refusal}" for o in selection.refused), "select"))
+        if selection.ranked and not any(c.fits for c in selection.ranked):
+            message = f"no variant fits the memory budget ({pricing.memory_budget:g} bytes of intermediates)"
+        else:
+            message = "no variant can take this site: " + "; ".join(
+                f"{o.variant} [{o.lowering}]: {o.refusal}" for o in selection.refused)
+        _refuse(entry, Refusal(Reason.NO_VARIANT, message, "select"))
         return None
     if winner.option.variant == "eager":
         _refuse(entry, Refusal(Reason.EAGER_FASTEST, "the model's own computation is predicted fastest "
@@ -214,14 +234,14 @@ def _options(site: Site, candidates: tuple[Variant, ...], device: str) -> tuple[
 
 
 def _prefer_for_long_inputs(selection: Selection, options: list[Option], spec: AttentionSpec,
-                            memory_budget: float | None) -> tuple[Selection, str]:
+                            pricing: _Pricing) -> tuple[Selection, str]:
     """Eager only wins a dynamic-length site if it is also predicted fastest at LONG_LENGTH."""
     winner = selection.winner
     lengths = {"q_len", "kv_len"} & spec.dynamic
     if winner is None or winner.option.variant != "eager" or not lengths:
         return selection, ""
     long_options = [replace(o, spec=_at_length(o.spec, lengths)) for o in options]
-    long_selection = select(long_options, memory_budget=memory_budget)
+    long_selection = pricing.select(long_options)
     long_winner = long_selection.winner
     if long_winner is None or long_winner.option.variant == "eager":
         return selection, ""

@@ -137,8 +137,11 @@ def _entry_details(e: SiteEntry) -> list[str]:
             mark = "*" if (c.variant, c.lowering) == (e.variant, e.lowering) else " "
             lines.append(f"     {mark} {c.variant:<16} {c.lowering:<10} {c.algorithm:<16} {c.predicted_ms:>9.3f} ms "
                          f"{c.hbm_mb:>9.2f} MB moved {c.peak_mb:>9.2f} MB live")
+    shown = set()
     for variant, lowering, why in e.unavailable:
-        lines.append(f"       {variant:<16} {lowering:<10} unavailable: {why}")
+        if (variant, why) not in shown:  # one line per variant and reason, not per lowering
+            shown.add((variant, why))
+            lines.append(f"       {variant:<16} {lowering:<10} unavailable: {why}")
     if e.why:
         lines.append(f"    why: {e.why}")
     lines += [f"    note: {n}" for n in e.notes]

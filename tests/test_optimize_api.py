@@ -152,3 +152,25 @@ def test_inputs_outside_the_captured_ranges_are_re_optimised() -> None:
     with torch.no_grad():
         torch.testing.assert_close(opt(*inputs(1, 3)), model(*inputs(1, 3)), atol=1e-5, rtol=1e-5)
     assert len(opt.specializations) == 1  # reused, not rebuilt
+
+
+def test_explain_prints_the_analysis_for_a_shape(capsys) -> None:
+    from attnfx.cli import main
+
+    text = attnfx.explain({"B": 1, "H": 8, "N": 1024, "E": 64, "causal": True})
+    assert "== cascades and passes ==" in text and "== ranked variants ==" in text
+    assert main(["explain", "--N", "512", "--causal"]) == 0
+    assert "winner: sdpa" in capsys.readouterr().out
+
+
+def test_target_and_memory_budget_reach_the_selection() -> None:
+    model = Projected(cases.matmul_div).eval()
+    opt = attnfx.optimize(model, inputs(), target="H100-SXM5")
+    (entry,) = opt.report.entries
+    # priced for a GPU, but run where the inputs are: the CPU variants take the site
+    assert entry.variant in ("sdpa", "attnfx_chunked")
+    assert any(v == "triton_flash" and "cuda only" in why for v, _, why in entry.unavailable)
+    tight = attnfx.optimize(model, inputs(), memory_budget=1.0)
+    (entry,) = tight.report.entries
+    assert entry.reason_code == "NO_VARIANT"
+    assert entry.reason == "no variant fits the memory budget (1 bytes of intermediates)"
