@@ -24,6 +24,11 @@ def key_padding(batch: int, seq_len: int) -> torch.Tensor:
     return padding_mask(batch, seq_len, "right", dtype=torch.bool).logical_not()
 
 
+def additive(mask: torch.Tensor) -> torch.Tensor:
+    """A bool "masked" tensor as the float form nn accepts: -inf where masked, 0 elsewhere."""
+    return torch.zeros(mask.shape).masked_fill(mask, float("-inf"))
+
+
 def causal_bool(seq_len: int) -> torch.Tensor:
     """True above the diagonal: positions a query may not attend to."""
     return torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1)
@@ -67,7 +72,7 @@ def mha(name: str, *, batch_first: bool, returns: str, mask: str, cross: bool = 
             kwargs["attn_mask"] = causal_bool(seq_len)
         elif mask == "float":  # both masks additive: PyTorch deprecates mixing bool and float
             kwargs["attn_mask"] = randn(q_len, seq_len, seed=seed, salt=4)
-            kwargs["key_padding_mask"] = torch.zeros(pad.shape).masked_fill(pad, float("-inf"))
+            kwargs["key_padding_mask"] = additive(pad)
         return module, (query, key, key), kwargs
 
     structure = ("cross_attention",) if cross else ()
@@ -103,9 +108,11 @@ def transformer(name: str, *, decoder: bool, norm_first: bool, masks: bool) -> Z
         tgt = randn(batch, tgt_len, EMBED, seed=seed, salt=3)
         kwargs = {}
         if masks:
+            # generate_square_subsequent_mask is additive (-inf); padding masks match it, since
+            # PyTorch deprecates mixing bool and float masks.
             kwargs = {"tgt_mask": nn.Transformer.generate_square_subsequent_mask(tgt_len),
-                      "tgt_key_padding_mask": key_padding(batch, tgt_len),
-                      "memory_key_padding_mask": key_padding(batch, seq_len), "tgt_is_causal": True}
+                      "tgt_key_padding_mask": additive(key_padding(batch, tgt_len)),
+                      "memory_key_padding_mask": additive(key_padding(batch, seq_len)), "tgt_is_causal": True}
         return module, (tgt, x), kwargs
 
     kind = "decoder" if decoder else "encoder"
