@@ -64,7 +64,8 @@ def seq2seq(config: Any, seq_len: int, batch: int, seed: int):
 
 def image(config: Any, seq_len: int, batch: int, seed: int):
     """pixel_values at the config's image size: the patch grid (hence the sequence) is fixed."""
-    side = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    size = getattr(config, "image_size", IMAGE_SIDE)  # Segformer has none: any size works
+    side = size if isinstance(size, int) else size[0]
     return (), {"pixel_values": randn(batch, 3, side, side, seed=seed)}
 
 

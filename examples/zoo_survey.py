@@ -117,9 +117,13 @@ def main() -> None:
     names = opts.models.split(",") if opts.models else list(zoo.REGISTRY)
     for name in names:
         entry = zoo.REGISTRY[name]
-        model, args, kwargs = entry.build(opts.seq_len)
-        graph = zoo.export(model, args, kwargs).graph
         print(f"## {name} ({entry.family}; {', '.join(entry.structure) or 'plain'})\n")
+        try:
+            model, args, kwargs = entry.build(opts.seq_len)
+            graph = zoo.export(model, args, kwargs).graph
+        except Exception as exc:  # noqa: BLE001 - one model failing should not end the survey
+            print(f"capture failed: {type(exc).__name__}: {exc}\n")
+            continue
         print(f"{entry.notes}\n" if entry.notes else "", end="")
         for count, lines in survey(graph):
             print(f"{count} site(s) spelled:\n```")
