@@ -423,9 +423,11 @@ UNSUPPORTED: dict[str, str] = {
     "nystromformer": "landmark path (num_landmarks < seq): export materialises a [B,1,S,S] mask even without "
                      "attention_mask and adds it to [B,H,landmarks,S] scores: 'size of tensor a (4) must match "
                      "the size of tensor b (8) at non-singleton dimension 2' (transformers 5.23)",
-    "longformer": "export fails: GuardOnDataDependentSymNode '4*u1 < s70' (sliding-chunk attention sizes "
-                  "depend on padding computed from data)",
-    "led": "same Longformer self-attention in the encoder: GuardOnDataDependentSymNode '4*u1 < s70'",
-    "reformer": "LSH/local attention sorts by hash buckets: GuardOnDataDependentSymNode 'u0 < 16'",
-    "dbrx": "MoE expert loop: GuardOnDataDependentSymNode 'Eq(u0, 0)' at export",
+    "longformer": "export fails: GuardOnDataDependentSymNode 'Could not guard on data-dependent expression "
+                  "4*u1 < 8' (attention_window=4, seq 8)",
+    "led": "encoder uses Longformer's self-attention; export fails the same way: GuardOnDataDependentSymNode "
+           "'4*u1 < 8'",
+    "reformer": "local + LSH attention layers; export fails: GuardOnDataDependentSymNode 'u0 < 16'",
+    "dbrx": "export fails: GuardOnDataDependentSymNode 'Eq(u0, 0)' (size-like u0); with clip_qkv unset the "
+            "eager forward already fails in torch.clamp(min=None, max=None)",
 }
