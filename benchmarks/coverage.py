@@ -10,7 +10,7 @@ pattern (``pattern_matcher_count`` counts every pattern-matcher rewrite, attenti
     python benchmarks/coverage.py [--models bert,gpt2] [--seq-len 8] [--no-inductor] [--no-attnfx]
 
 All models run by default: about 50 minutes on 2 CPU cores (5-60 s per model, funnel about 200 s),
-mostly Inductor compile time; --no-inductor takes a few minutes.
+mostly Inductor compile time; --no-inductor takes about 5 minutes.
 """
 from __future__ import annotations
 
