@@ -11,6 +11,7 @@ axis, masks or scales after the softmax, non-scalar scales, score-dependent mask
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -20,7 +21,7 @@ from attnfx.cost_model.spec import AttentionSpec, MaskInput
 
 from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
-                     look_through_permutes, read_contraction)
+                     look_through_permutes, read_contraction, unflatten_sizes)
 from .mask_proof import MaskEvaluator, MaskFacts, additive_keep, classify, conjunction, keep_predicate
 from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
@@ -71,7 +72,10 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     if roles[dim] != "n":
         what = "the queries" if roles[dim] == "m" else "a batch/head dim"
         return Refusal(Reason.SOFTMAX_AXIS, f"softmax over dim {dim}, which indexes {what}, not the keys", "softmax")
-    probs = _follow_probs(softmax, roles, score_path.structures)
+    algebra = replay(score_path, ops.dtype(x))
+    if isinstance(algebra, Refusal):
+        return algebra
+    probs = _follow_probs(softmax, roles, score_path.structures, algebra)
     if isinstance(probs, Refusal):
         return probs
     av, prob_node, prob_roles, prob_path = probs
@@ -79,13 +83,27 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     if isinstance(values, Refusal):
         return values
     v, out_roles = values
-    algebra = replay(score_path, ops.dtype(x))
-    if isinstance(algebra, Refusal):
-        return algebra
     return _build_site(softmax, score_path, algebra, av, v, out_roles, prob_path, evaluator)
 
 
-def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple[int, ...]]
+def _zeroes_excluded(node: Node, algebra: ScoreAlgebra) -> bool:
+    """A probability mask that zeroes exactly what a score mask already excluded changes only rows
+    with no key left (uniform -> 0): those masks then get a -inf fill, whose empty rows are 0."""
+    if ops.kind(node) == "masked_fill":
+        mask, value, keep_when = ops.arg(node, "mask", 1), ops.arg(node, "value", 2), False
+    else:
+        cond, a, b = node.args[:3]
+        mask, value, keep_when = cond, (b if ops.scalar_value(a) is None else a), ops.scalar_value(a) is None
+    if ops.scalar_value(value) != 0.0:
+        return False
+    matching = [t for t in algebra.masks if t.node is mask and t.keep_when == keep_when]
+    if not matching:
+        return False
+    algebra.masks = [replace(t, fill=-math.inf) if t in matching else t for t in algebra.masks]
+    return True
+
+
+def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], algebra: ScoreAlgebra
                   ) -> tuple[Contraction, Node, Roles, list[Node]] | Refusal:
     node, path = softmax, []
     while True:
@@ -107,8 +125,9 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple[int
                 return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention probabilities in training "
                                "mode; the rewrite could not reproduce its random mask", "A")
         elif k in ("masked_fill", "where"):
-            return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the probabilities after the softmax, "
-                           "so rows no longer sum to one", "A")
+            if not _zeroes_excluded(user, algebra):
+                return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the probabilities after the "
+                               "softmax, so rows no longer sum to one", "A")
         elif k in ("mul", "div", "add", "sub", "neg"):
             return Refusal(Reason.PROBS_MODIFIED, f"{user.name} applies {ops.target_name(user)} to the "
                            "probabilities after the softmax", "A")
@@ -122,7 +141,7 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple[int
                                "probabilities", "AV")
             roles, sizes = rebatched
             structures[tuple(r for r in roles if is_batch_role(r))] = sizes
-        elif k not in ("cast", "identity", "reshape"):
+        elif k not in ("cast", "identity", "reshape", "masked_fill", "where"):
             return Refusal(Reason.NO_AV_CONTRACTION, f"the probabilities flow into {user.name} "
                            f"({ops.target_name(user)}), not a contraction with values", "AV")
         path.append(user)
@@ -168,9 +187,10 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
     c = sp.contraction
     label_roles = dict(zip(c.out_labels, sp.roles))
     label_roles[c.contracted()[0]] = "e"
-    # The batch layout at the softmax is canonical: its batch roles are renamed b0, b1, ...
-    final = [r for r in sp.final_roles if is_batch_role(r)]
-    rename = {r: f"b{i}" for i, r in enumerate(final)}
+    # The finest batch layout (most dims; the softmax's on a tie) is canonical, renamed b0, b1, ...
+    final = tuple(r for r in sp.final_roles if is_batch_role(r))
+    finest = max(sp.structures, key=lambda layout: (len(layout), layout == final))
+    rename = {r: f"b{i}" for i, r in enumerate(finest)}
 
     def canon(roles: Roles) -> Roles:
         return tuple(rename.get(r, r) for r in roles)
@@ -179,19 +199,21 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
     k = Arranged(c.rhs, canon(tuple(label_roles[x] for x in c.rhs_labels)))
     v, out_roles = Arranged(v.node, canon(v.roles)), canon(out_roles)
     algebra.bias = [BiasTerm(t.node, canon(t.roles), t.coeff) for t in algebra.bias]
-    algebra.masks = [MaskTerm(t.node, canon(t.roles), t.keep_when, t.fill) for t in algebra.masks]
+    algebra.masks = [replace(t, roles=canon(t.roles)) for t in algebra.masks]
     structures = {canon(batch): sizes for batch, sizes in sp.structures.items()}
     batch_roles = tuple(rename.values())
-    batch_sizes = tuple(ops.hint_int(size) for size, role in zip(ops.shape(softmax), sp.final_roles)
-                        if is_batch_role(role))
+    batch_sizes = tuple(ops.hint_int(size) for size in sp.structures[finest])
     dtypes = {ops.dtype(n) for n in (q.node, k.node, v.node)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return Refusal(Reason.DTYPE_UNSUPPORTED, f"q/k/v dtypes ({names}) are not one floating dtype a "
                        "kernel takes", "QK")
-    if len(batch_roles) > 2 and any(ops.static_int(a.size(r)) is None or ops.static_int(a.size(r)) != ops.static_int(t.size(r))
-                                    for r in batch_roles[1:] for a in (q, k, v) for t in (q, k, v)):
-        return Refusal(Reason.RANK_UNSUPPORTED, "more than two batch dims that are dynamic or broadcast", "QK")
+    if len(batch_roles) > 2:  # dims after the first merge into "heads": they must match and unflatten back
+        inner = [r for r in batch_roles[1:]]
+        if any(not ops.same_size(a.size(r), t.size(r)) for r in inner for a in (q, k, v) for t in (q, k, v)) \
+                or unflatten_sizes(tuple(q.size(r) for r in inner)) is None:
+            return Refusal(Reason.RANK_UNSUPPORTED, "more than two batch dims, broadcast or with more than one "
+                           "dynamic size after the first", "QK")
     refusal = _check_structures(structures, batch_roles, (q, k, v), algebra, out_roles)
     if refusal is not None:
         return refusal
@@ -213,19 +235,23 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
     return site
 
 
-def _check_structures(structures: dict[Roles, tuple[int, ...]], batch_roles: Roles, operands: tuple,
+def _check_structures(structures: dict[Roles, tuple], batch_roles: Roles, operands: tuple,
                       algebra: ScoreAlgebra, out_roles: Roles) -> Refusal | None:
-    """Tensors in another batch layout than the softmax's must convert by flatten + unflatten."""
+    """Tensors in another batch layout than the canonical one must convert by flatten + unflatten:
+    whole (or broadcast over every batch dim), with at most one dynamic size to unflatten into."""
     foreign = [a for a in (*operands, *algebra.bias, *algebra.masks)
                if any(is_batch_role(r) and r not in batch_roles for r in a.roles)]
-    out_foreign = any(is_batch_role(r) and r not in batch_roles for r in out_roles)
-    if (foreign or out_foreign) and structures.get(batch_roles, (-1, -1)).count(-1) > 1:
+    out_layout = tuple(r for r in out_roles if is_batch_role(r))
+    targets = ([batch_roles] if foreign else []) + ([out_layout] if out_layout != batch_roles else [])
+    if any(unflatten_sizes(structures[t]) is None for t in targets):
         return Refusal(Reason.RANK_UNSUPPORTED, "the batch dims change layout and more than one is dynamic", "S")
     for tensor in foreign:
-        batch = [s for s, r in zip(ops.shape(tensor.node), tensor.roles) if is_batch_role(r)]
-        full = [r for r in tensor.roles if is_batch_role(r)]
-        layout = next((b for b in structures if set(full) <= set(b)), None)
-        if layout is None or (len(full) != len(layout) and any(ops.static_int(s) != 1 for s in batch)):
+        layout = next((b for b in structures if {r for r in tensor.roles if is_batch_role(r)} <= set(b)), None)
+        sizes = dict(zip(tensor.roles, ops.shape(tensor.node)))
+        whole = layout is not None and all(r in sizes and ops.same_size(sizes[r], full)
+                                           for r, full in zip(layout, structures[layout]))
+        broadcast = layout is not None and all(ops.static_int(sizes.get(r, 1)) == 1 for r in layout)
+        if not (whole or broadcast):
             return Refusal(Reason.RANK_UNSUPPORTED, f"{tensor.node.name} broadcasts over part of a batch layout "
                            "that the site reshapes", "S")
     return None

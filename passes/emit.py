@@ -14,7 +14,7 @@ from attnfx.cost_model.spec import MaskInput
 from attnfx.kernels import Operands, Variant
 
 from . import ops
-from .layout import Arranged, arrange, is_batch_role
+from .layout import Arranged, arrange, is_batch_role, unflatten_sizes
 from .site import Lowering, Site
 
 aten = torch.ops.aten
@@ -94,7 +94,7 @@ class _Builder:
         if layout == self.batch_roles:
             return node
         broadcast = all(ops.static_int(arranged.size(r)) == 1 for r in layout)
-        sizes = [1] * len(self.batch_roles) if broadcast else list(self.structures[self.batch_roles])
+        sizes = [1] * len(self.batch_roles) if broadcast else unflatten_sizes(self.structures[self.batch_roles])
         return self._rebatch(node, len(layout), sizes)
 
     def _rebatch(self, node: Node, batch_dims: int, sizes: list[int]) -> Node:
@@ -120,26 +120,38 @@ class _Builder:
     def mask(self, lowering: Lowering, dtype: torch.dtype) -> Node | None:
         if lowering.spec.mask is MaskInput.NONE:
             return None
-        total = None
-        for term in lowering.bias:
-            node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))
-            if term.coeff != 1.0:
-                node = self.call(aten.mul.Tensor, node, term.coeff)
-            total = node if total is None else self.call(aten.add.Tensor, total, node)
+        terms = [self._bias_term(term) for term in lowering.bias]
+        total = self._sum(terms)
         keeps = []
         for term in lowering.masks:
             node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))
-            keeps.append((node if term.keep_when else self.call(aten.logical_not.default, node), term.fill))
+            keep = node if term.keep_when else self.call(aten.logical_not.default, node)
+            later = self._sum(terms[term.later_bias:])  # what was added on top of the fill
+            keeps.append((keep, term.fill if later is None else self.call(aten.add.Tensor, later, term.fill)))
         if lowering.spec.mask is MaskInput.BOOL:
             return self.to_4d(keeps[0][0])
-        for keep, fill in keeps:
-            if total is None:
-                total = self.call(aten.where.Scalar, keep, 0.0, fill)
+        for keep, excluded in keeps:
+            if total is None and isinstance(excluded, Node):
+                total = self.call(aten.where.ScalarSelf, keep, 0.0, excluded)
+            elif total is None:
+                total = self.call(aten.where.Scalar, keep, 0.0, excluded)
+            elif isinstance(excluded, Node):
+                total = self.call(aten.where.self, keep, total, excluded)
             else:
-                total = self.call(aten.where.ScalarOther, keep, total, fill)
+                total = self.call(aten.where.ScalarOther, keep, total, excluded)
         if _dtype_of(total) not in (None, dtype):
             total = self.call(aten._to_copy.default, total, dtype=dtype)
         return self.to_4d(total)
+
+    def _bias_term(self, term) -> Node:
+        node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))
+        return node if term.coeff == 1.0 else self.call(aten.mul.Tensor, node, term.coeff)
+
+    def _sum(self, nodes: list[Node]) -> Node | None:
+        total = None
+        for node in nodes:
+            total = node if total is None else self.call(aten.add.Tensor, total, node)
+        return total
 
     def restore(self, out: Node, site: Site) -> Node:
         """(B, H, M, F) back to the AV contraction's own layout."""
@@ -148,11 +160,10 @@ class _Builder:
             for _ in range(2 - nb):
                 out = self.call(aten.squeeze.dim, out, 0)
         elif nb > 2:
-            sizes = [ops.static_int(site.q.size(r)) or ops.static_int(site.v.size(r)) for r in self.batch_roles[1:]]
-            out = self.call(aten.unflatten.int, out, 1, sizes)
+            out = self.call(aten.unflatten.int, out, 1, unflatten_sizes(tuple(self.structures[self.batch_roles][1:])))
         layout = self._layout_of(site.out_roles)
         if layout != self.batch_roles:
-            out = self._rebatch(out, len(self.batch_roles), list(self.structures[layout]))
+            out = self._rebatch(out, len(self.batch_roles), unflatten_sizes(self.structures[layout]))
         canonical = (*layout, "m", "f")
         perm = [canonical.index(r) for r in site.out_roles]
         if perm != list(range(len(perm))):

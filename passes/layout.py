@@ -80,16 +80,27 @@ def _read_einsum(node: Node) -> Contraction | None:
         return None
     if len(node.args) > 2:
         operands = node.args[1:]
-    if len(operands) != 2 or "..." in equation or "->" not in equation:
+    if len(operands) != 2 or "->" not in equation:
         return None
     inputs, out = equation.replace(" ", "").split("->")
     parts = inputs.split(",")
-    if len(parts) != 2 or any(len(set(p)) != len(p) for p in (*parts, out)):
-        return None
     lhs, rhs = operands
-    if not (ops.is_tensor(lhs) and ops.is_tensor(rhs)):
+    if len(parts) != 2 or not (ops.is_tensor(lhs) and ops.is_tensor(rhs)):
+        return None
+    if "..." in equation:
+        parts, out = _expand_ellipsis(parts, out, [ops.rank(lhs), ops.rank(rhs)])
+    if any(len(set(p)) != len(p) for p in (*parts, out)):
         return None
     return Contraction(node, lhs, rhs, parts[0], parts[1], out)
+
+
+def _expand_ellipsis(parts: list[str], out: str, ranks: list[int]) -> tuple[list[str], str]:
+    """Name the dims an einsum's `...` stands for (right-aligned broadcasting, like the op)."""
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in "".join(parts) + out]
+    counts = [rank - (len(p) - 3) if "..." in p else 0 for p, rank in zip(parts, ranks)]
+    dims = "".join(free[: max(counts)])
+    parts = [p.replace("...", dims[len(dims) - c:]) for p, c in zip(parts, counts)]
+    return parts, out.replace("...", dims)
 
 
 @dataclass(frozen=True)
@@ -112,20 +123,23 @@ def is_batch_role(role: str) -> bool:
     return role not in ("m", "n", "e", "f")
 
 
-def batch_reshape(node: Node, roles: Roles, prefix: str) -> tuple[Roles, tuple[int, ...]] | None:
+def batch_reshape(node: Node, roles: Roles, prefix: str) -> tuple[Roles, tuple] | None:
     """New roles when a reshape only splits or merges the batch dims in front of the last two
-    (e.g. scores (B*H, M, N) -> (B, H, M, N)), with the new batch sizes for an unflatten."""
+    (e.g. scores (B*H, M, N) -> (B, H, M, N)), with the new batch sizes."""
     src = ops.arg(node, "self", 0)
     if len(roles) < 2 or any(is_batch_role(r) for r in roles[-2:]):
         return None
     src_shape, out_shape = ops.shape(src), ops.shape(node)
     if len(out_shape) < 2 or not all(ops.same_size(a, b) for a, b in zip(src_shape[-2:], out_shape[-2:])):
         return None
-    batch = out_shape[:-2]
-    sizes = tuple(ops.unflatten_size(s) for s in batch)
-    if sizes.count(-1) > 1:
-        return None
-    return tuple(f"{prefix}{i}" for i in range(len(batch))) + tuple(roles[-2:]), sizes
+    batch = tuple(out_shape[:-2])
+    return tuple(f"{prefix}{i}" for i in range(len(batch))) + tuple(roles[-2:]), batch
+
+
+def unflatten_sizes(sizes: tuple) -> list[int] | None:
+    """Sizes for `unflatten`: static values and at most one -1, else None."""
+    values = [ops.unflatten_size(s) for s in sizes]
+    return values if values.count(-1) <= 1 else None
 
 
 def _permute_source(node: Node) -> tuple[Node, list[int]] | None:

@@ -138,19 +138,23 @@ def _collapse(expr: Any) -> Any:
     return expr
 
 
-def _band(tensor: torch.Tensor) -> tuple[Any, Any, int] | None:
-    """(inside, outside, k) when a 2-D tensor is `inside where j - i <= k else outside`."""
+def _band(tensor: torch.Tensor) -> tuple[Any, Any, int, int | None] | None:
+    """(inside, outside, hi, lo) when a 2-D tensor is `inside where lo <= j - i <= hi else outside`
+    (lo None: no lower edge): causal buffers, and sliding-window ones."""
     rows, cols = tensor.shape
     if rows * cols == 0:
         return None
     diff = torch.arange(cols).view(1, cols) - torch.arange(rows).view(rows, 1)
-    inside, outside = tensor[rows - 1, 0], tensor[0, cols - 1]
-    if bool(inside == outside) or (tensor != inside).logical_and(tensor != outside).any():
+    values = tensor.unique()
+    if values.numel() != 2:
         return None
-    k = int(diff[tensor == inside].max())
-    if not torch.equal(tensor, torch.where(diff <= k, inside, outside)):
+    inside = tensor[0, 0]  # the diagonal is inside every causal or window band
+    outside = values[0] if bool(values[1] == inside) else values[1]
+    hi, lo = int(diff[tensor == inside].max()), int(diff[tensor == inside].min())
+    band = (diff <= hi) & (diff >= lo)
+    if not torch.equal(tensor, torch.where(band, inside, outside)):
         return None
-    return _number(inside.item()), _number(outside.item()), k
+    return _number(inside.item()), _number(outside.item()), hi, (lo if lo > -(rows - 1) else None)
 
 
 class MaskEvaluator:
@@ -230,9 +234,11 @@ class MaskEvaluator:
         band = _band(tensor.reshape(tensor.shape[-2:]).detach().cpu())
         if band is None:
             raise Unsupported("constant that is not a band")
-        inside, outside = band[0], band[1]
+        inside, outside, hi, lo = band
         r = tensor.dim()
-        cond = sympy.Le(_IDX[r - 1] - _IDX[r - 2], band[2])
+        cond = sympy.Le(_IDX[r - 1] - _IDX[r - 2], hi)
+        if lo is not None:
+            cond = sympy.And(cond, sympy.Ge(_IDX[r - 1] - _IDX[r - 2], lo))
         if is_predicate(inside):
             expr = cond if inside == sympy.true else sympy.Not(cond)
         else:
@@ -493,6 +499,7 @@ def classify(keep: Any, q_len: Any, kv_len: Any) -> MaskFacts:
             padding += sorted(_describe(str(r)) for r in reads)
         else:
             unproven.append(_describe(str(conj)))
+    upper, lower = _distinct(upper), _distinct(lower)
     causal, window = Causal.NONE, None
     if len(upper) == 1:
         offset = sympy.simplify(upper[0])
@@ -523,6 +530,15 @@ def classify(keep: Any, q_len: Any, kv_len: Any) -> MaskFacts:
     if unproven:
         parts.append("unproven: " + "; ".join(unproven))
     return MaskFacts(causal, window, bool(padding), tuple(unproven), ", ".join(parts) or "no exclusions")
+
+
+def _distinct(bounds: list[Any]) -> list[Any]:
+    """The same bound proven twice (a model's own mask and the framework's) is one bound."""
+    kept: list[Any] = []
+    for bound in bounds:
+        if not any(sympy.simplify(bound - other) == 0 for other in kept):
+            kept.append(bound)
+    return kept
 
 
 def causal_offset(causal: Causal, q_len: Any, kv_len: Any) -> Any:

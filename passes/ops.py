@@ -33,6 +33,7 @@ _KIND_NAMES: dict[str, tuple[str, ...]] = {
     "masked_fill": ("masked_fill",),
     "where": ("where",),
     "tanh": ("tanh",),
+    "clamp_min": ("maximum", "clamp_min", "clamp"),
     "cast": ("to", "_to_copy", "type_as", "float", "half", "bfloat16", "double", "type"),
     "dropout": ("dropout", "native_dropout", "feature_dropout"),
     "identity": ("clone", "contiguous", "alias", "detach", "lift_fresh_copy"),
@@ -80,6 +81,8 @@ def kind(node: Node) -> str | None:
     name = target_name(node)
     if name.endswith(_INPLACE_SUFFIX) and not name.startswith("_"):
         name = name[:-1]
+    if name == "max" and len(node.args) == 2 and isinstance(node.args[1], Node):
+        return "clamp_min"  # elementwise max(a, b), not the reduction over a dim
     return _NAME_TO_KIND.get(name)
 
 
@@ -267,9 +270,27 @@ def is_metadata_check(node: Node) -> bool:
     return node.op == "call_function" and target_name(node) in _METADATA_CHECKS
 
 
+# Arguments an op reads only for their shape, dtype or device, never their values.
+_SHAPE_ONLY_ARGS = {
+    "type_as": 1, "expand_as": 1, "view_as": 1, "reshape_as": 1,
+    "new_zeros": 0, "new_ones": 0, "new_full": 0, "new_empty": 0,
+    "zeros_like": 0, "ones_like": 0, "empty_like": 0, "full_like": 0,
+    "sym_size": 0, "sym_numel": 0, "sym_stride": 0, "size": 0,
+}
+
+
+def data_inputs(node: Node) -> list[Node]:
+    """The inputs whose values `node` reads (not those it only takes a shape or dtype from)."""
+    index = _SHAPE_ONLY_ARGS.get(target_name(node)) if node.op in ("call_function", "call_method") else None
+    if index is None:
+        return node.all_input_nodes
+    shape_only = node.args[index] if index < len(node.args) else None
+    return [n for n in node.all_input_nodes if n is not shape_only]
+
+
 def users(node: Node) -> list[Node]:
-    """The nodes that consume `node`'s value (metadata checks do not count)."""
-    return [u for u in node.users if not is_metadata_check(u)]
+    """The nodes that consume `node`'s value (metadata checks and shape/dtype reads do not count)."""
+    return [u for u in node.users if not is_metadata_check(u) and node in data_inputs(u)]
 
 
 def metadata_checks(node: Node) -> list[Node]:
@@ -286,7 +307,7 @@ def depends_on(node: Node, targets: set[Node]) -> bool:
         if current in seen:
             continue
         seen.add(current)
-        stack.extend(current.all_input_nodes)
+        stack.extend(data_inputs(current))
     return False
 
 

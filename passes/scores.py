@@ -8,7 +8,7 @@ refusal with its reason, never a guess.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -39,7 +39,7 @@ class ScorePath:
     roles: Roles  # score roles at the contraction's output
     path: tuple[Node, ...]  # contraction -> softmax input order, without the contraction
     roles_after: tuple[Roles, ...]  # score roles after each path node
-    structures: dict[Roles, tuple[int, ...]]  # batch roles of each layout seen -> sizes (-1 dynamic)
+    structures: dict[Roles, tuple]  # batch roles of each layout seen -> its sizes (ints or SymInts)
 
     @property
     def final_roles(self) -> Roles:
@@ -55,12 +55,22 @@ def constant_scalar(x: object) -> float | None:
     value = ops.scalar_value(x)
     if value is not None or not isinstance(x, Node):
         return value
+    if x.op == "get_attr":  # a lifted 0-d constant (e.g. torch.tensor(finfo.min) made in forward)
+        tensor = _attribute(x)
+        return float(tensor.item()) if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 else None
     name = ops.target_name(x)
     if name in ("full", "scalar_tensor") and x.args and not isinstance(x.args[-1], Node):
         return ops.scalar_value(x.args[1] if name == "full" else x.args[0])
-    if name in ("lift_fresh_copy", "clone", "detach", "to", "_to_copy") and x.args:
+    if name in ("lift_fresh_copy", "lift_fresh_copy_", "clone", "detach", "detach_", "to", "_to_copy") and x.args:
         return constant_scalar(x.args[0])
     return None
+
+
+def _attribute(node: Node) -> object:
+    value = node.graph.owning_module
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def _score_operands(node: Node) -> list[Node]:
@@ -70,7 +80,7 @@ def _score_operands(node: Node) -> list[Node]:
         return [a for a in node.args[:2] if isinstance(a, Node)]
     if k == "where":
         return [a for a in node.args[1:3] if isinstance(a, Node)]
-    if k in ("div", "masked_fill", "neg", "tanh", "cast", "identity", "transpose", "permute", "reshape"):
+    if k in ("div", "masked_fill", "neg", "tanh", "cast", "identity", "transpose", "permute", "reshape", "clamp_min"):
         first = ops.arg(node, "self", 0)
         return [first] if isinstance(first, Node) else []
     # An op the algebra does not know: walk through it so the refusal can name it.
@@ -116,7 +126,7 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
         if outside:
             return Refusal(Reason.SCORES_ESCAPE, f"the scores at {node.name} are also used by {outside[0].name}", "S")
     contraction_roles = roles
-    structures = {_batch(roles): tuple(ops.unflatten_size(s) for s in ops.shape(chain[0])[:-2])}
+    structures = {_batch(roles): tuple(ops.shape(chain[0])[:-2])}
     roles_after: list[Roles] = []
     for index, node in enumerate(chain[1:]):
         permuted = _permute_source(node)
@@ -208,8 +218,23 @@ def _apply(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, score_d
         return _apply_add(algebra, node, score, roles)
     if k in ("masked_fill", "where"):
         return _apply_mask(algebra, node, score, roles, score_dtype, k)
+    if k == "clamp_min" and _is_exclusion_floor(node, score, score_dtype):
+        return None  # max(s, finfo.min): excluded scores stay excluded, kept ones are untouched
     return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} applies {ops.target_name(node)} to the scores, "
                    "which no attention variant computes", "S")
+
+
+def _is_exclusion_floor(node: Node, score: Node, dtype: torch.dtype) -> bool:
+    """`max(s, c)` / `clamp(s, min=c)` with c so negative that it only touches excluded scores."""
+    if ops.target_name(node) == "clamp":
+        floor, ceiling = ops.arg(node, "min", 1), ops.arg(node, "max", 2)
+        if ceiling is not None:
+            return False
+    else:
+        others = [a for a in node.args[:2] if a is not score]
+        floor = others[0] if len(others) == 1 else None
+    value = constant_scalar(floor)
+    return value is not None and ops.is_exclusion_fill(value, dtype) and value <= torch.finfo(dtype).min / 2
 
 
 def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str) -> Refusal | None:
@@ -242,6 +267,7 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str) -> Ref
                        "would bring excluded keys back", "S")
     algebra.scale *= factor
     algebra.bias = [BiasTerm(b.node, b.roles, b.coeff * factor) for b in algebra.bias]
+    algebra.masks = [replace(m, fill=m.fill * factor) for m in algebra.masks]
     return None
 
 
@@ -287,5 +313,5 @@ def _apply_mask(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, dt
                        "softmax: it is not an exclusion mask", "mask")
     if not ops.is_tensor(mask) or ops.dtype(mask) != torch.bool:
         return Refusal(Reason.UNPROVEN_MASK, f"{node.name} selects with a non-boolean condition", "mask")
-    algebra.masks.append(MaskTerm(mask, roles[len(roles) - ops.rank(mask):], keep_when, fill))
+    algebra.masks.append(MaskTerm(mask, roles[len(roles) - ops.rank(mask):], keep_when, fill, len(algebra.bias)))
     return None

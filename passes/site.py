@@ -71,6 +71,8 @@ class MaskTerm:
     roles: Roles
     keep_when: bool
     fill: float
+    later_bias: int = 0  # bias terms from this index on were added after the mask: excluded scores
+    # hold fill + those biases (fill + finfo.min overflows to -inf), which a lowering reproduces
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Site:
     masks: tuple[MaskTerm, ...]
     facts: MaskFacts
     groups: int = 1  # K/V repeat folded into GQA
-    structures: dict[Roles, tuple[int, ...]] = field(default_factory=dict)  # batch layouts -> sizes
+    structures: dict[Roles, tuple] = field(default_factory=dict)  # batch layouts -> sizes
     batch_sizes: tuple[int, ...] = ()  # canonical batch sizes at the example inputs
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces
