@@ -109,7 +109,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, shapes: Any, errors: li
         try:
             with fx_config.patch(backed_size_oblivious=oblivious):
                 program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
-            return Captured(program.module(), "torch.export", shapes)
+            module = program.module()
+            # The model's state (may change after optimisation), as opposed to constants made in forward.
+            signature = program.graph_signature
+            module.meta["attnfx_state"] = frozenset(signature.parameters) | frozenset(signature.buffers)
+            return Captured(module, "torch.export", shapes)
         except Exception as exc:  # noqa: BLE001 - every export failure falls through to the next way
             errors.append(exc)
     return None

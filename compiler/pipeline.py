@@ -75,6 +75,7 @@ def optimize(
     captured = capture(model, args, kwargs, dynamic_shapes)
     original = captured.graph_module
     work = GraphModule(original, _copy_graph(original.graph))
+    work.meta.update(original.meta)
     _remove_dead_nodes(work.graph)
     device = _device_of(args, kwargs, model)
     candidates = _variants(variants)

@@ -57,13 +57,21 @@ def constant_scalar(x: object) -> float | None:
         return value
     if x.op == "get_attr":  # a lifted 0-d constant (e.g. torch.tensor(finfo.min) made in forward)
         tensor = _attribute(x)
-        return float(tensor.item()) if isinstance(tensor, torch.Tensor) and tensor.numel() == 1 else None
+        if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1 or _is_state(x):
+            return None  # buffers and parameters can change after optimisation: not constants
+        return float(tensor.item())
     name = ops.target_name(x)
     if name in ("full", "scalar_tensor") and x.args and not isinstance(x.args[-1], Node):
         return ops.scalar_value(x.args[1] if name == "full" else x.args[0])
     if name in ("lift_fresh_copy", "lift_fresh_copy_", "clone", "detach", "detach_", "to", "_to_copy") and x.args:
         return constant_scalar(x.args[0])
     return None
+
+
+def _is_state(node: Node) -> bool:
+    """A parameter or buffer of the model (capture records which), or an attribute nobody vouched for."""
+    state = node.graph.owning_module.meta.get("attnfx_state")
+    return state is None or str(node.target) in state
 
 
 def _attribute(node: Node) -> object:
