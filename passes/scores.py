@@ -91,6 +91,8 @@ def _score_operands(node: Node) -> list[Node]:
     if k in ("div", "masked_fill", "neg", "tanh", "cast", "identity", "transpose", "permute", "reshape", "clamp_min"):
         first = ops.arg(node, "self", 0)
         return [first] if isinstance(first, Node) else []
+    if ops.target_name(node) == "cat":  # extra logits appended to the scores (attention sinks)
+        return [a for a in node.args[0] if ops.is_tensor(a) and ops.rank(a) == ops.rank(node)]
     # An op the algebra does not know: walk through it so the refusal can name it.
     return [a for a in node.all_input_nodes if ops.is_tensor(a) and ops.shape(a) == ops.shape(node)]
 
@@ -110,7 +112,7 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
             return [node]
         if depth >= MAX_PATH or not ops.is_tensor(node):
             return None
-        reorders = ops.kind(node) in ("transpose", "permute")
+        reorders = ops.kind(node) in ("transpose", "permute") or ops.target_name(node) == "cat"
         for operand in _score_operands(node):
             if ops.is_tensor(operand) and (reorders or ops.shape(operand)[-2:] == ops.shape(node)[-2:]):
                 found = walk(operand, depth + 1)
@@ -126,6 +128,9 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
                        "through score operations", "QK")
     contraction = read_contraction(chain[0])
     roles = roles_of(contraction)
+    unknown = next((n for n in chain[1:] if ops.kind(n) not in _ALGEBRA_KINDS), None)
+    if unknown is not None:
+        return _unsupported(unknown)
     for node in chain[:-1]:
         outside = [u for u in ops.users(node) if u not in chain]
         if any(ops.depends_on(start, {u}) for u in outside):
@@ -228,6 +233,17 @@ def _apply(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, score_d
         return _apply_mask(algebra, node, score, roles, score_dtype, k)
     if k == "clamp_min" and _is_exclusion_floor(node, score, score_dtype):
         return None  # max(s, finfo.min): excluded scores stay excluded, kept ones are untouched
+    return _unsupported(node)
+
+
+_ALGEBRA_KINDS = (*_PASS_THROUGH, "transpose", "permute", "reshape", "mul", "div", "neg", "add", "sub",
+                  "masked_fill", "where", "clamp_min", "tanh")
+
+
+def _unsupported(node: Node) -> Refusal:
+    if ops.target_name(node) == "cat":
+        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} concatenates extra logits to the scores "
+                       "(e.g. attention sinks), which no attention variant takes", "S")
     return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} applies {ops.target_name(node)} to the scores, "
                    "which no attention variant computes", "S")
 
