@@ -214,7 +214,7 @@ def score_terms(
     bool_mask = add_mask = None
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        bool_mask, add_mask = (mask, None) if mask.dtype == torch.bool else (None, mask.to(q.dtype))
+        bool_mask, add_mask = (mask, None) if mask.dtype == torch.bool else (None, _not_lowest(mask.to(q.dtype)))
     alibi = slopes.to(q.dtype).reshape(1, -1, 1, 1) * (cols - rows).to(q.dtype) if slopes is not None else None
 
     keep = _all([bool_mask, None if flagged else causal_keep, window_keep if window_in_mask else None, length_keep])
@@ -231,6 +231,14 @@ def score_terms(
     can_empty = bool_mask is not None or length_keep is not None or (causal == "bottom_right" and not flagged)
     kept = _all([bool_mask, causal_keep, window_keep, length_keep]) if can_empty else None
     return op_mask, kept
+
+
+def _not_lowest(mask: Tensor) -> Tensor:
+    """onnxruntime reads a mask value of exactly finfo.min as "removed" and returns 0 for a row of
+    them; PyTorch adds it like any number, so such a row averages V. Half of finfo.min still absorbs
+    any score it is added to, and onnxruntime then computes what PyTorch does."""
+    lowest = torch.finfo(mask.dtype).min
+    return torch.where(mask == lowest, lowest / 2, mask)
 
 
 def _all(masks: list[Tensor | None]) -> Tensor | None:
