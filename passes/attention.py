@@ -222,12 +222,12 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
         if ops.depends_on(term.node, source):
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
                            "scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
-    k, v, groups = fold_repeats(k, v, batch_roles)
+    k, v = fold_repeats(k, v, batch_roles)
     facts = _prove(algebra, evaluator, sizes=(q.size("m"), k.size("n")))
     site = Site(
         softmax=softmax, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
-        bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts, groups=groups,
+        bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
         structures=structures, batch_sizes=batch_sizes,
         nodes=_with_checks((c.node, *sp.path, softmax, *prob_path, av.node)),
     )

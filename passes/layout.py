@@ -115,10 +115,6 @@ class Arranged:
         return ops.shape(self.node)[self.roles.index(role)] if role in self.roles else 1
 
 
-def roles_of(labels: str, label_roles: dict[str, str]) -> Roles:
-    return tuple(label_roles[c] for c in labels)
-
-
 def is_batch_role(role: str) -> bool:
     return role not in ("m", "n", "e", "f")
 

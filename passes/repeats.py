@@ -77,19 +77,20 @@ def repeated_along(node: Node) -> tuple[Node, int, int] | None:
     return src, dim, groups
 
 
-def fold_repeats(k: Arranged, v: Arranged, batch_roles: Roles) -> tuple[Arranged, Arranged, int]:
-    """K and V without their head repeat, and the group size G (1 when nothing was folded)."""
+def fold_repeats(k: Arranged, v: Arranged, batch_roles: Roles) -> tuple[Arranged, Arranged]:
+    """K and V without their head repeat (unchanged when they are not both repeated alike); the
+    group size then follows from the head counts."""
     if not batch_roles:
-        return k, v, 1
+        return k, v
     heads_role = batch_roles[-1]
     folded = []
     for arranged in (k, v):
         base = look_through_permutes(arranged)
         found = repeated_along(base.node)
         if found is None or base.roles[found[1]] != heads_role:
-            return k, v, 1
+            return k, v
         folded.append((Arranged(found[0], base.roles), found[2]))
     (k_src, k_groups), (v_src, v_groups) = folded
     if k_groups != v_groups:
-        return k, v, 1
-    return k_src, v_src, k_groups
+        return k, v
+    return k_src, v_src

@@ -103,7 +103,6 @@ class Site:
     bias: tuple[BiasTerm, ...]
     masks: tuple[MaskTerm, ...]
     facts: MaskFacts
-    groups: int = 1  # K/V repeat folded into GQA
     structures: dict[Roles, tuple] = field(default_factory=dict)  # batch layouts -> sizes
     batch_sizes: tuple[int, ...] = ()  # canonical batch sizes at the example inputs
     lowerings: list[Lowering] = field(default_factory=list)
