@@ -80,6 +80,18 @@ def _utilisation(ctas: float, parallel: int) -> float:
     return ctas / (math.ceil(ctas / parallel) * parallel)
 
 
+def _busy(work: float, ctas: float, largest: float, p: HardwareProfile) -> float:
+    """Device time of `work` split into `ctas` blocks, the largest holding `largest` of it.
+
+    GPUs run blocks in waves over their SMs, each wave as long as its longest block: whole waves of
+    the largest block (monotone in the problem size: a new ragged block never makes it faster).
+    CPU threads share blocks dynamically: whole waves of an average block, and never less than the
+    largest block on one thread (calibrated against measurements on this CPU)."""
+    if p.device == "cuda" and ctas > 0 and largest > 0:
+        return max(work, math.ceil(ctas / p.parallel) * p.parallel * largest * work)
+    return max(work / _utilisation(ctas, p.parallel), work * p.parallel * largest)
+
+
 def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: HardwareProfile,
                  site_inputs: float) -> KernelTime:
     launches = v["launches"]
@@ -107,8 +119,7 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
     if v["reread"]:
         t_m += read_time(v["reread"], v["reuse"])
     work = max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)  # on the whole device, perfectly shared
-    # NOTE: whole waves of blocks, and never less than the largest block on one worker
-    busy = max(work / _utilisation(v["ctas"], p.parallel), work * p.parallel * v["largest"])
+    busy = _busy(work, v["ctas"], v["largest"], p)
     fault = v["faults"] * v["fresh"] / p.fault_bw if p.fault_bw else 0.0
     overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0))
     return KernelTime(k.name, int(launches), t_c, t_m, fault, overhead, busy + fault + overhead)

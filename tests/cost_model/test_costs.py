@@ -3,7 +3,7 @@
 from dataclasses import replace
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from attnfx.cost_model import ALGORITHMS, AttentionSpec, Causal, predict
@@ -92,6 +92,8 @@ def test_fused_one_pass_never_moves_more_bytes_than_three_pass(spec):
 
 @settings(max_examples=80, deadline=None)
 @given(specs(max_len=2048), st.integers(1, 2048), st.sampled_from(sorted(ALGORITHMS)))
+# a ragged extra query block once made the GPU wave model predict a longer sequence as faster
+@example(AttentionSpec(1, 32, 8, 637, 637, 32, 32, scale=32 ** -0.5), 4, "flash")
 def test_predicted_time_is_monotone_in_n(spec, extra, name):
     # self-attention grows M with N; with M < N, top-left causal keys past M are invisible (no work)
     assume(not (spec.causal is Causal.TOP_LEFT and spec.q_len < spec.kv_len))
