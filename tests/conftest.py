@@ -8,3 +8,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The bundled example models (examples/) are importable from tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+# Property tests draw the same examples on every run, so a CI result never depends on luck.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("attnfx", derandomize=True, deadline=None)
+settings.load_profile("attnfx")
