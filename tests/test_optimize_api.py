@@ -174,3 +174,30 @@ def test_target_and_memory_budget_reach_the_selection() -> None:
     (entry,) = tight.report.entries
     assert entry.reason_code == "NO_VARIANT"
     assert entry.reason == "no variant fits the memory budget (1 bytes of intermediates)"
+
+
+@torch.fx.wrap
+def _numpy_tanh(x):
+    """A step torch.export cannot trace (it leaves torch) but symbolic tracing keeps as a leaf call."""
+    import numpy
+
+    return torch.from_numpy(numpy.tanh(x.detach().numpy()))
+
+
+class NumpyStep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = Projected(cases.matmul_div)
+
+    def forward(self, x):
+        return self.attn(_numpy_tanh(x))
+
+
+def test_symbolic_trace_fallback_rewrites_torch_level_graphs() -> None:
+    model = NumpyStep().eval()
+    opt = attnfx.optimize(model, inputs())
+    assert opt.report.capture == "symbolic_trace"
+    assert opt.report.notes[0].startswith("torch.export failed (")
+    assert [e.status for e in opt.report.entries] == ["REWRITTEN"]
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs()), model(*inputs()), atol=1e-5, rtol=1e-5)
