@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.utils import _pytree as pytree
 
 from attnfx.cost_model.cascade import canonical_cascade
 from attnfx.cost_model.hardware import HardwareProfile
@@ -87,6 +89,17 @@ def optimize(
         entry.module_path = entry.module_path.removeprefix(captured.module_prefix)
     graph_kwargs = {k: v for k, v in kwargs.items() if k not in captured.constants}
     accepted, expected = _verify(work, plans, args, graph_kwargs) if verify and plans else (plans, None)
+    _wire(work, plans, accepted)
+    result = _check_end_to_end(work, original, report, args, graph_kwargs, expected) if accepted and verify else work
+    report.optimize_seconds = time.perf_counter() - started
+    respecialize = partial(optimize, model, verify=verify, target=target, memory_budget=memory_budget,
+                           variants=variants)
+    return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
+                           respecialize if dynamic_shapes is None else None)
+
+
+def _wire(work: GraphModule, plans: list[_Plan], accepted: list[_Plan]) -> None:
+    """Swap each verified replacement in and drop what it replaced; drop the unverified ones."""
     for plan in plans:
         if plan in accepted:
             plan.site.av.node.replace_all_uses_with(plan.emitted.output)
@@ -97,14 +110,6 @@ def optimize(
     _remove_dead_nodes(work.graph)
     work.graph.lint()
     work.recompile()
-    result = _check_end_to_end(work, original, report, args, graph_kwargs, expected) if accepted and verify else work
-    report.optimize_seconds = time.perf_counter() - started
-    def respecialize(new_args: tuple, new_kwargs: dict) -> OptimizedModule:
-        return optimize(model, new_args, new_kwargs, verify=verify, target=target, memory_budget=memory_budget,
-                        variants=variants)
-
-    return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
-                           respecialize if dynamic_shapes is None else None)
 
 
 def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[tuple, dict]:
@@ -118,8 +123,6 @@ def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple
 
 
 def _device_of(args: tuple, kwargs: dict, model: nn.Module) -> str:
-    from torch.utils import _pytree as pytree
-
     for leaf in pytree.tree_leaves((args, kwargs)):
         if isinstance(leaf, torch.Tensor):
             return leaf.device.type
