@@ -79,19 +79,18 @@ def test_scale_buffer_is_read_at_run_time() -> None:
 
 
 class PaddingMaskAttention(nn.Module):
-    """BERT-style: an additive (B, 1, 1, T) padding mask passed as an input."""
+    """BERT-style: an additive (B, 1, 1, T) padding mask built from the input's 0/1 attention_mask."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.proj = Projected(self.attend)
-        self.mask = None
-
-    def attend(self, q, k, v):
-        return torch.softmax(q @ k.transpose(-2, -1) * cases.SCALE + self.mask, dim=-1) @ v
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(cases.C, 3 * cases.C)
 
     def forward(self, x, attention_mask):
-        self.mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
-        return self.proj(x)
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, cases.H, cases.D).transpose(1, 2) for z in self.qkv(x).split(cases.C, -1))
+        mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        return torch.softmax(q @ k.transpose(-2, -1) * cases.SCALE + mask, dim=-1) @ v
 
 
 def test_additive_padding_mask_is_kept_exactly() -> None:
