@@ -178,7 +178,7 @@ def _match_and_emit(work: GraphModule, report: Report, candidates: tuple[Variant
         if isinstance(site, Refusal):
             _refuse(entry, site)
             continue
-        entry.mask, entry.notes = site.facts.text, list(site.notes)
+        entry.mask = site.facts.text
         chosen = _choose(entry, site, candidates, device, pricing)
         if chosen is None:
             continue

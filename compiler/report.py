@@ -46,7 +46,6 @@ class SiteEntry:
     why: str = ""
     error: float | None = None
     replacement: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -144,5 +143,4 @@ def _entry_details(e: SiteEntry) -> list[str]:
             lines.append(f"       {variant:<16} {lowering:<10} unavailable: {why}")
     if e.why:
         lines.append(f"    why: {e.why}")
-    lines += [f"    note: {n}" for n in e.notes]
     return lines

@@ -223,7 +223,9 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
                            "scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
     k, v = fold_repeats(k, v, batch_roles)
-    facts = _prove(algebra, evaluator, sizes=(q.size("m"), k.size("n")))
+    # An additive term of only 0 and exclusion values is a mask (its keep-predicate); else a bias.
+    bias_keeps = [additive_keep(evaluator.value(t.node), t.roles, _exclusion(ops.dtype(t.node))) for t in algebra.bias]
+    facts = _prove(algebra, evaluator, bias_keeps, sizes=(q.size("m"), k.size("n")))
     site = Site(
         softmax=softmax, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
@@ -231,7 +233,7 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
         structures=structures, batch_sizes=batch_sizes,
         nodes=_with_checks((c.node, *sp.path, softmax, *prob_path, av.node)),
     )
-    site.lowerings = _lowerings(site, evaluator)
+    site.lowerings = _lowerings(site, [t for t, keep in zip(site.bias, bias_keeps) if keep is None])
     return site
 
 
@@ -275,21 +277,12 @@ def _exclusion(dtype: torch.dtype):
     return lambda value: ops.is_exclusion_fill(value, dtype)
 
 
-def _prove(algebra: ScoreAlgebra, evaluator: MaskEvaluator, sizes: tuple) -> MaskFacts:
-    predicates = []
-    for term in algebra.masks:
-        predicates.append(keep_predicate(evaluator.value(term.node), term.roles, fill_is_keep=not term.keep_when))
-    for term in algebra.bias:
-        keep = additive_keep(evaluator.value(term.node), term.roles, _exclusion(ops.dtype(term.node)))
-        if keep is not None:
-            predicates.append(keep)
+def _prove(algebra: ScoreAlgebra, evaluator: MaskEvaluator, bias_keeps: list, sizes: tuple) -> MaskFacts:
+    predicates = [keep_predicate(evaluator.value(t.node), t.roles, fill_is_keep=not t.keep_when) for t in algebra.masks]
+    predicates += [keep for keep in bias_keeps if keep is not None]
     if not predicates:
         return MaskFacts()
     return classify(conjunction(predicates), ops.sym_expr(sizes[0]), ops.sym_expr(sizes[1]))
-
-
-def _is_pure_exclusion(term: BiasTerm, evaluator: MaskEvaluator) -> bool:
-    return additive_keep(evaluator.value(term.node), term.roles, _exclusion(ops.dtype(term.node))) is not None
 
 
 def _canonical_mask_shape(terms: list[BiasTerm | MaskTerm], site: Site) -> tuple[int, ...]:
@@ -312,9 +305,8 @@ def _canonical_mask_shape(terms: list[BiasTerm | MaskTerm], site: Site) -> tuple
     return tuple(dims)
 
 
-def _lowerings(site: Site, evaluator: MaskEvaluator) -> list[Lowering]:
+def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
     base = _base_spec(site)
-    real_bias = [b for b in site.bias if not _is_pure_exclusion(b, evaluator)]
     lowerings = []
     facts = site.facts
     if facts.structural:

@@ -107,4 +107,3 @@ class Site:
     batch_sizes: tuple[int, ...] = ()  # canonical batch sizes at the example inputs
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces
-    notes: list[str] = field(default_factory=list)
