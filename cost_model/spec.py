@@ -1,7 +1,9 @@
-"""What one attention site computes, independent of how the model spelled it.
+"""What one attention site computes, independent of how the model spelled it: attnfx's foundation.
 
-`AttentionSpec` is the contract between the matcher (which proves it from the graph), the cost model
-(which prices it) and the kernels (which implement it). Everything is in canonical layout:
+Every layer reads the meaning of a site from here and nowhere else: the matcher proves an
+`AttentionSpec` from the graph, the cost model prices it, the kernels implement it (their op
+arguments are `ScoreMods.op_args()`), and ONNX export reads it back. This module imports torch but
+never torch.fx or triton. Everything is in canonical layout:
 
     q (B, H, M, E)   k (B, Hkv, N, E)   v (B, Hkv, N, F)   out (B, H, M, F),   H = Hkv * G
 
@@ -15,12 +17,23 @@ and the score of query m for key n, in this order:
     s = -inf where n > m + offset                if causal (offset 0 top-left, N - M bottom-right)
     s = -inf where n <= m + offset - window      if window (needs causal)
     s = -inf where n >= kv_lengths[b]            if key_padding
-    out = softmax(s, over n) @ v
+    out = softmax(s, over n) @ v                 kind SOFTMAX
+    out = sigmoid(s + logit_bias) @ v            kind SIGMOID (no row normalisation; excluded -> 0)
+
+Linear attention (kind LINEAR) has no exclusions: q and k arrive feature-mapped (phi applied), and
+
+    w[m, n] = scale * <q[m], k[n]> * keep(m, n) * decay[h] ** (m + offset - n)   (decay if `decay`)
+    out = w @ v,  divided by (sum_n w[m, n] + norm_eps) if `normalize`
+
+where keep is the causal band (1 inside, 0 outside) or all ones.
 """
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, replace
+
+import torch
 
 
 class Causal(str, enum.Enum):
@@ -30,8 +43,17 @@ class Causal(str, enum.Enum):
     TOP_LEFT = "top_left"  # keep n <= m
     BOTTOM_RIGHT = "bottom_right"  # keep n <= m + (N - M): the last query sees every key
 
-    def offset(self, q_len: int, kv_len: int) -> int:
+    def offset(self, q_len, kv_len):
+        """Key n is visible from query m when n <= m + offset (ints, SymInts or sympy sizes)."""
         return kv_len - q_len if self is Causal.BOTTOM_RIGHT else 0
+
+
+class Kind(str, enum.Enum):
+    """What normalises the scores into weights."""
+
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+    LINEAR = "linear"
 
 
 class MaskInput(str, enum.Enum):
@@ -42,7 +64,59 @@ class MaskInput(str, enum.Enum):
     ADDITIVE = "additive"  # added to the scores: relative bias, ALiBi tensors, 0/-inf masks
 
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+DTYPE_BYTES: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The spec's name for a torch dtype attnfx can rewrite, else None."""
+    return next((name for name, d in DTYPES.items() if d == dtype), None)
+
+
+# The decode rule: M <= 16 queries over at least 4 * M keys is decode-shaped (split-KV kernels).
+DECODE_MAX_Q = 16
+DECODE_MIN_RATIO = 4
+
+
+def is_decode_shape(q_len: int, kv_len: int) -> bool:
+    return q_len <= DECODE_MAX_Q and kv_len >= DECODE_MIN_RATIO * q_len
+
+
+@dataclass(frozen=True)
+class ScoreMods:
+    """The scalar score modifiers of a site, and their one encoding as custom-op arguments
+    (`scale, causal, window, softcap` with -1 = no window and 0.0 = no softcap)."""
+
+    scale: float = 1.0
+    causal: Causal = Causal.NONE
+    window: int | None = None
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (self.window < 1 or self.causal is Causal.NONE):
+            raise ValueError(f"window must be >= 1 with a causal diagonal; got window={self.window}, "
+                             f"causal={self.causal.value!r}")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be positive, got {self.softcap}")
+
+    def op_args(self) -> tuple[float, str, int, float]:
+        return float(self.scale), self.causal.value, -1 if self.window is None else int(self.window), \
+            float(self.softcap or 0.0)
+
+    @classmethod
+    def from_op_args(cls, scale: float, causal: str, window: int, softcap: float) -> "ScoreMods":
+        """Decode op arguments; ValueError naming the argument that is not well-formed."""
+        try:
+            mode = Causal(causal)
+        except ValueError:
+            raise ValueError(f"causal must be one of {[c.value for c in Causal]}, got {causal!r}") from None
+        if window != -1 and window < 1:
+            raise ValueError(f"window must be -1 (none) or >= 1, got {window}")
+        if softcap < 0 or math.isnan(softcap):
+            raise ValueError(f"softcap must be 0 (none) or positive, got {softcap}")
+        return cls(float(scale), mode, None if window == -1 else int(window), float(softcap) or None)
 
 
 @dataclass(frozen=True)
@@ -66,6 +140,11 @@ class AttentionSpec:
     alibi: bool = False
     key_padding: bool = False
     dynamic: frozenset[str] = field(default_factory=frozenset)  # e.g. {"batch", "q_len"}
+    kind: Kind = Kind.SOFTMAX
+    logit_bias: float = 0.0  # SIGMOID: added to every score before the sigmoid
+    decay: bool = False  # LINEAR: per-head geometric decay operand
+    normalize: bool = False  # LINEAR: divide by the row sum of the weights
+    norm_eps: float = 0.0  # LINEAR: added to that row sum
 
     def __post_init__(self) -> None:
         for name in ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim", "value_dim"):
@@ -74,15 +153,19 @@ class AttentionSpec:
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.dtype not in DTYPES:
-            raise ValueError(f"AttentionSpec.dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"AttentionSpec.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if (self.mask is MaskInput.NONE) != (self.mask_shape is None):
             raise ValueError("mask_shape must be given exactly when a mask tensor is")
         if self.mask_shape is not None and len(self.mask_shape) != 4:
             raise ValueError(f"mask_shape must be 4-D, got {self.mask_shape}")
-        if self.window is not None and (self.window < 1 or self.causal is Causal.NONE):
-            raise ValueError("window needs a causal diagonal and a width >= 1")
-        if self.softcap is not None and self.softcap <= 0:
-            raise ValueError(f"softcap must be positive, got {self.softcap}")
+        self.mods  # validates scale/causal/window/softcap together
+        if self.kind is not Kind.SIGMOID and self.logit_bias:
+            raise ValueError("logit_bias is a sigmoid-attention field (a constant cancels in a softmax)")
+        if self.kind is not Kind.LINEAR and (self.decay or self.normalize or self.norm_eps):
+            raise ValueError("decay/normalize/norm_eps are linear-attention fields")
+        if self.kind is Kind.LINEAR and (self.softcap is not None or self.window is not None or self.alibi
+                                         or self.key_padding or self.mask is not MaskInput.NONE):
+            raise ValueError("linear attention takes a causal band and a decay, no masks or score modifiers")
 
     @property
     def groups(self) -> int:
@@ -91,11 +174,19 @@ class AttentionSpec:
 
     @property
     def is_decode(self) -> bool:
-        return self.q_len <= 16 and self.kv_len >= 4 * self.q_len
+        return is_decode_shape(self.q_len, self.kv_len)
 
     @property
     def element_size(self) -> int:
-        return {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[self.dtype]
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def mods(self) -> ScoreMods:
+        return ScoreMods(self.scale, self.causal, self.window, self.softcap)
 
     def live_pairs(self) -> int:
         """(m, n) pairs per head that are not excluded by the causal/window structure."""
@@ -109,10 +200,6 @@ class AttentionSpec:
             total += max(0, hi - lo + 1)
         return total
 
-    def with_sizes(self, **sizes: int) -> "AttentionSpec":
-        """The same site at other sizes (the cost model asks this for dynamic dims)."""
-        return replace(self, **sizes)
-
     def describe(self) -> str:
         parts = [f"B={self.batch} H={self.heads}"]
         if self.kv_heads != self.heads:
@@ -121,6 +208,8 @@ class AttentionSpec:
         if self.value_dim != self.head_dim:
             parts.append(f"F={self.value_dim}")
         parts.append(self.dtype)
+        if self.kind is not Kind.SOFTMAX:
+            parts.append(self.kind.value)
         parts.append(f"scale={self.scale:.6g}")
         if self.causal is not Causal.NONE:
             parts.append(f"causal={self.causal.value}")
@@ -134,4 +223,10 @@ class AttentionSpec:
             parts.append("alibi")
         if self.key_padding:
             parts.append("key_padding")
+        if self.logit_bias:
+            parts.append(f"logit_bias={self.logit_bias:.6g}")
+        if self.decay:
+            parts.append("decay")
+        if self.normalize:
+            parts.append("normalized" + (f"(eps={self.norm_eps:g})" if self.norm_eps else ""))
         return " ".join(parts)

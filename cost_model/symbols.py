@@ -28,9 +28,6 @@ W = sp.Symbol("W", positive=True)  # sliding-window width
 
 G = H / Hkv  # query heads per K/V head
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-
 def pairs_expr(spec: AttentionSpec) -> sp.Expr:
     """Closed form of the live pairs per head (design note §2), for display and solving."""
     if spec.causal is Causal.NONE:

@@ -15,8 +15,6 @@ import torch
 CAUSAL_MODES = ("none", "top_left", "bottom_right")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-DECODE_MAX_Q = 16  # the split-KV decode kernel takes M <= 16 queries ...
-DECODE_MIN_RATIO = 4  # ... over at least 4 * M keys (AttentionSpec.is_decode's rule)
 
 
 @dataclass(frozen=True)
@@ -101,11 +99,6 @@ def bias_4d(bias: torch.Tensor) -> torch.Tensor:
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for every storage dtype but fp64, which keeps its own precision (and its lse)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def is_decode_shape(q_len: int, kv_len: int) -> bool:
-    """Whether the CUDA op runs the split-KV decode kernel rather than the flash kernel."""
-    return q_len <= DECODE_MAX_Q and kv_len >= DECODE_MIN_RATIO * q_len
 
 
 @functools.cache

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from attnfx.cost_model.spec import AttentionSpec, MaskInput
+from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, MaskInput
 
 from . import ops  # noqa: F401  (registers torch.ops.attnfx.*)
-from .attention_args import DECODE_MAX_Q, DECODE_MIN_RATIO, triton_refusal
+from .attention_args import triton_refusal
 from .registry import Call, Operands
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
@@ -28,7 +26,7 @@ def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
         operands.mask if spec.mask is not MaskInput.NONE else None,
         operands.slopes if spec.alibi else None,
         operands.kv_lengths if spec.key_padding else None,
-        float(spec.scale), spec.causal.value, spec.window or -1, float(spec.softcap or 0.0),
+        *spec.mods.op_args(),
     )
     return Call(torch.ops.attnfx.attention.default, args, {}, output_index=0)
 
@@ -40,7 +38,7 @@ def _shape_name(spec: AttentionSpec) -> str:
 def _triton_refusal(spec: AttentionSpec, device: str) -> str | None:
     if device != "cuda":
         return f"Triton kernels run on cuda only; on {device} interpreted Triton is never chosen for speed"
-    return triton_refusal(_DTYPES[spec.dtype], spec.head_dim, spec.value_dim)
+    return triton_refusal(spec.torch_dtype, spec.head_dim, spec.value_dim)
 
 
 class ChunkedVariant:

@@ -30,7 +30,9 @@ from torch import Tensor
 
 from attnfx.errors import KernelUnavailable
 
-from .attention_args import accumulation_dtype, check_args, is_decode_shape, triton_importable
+from attnfx.cost_model.spec import is_decode_shape
+
+from .attention_args import accumulation_dtype, check_args, triton_importable
 from .chunked import chunked_backward, chunked_forward
 
 

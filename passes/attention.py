@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, MaskInput
+from attnfx.cost_model.spec import AttentionSpec, MaskInput, dtype_name
 
 from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
@@ -28,7 +28,6 @@ from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
 from .site import BiasTerm, Lowering, MaskTerm, Reason, Refusal, Site
 
 RULE = "attention.softmax"
-_SUPPORTED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
 def qk_roles(c: Contraction) -> Roles | Refusal:
@@ -204,7 +203,7 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
     batch_roles = tuple(rename.values())
     batch_sizes = tuple(ops.hint_int(size) for size in sp.structures[finest])
     dtypes = {ops.dtype(n) for n in (q.node, k.node, v.node)}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _SUPPORTED_DTYPES:
+    if len(dtypes) != 1 or dtype_name(next(iter(dtypes))) is None:
         names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
         return Refusal(Reason.DTYPE_UNSUPPORTED, f"q/k/v dtypes ({names}) are not one floating dtype a "
                        "kernel takes", "QK")
@@ -312,10 +311,10 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
     if facts.structural:
         flags = dict(causal=facts.causal, window=facts.window)
         if not real_bias:
-            lowerings.append(Lowering("flag", base.with_sizes(**flags)))
+            lowerings.append(Lowering("flag", replace(base, **flags)))
         else:
             shape = _canonical_mask_shape(real_bias, site)
-            spec = base.with_sizes(mask=MaskInput.ADDITIVE, mask_shape=shape, **flags)
+            spec = replace(base, mask=MaskInput.ADDITIVE, mask_shape=shape, **flags)
             lowerings.append(Lowering("bias+flag", spec, bias=tuple(real_bias)))
     if not site.bias and not site.masks:
         lowerings.append(Lowering("none", base))
@@ -327,7 +326,7 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
                         for t in site.masks)
         single_bool = not site.bias and len(site.masks) == 1 and not absorbing
         kind = MaskInput.BOOL if single_bool else MaskInput.ADDITIVE
-        spec = base.with_sizes(mask=kind, mask_shape=_canonical_mask_shape(terms, site))
+        spec = replace(base, mask=kind, mask_shape=_canonical_mask_shape(terms, site))
         lowerings.append(Lowering("tensor", spec, bias=site.bias, masks=site.masks))
     return lowerings
 
@@ -355,7 +354,7 @@ def _base_spec(site: Site) -> AttentionSpec:
         kv_heads = math.prod(ops.hint_int(site.k.size(r)) for r in head_roles)
     return AttentionSpec(
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
-        head_dim=sizes["e"], value_dim=sizes["f"], dtype=_SUPPORTED_DTYPES[ops.dtype(site.q.node)],
+        head_dim=sizes["e"], value_dim=sizes["f"], dtype=dtype_name(ops.dtype(site.q.node)),
         scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic),
     )
 

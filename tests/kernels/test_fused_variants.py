@@ -1,6 +1,8 @@
 """attnfx's kernels as rewrite targets: what each variant refuses, and that its Call runs the site."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def test_every_feature_is_taken_where_the_device_fits(name):
     spec = ALL[name].spec("float32")
     assert get_variant("attnfx_chunked").refusal(spec, "cpu") is None
     assert get_variant("triton_flash").refusal(spec, "cuda") is None
-    assert get_variant("triton_decode").refusal(spec.with_sizes(q_len=4, kv_len=64), "cuda") is None
+    assert get_variant("triton_decode").refusal(replace(spec, q_len=4, kv_len=64), "cuda") is None
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -57,21 +59,21 @@ SPEC = AttentionSpec(1, 8, 8, 128, 128, 64, 64)
      "attnfx_chunked is attnfx's CPU kernel; on cuda attnfx::attention runs its Triton kernels"),
     ("triton_flash", SPEC, "cpu",
      "Triton kernels run on cuda only; on cpu interpreted Triton is never chosen for speed"),
-    ("triton_decode", SPEC.with_sizes(q_len=1), "cpu",
+    ("triton_decode", replace(SPEC, q_len=1), "cpu",
      "Triton kernels run on cuda only; on cpu interpreted Triton is never chosen for speed"),
     ("triton_flash", AttentionSpec(1, 8, 8, 128, 128, 64, 64, dtype="float64"), "cuda",
      "the Triton kernels take float32/float16/bfloat16, not float64"),
-    ("triton_flash", SPEC.with_sizes(head_dim=512), "cuda",
+    ("triton_flash", replace(SPEC, head_dim=512), "cuda",
      "the Triton kernels take head dims up to 256, got E=512 F=64"),
-    ("triton_decode", SPEC.with_sizes(q_len=1, value_dim=320), "cuda",
+    ("triton_decode", replace(SPEC, q_len=1, value_dim=320), "cuda",
      "the Triton kernels take head dims up to 256, got E=64 F=320"),
-    ("triton_flash", SPEC.with_sizes(q_len=1), "cuda",
+    ("triton_flash", replace(SPEC, q_len=1), "cuda",
      "M=1 N=128 is decode-shaped (M <= 16, N >= 4M): attnfx::attention runs its split-KV kernel there "
      "(triton_decode)"),
-    ("triton_decode", SPEC.with_sizes(q_len=17), "cuda",
+    ("triton_decode", replace(SPEC, q_len=17), "cuda",
      "M=17 N=128 is not decode-shaped (needs M <= 16 and N >= 4M): attnfx::attention runs its flash kernel "
      "there (triton_flash)"),
-    ("triton_decode", SPEC.with_sizes(q_len=16, kv_len=63), "cuda",
+    ("triton_decode", replace(SPEC, q_len=16, kv_len=63), "cuda",
      "M=16 N=63 is not decode-shaped (needs M <= 16 and N >= 4M): attnfx::attention runs its flash kernel "
      "there (triton_flash)"),
 ])

@@ -14,7 +14,7 @@ from kernel_cases import COMBINED, FEATURES, Case, assert_close, reference
 from attnfx.cost_model import AttentionSpec
 from attnfx.errors import KernelUnavailable
 from attnfx.kernels import ops
-from attnfx.kernels.attention_args import is_decode_shape
+from attnfx.cost_model.spec import is_decode_shape
 
 OP = torch.ops.attnfx.attention.default
 BACKWARD = torch.ops.attnfx.attention_backward.default
@@ -121,10 +121,12 @@ def test_cuda_registration_runs_the_triton_kernels():
             assert_close(g, c, "float32")
 
 
-@pytest.mark.parametrize("q_len,kv_len", [(q, n) for q in (1, 4, 16, 17, 64) for n in (1, 15, 16, 64, 68, 4096)])
-def test_decode_dispatch_agrees_with_attention_spec(q_len, kv_len):
-    spec = AttentionSpec(1, 2, 2, q_len, kv_len, 64, 64)
-    assert is_decode_shape(q_len, kv_len) == spec.is_decode
+@pytest.mark.parametrize("q_len,kv_len,decode", [
+    (1, 1, False), (1, 4, True), (1, 4096, True), (4, 15, False), (4, 16, True), (16, 63, False),
+    (16, 64, True), (17, 4096, False), (64, 4096, False)])
+def test_decode_rule(q_len, kv_len, decode):
+    assert is_decode_shape(q_len, kv_len) is decode
+    assert AttentionSpec(1, 2, 2, q_len, kv_len, 64, 64).is_decode is decode
 
 
 @pytest.mark.parametrize("launcher,kernel", [("triton_flash_fwd.flash_forward", "flash forward"),
