@@ -24,6 +24,7 @@ import sympy as sp
 
 from .spec import AttentionSpec, Causal, MaskInput
 from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
+from .tiles import DECODE_BLOCK_N, chunk_sizes, flash_blocks, sdpa_cpu_tiles
 
 Expr = sp.Expr | int
 
@@ -122,9 +123,8 @@ EAGER = Algorithm(
 
 
 def _cpu_sdpa_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
-    """ATen's CPU flash kernel: 32/64/256-row query blocks (M < 192 / < 768 / more), 512 keys."""
     if device == "cpu":
-        return {"Br": 256 if spec.q_len >= 768 else 64 if spec.q_len >= 192 else 32, "Bc": 512}
+        return dict(zip(("Br", "Bc"), sdpa_cpu_tiles(spec.q_len)))
     return {"Br": 128, "Bc": 128}
 
 
@@ -150,11 +150,9 @@ SDPA = Algorithm(
 
 
 def _chunk_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
-    """kernels/chunked.py's rule: 512-key chunks and query blocks so that one (B, H, mc, nc) score
-    chunk holds at most 2^20 elements; causal loops stop at the last visible key."""
-    rows = spec.batch * spec.heads
-    nc = max(1, min(spec.kv_len, 512, (1 << 20) // rows))
-    return {"Br": max(1, min(spec.q_len, (1 << 20) // (rows * nc))), "Bc": nc, "clip": 1}
+    """The chunked kernel's blocks; causal loops stop at the last visible key."""
+    mc, nc = chunk_sizes(spec)
+    return {"Br": mc, "Bc": nc, "clip": 1}
 
 
 _TILES = s_a * B * H * P_t  # bytes of every score chunk the loop materialises, summed
@@ -188,8 +186,12 @@ CHUNKED = Algorithm(
 )
 
 
+def _flash_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
+    return dict(zip(("Br", "Bc"), flash_blocks(max(spec.head_dim, spec.value_dim))[:2]))
+
+
 FLASH = Algorithm(
-    "flash", "1-pass", frozenset({"cuda"}), tiles=lambda spec, device: {"Br": 64, "Bc": 64},
+    "flash", "1-pass", frozenset({"cuda"}), tiles=_flash_tiles,
     description="attnfx Triton 1-pass kernel (FA2 cascade, split-Q)",
     kernels=(
         Kernel("flash", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t + B * H * M * C,
@@ -200,9 +202,6 @@ FLASH = Algorithm(
     ),
     peak=4 * B * H * M,
 )
-
-
-_DECODE_BLOCK = 64
 
 
 def _decode_splits(spec: AttentionSpec, workers: int) -> tuple[int, ...]:
@@ -216,7 +215,7 @@ _PARTIALS = _SPLIT * 4 * B * H * M * S * (F + 2)  # fp32 (O_s, m_s, l_s) per spl
 
 DECODE_SPLIT_KV = Algorithm(
     "decode_split_kv", "split-KV", frozenset({"cuda"}), splits=_decode_splits,
-    tiles=lambda spec, device: {"Br": spec.q_len, "Bc": _DECODE_BLOCK},
+    tiles=lambda spec, device: {"Br": spec.q_len, "Bc": DECODE_BLOCK_N},
     description="attnfx Triton split-KV decode (Flash-Decoding): grouped heads, one heavy pass + combine",
     kernels=(
         # the busiest split loads ceil(T/S) key blocks for the G query heads of its KV head

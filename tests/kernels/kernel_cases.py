@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from attnfx.cost_model import AttentionSpec, Causal, MaskInput, alibi_slopes, canonical_cascade, evaluate
+from attnfx.kernels.attention_args import ScoreTensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # max |error| / max(1, max |expected|): 16-bit inputs round q/k/v and p before the dots.
@@ -87,9 +88,14 @@ class Case:
         return t
 
     def op_args(self, t: dict[str, torch.Tensor]) -> tuple:
-        """Positional arguments of attnfx::attention (and of the Triton launchers)."""
+        """Positional arguments of attnfx::attention."""
         return (t["Q"], t["K"], t["V"], t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"),
-                self.scale_value, self.causal, self.window or -1, self.softcap or 0.0)
+                *self.spec().mods.op_args())
+
+    def launch_args(self, t: dict[str, torch.Tensor]) -> tuple:
+        """(q, k, v, extras, mods), as the implementations and the Triton launchers take them."""
+        extras = ScoreTensors(t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"))
+        return t["Q"], t["K"], t["V"], extras, self.spec().mods
 
     def __str__(self) -> str:
         return self.spec(self.dtype).describe().replace(" ", ",")
