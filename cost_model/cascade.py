@@ -1,7 +1,8 @@
 """The einsum cascade: attention as a short list of named-index stages.
 
-Every site attnfx lifts is printed, priced and checked in this one form (FuseMax's Cascade 4, the
-3-pass softmax as eager PyTorch computes it). Dims: b batch, h K/V head, g query head within its
+Every site attnfx lifts is printed, priced and checked in this one form (for softmax FuseMax's
+Cascade 4, the 3-pass softmax as eager PyTorch computes it; sigmoid and linear weights likewise as
+written). Dims: b batch, h K/V head, g query head within its
 group, m query, n key, e q/k feature, f v feature; query head = h * G + g.
 
 `evaluate()` runs a cascade stage by stage in plain torch: it is the oracle that every rule and
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import AttentionSpec, Causal, MaskInput
+from .spec import AttentionSpec, Causal, Kind, MaskInput
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class Cascade:
 
 
 def canonical_cascade(spec: AttentionSpec, sources: tuple[str, ...] = ()) -> Cascade:
-    """The 3-pass cascade that computes `spec` exactly as the spec's docstring orders it."""
+    """The cascade that computes `spec` exactly as the spec's docstring orders it: the 3-pass
+    softmax, sigmoid weights, or linear attention's weights as written (O(M N))."""
     st: list[Stage] = [Stage("QK", "contract", "bhgme,bhne->bhgmn", ("Q", "K"))]
     score = "QK"
 
@@ -85,14 +87,24 @@ def canonical_cascade(spec: AttentionSpec, sources: tuple[str, ...] = ()) -> Cas
         rule = "n <= m" if spec.causal is Causal.TOP_LEFT else "n <= m + N - M"
         if spec.window is not None:
             rule += f" and n > m{'' if spec.causal is Causal.TOP_LEFT else ' + N - M'} - {spec.window}"
-        add("SF", "map", f"filter {rule}")
+        add("SF", "map", f"{'zero outside' if spec.kind is Kind.LINEAR else 'filter'} {rule}")
     if spec.key_padding:
         add("SP", "map", "filter n < kv_lengths[b]", "KV_LENGTHS")
-    st.append(Stage("GM", "reduce", "max over n", (score,)))
-    st.append(Stage("SN", "map", "exp(s - GM)", (score, "GM")))
-    st.append(Stage("SD", "reduce", "sum over n", ("SN",)))
-    st.append(Stage("A", "map", "div", ("SN", "SD")))
-    st.append(Stage("AV", "contract", "bhgmn,bhnf->bhgmf", ("A", "V")))
+    if spec.kind is Kind.SOFTMAX:
+        st.append(Stage("GM", "reduce", "max over n", (score,)))
+        st.append(Stage("SN", "map", "exp(s - GM)", (score, "GM")))
+        st.append(Stage("SD", "reduce", "sum over n", ("SN",)))
+        st.append(Stage("A", "map", "div", ("SN", "SD")))
+        score = "A"
+    elif spec.kind is Kind.SIGMOID:
+        add("SG", "map", f"sigmoid(s + {spec.logit_bias:.6g}), 0 where excluded")
+    else:
+        if spec.decay:
+            add("SW", "map", "mul decay[h,g]^(m + offset - n)", "DECAY")
+        if spec.normalize:
+            st.append(Stage("RS", "reduce", f"sum over n + {spec.norm_eps:g}", (score,)))
+            add("AN", "map", "div", "RS")
+    st.append(Stage("AV", "contract", "bhgmn,bhnf->bhgmf", (score, "V")))
     return Cascade(spec=spec, stages=tuple(st), sources=sources)
 
 
@@ -111,10 +123,11 @@ def alibi_slopes(heads: int) -> torch.Tensor:
 
 
 def evaluate(cascade: Cascade, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Run `cascade` on `tensors` (Q, K, V and BIAS/MASK/SLOPES/KV_LENGTHS as its stages name them).
+    """Run `cascade` on `tensors` (Q, K, V and BIAS/MASK/SLOPES/KV_LENGTHS/DECAY as its stages name them).
 
     Computes in `compute_dtype` (float64 by default: an oracle should not share the kernels'
-    rounding) and returns (B, H, M, F) in the spec's dtype. Fully masked rows give 0.
+    rounding) and returns (B, H, M, F) in the spec's dtype. Rows with no visible key give 0 for
+    softmax and sigmoid; linear attention follows its formula (0 / norm_eps).
     """
     s = cascade.spec
     b, hk, g, m, n = s.batch, s.kv_heads, s.groups, s.q_len, s.kv_len
@@ -129,7 +142,7 @@ def evaluate(cascade: Cascade, tensors: dict[str, torch.Tensor], compute_dtype: 
         x = values.get(stage.inputs[0]) if stage.inputs else None
         if stage.output == "QK":
             out = torch.einsum("bhgme,bhne->bhgmn", q, k)
-        elif stage.op.startswith("mul "):
+        elif stage.op.startswith("mul ") and stage.output == "S":
             out = x * s.scale
         elif stage.op.startswith("softcap"):
             out = s.softcap * torch.tanh(x / s.softcap)
@@ -149,7 +162,7 @@ def evaluate(cascade: Cascade, tensors: dict[str, torch.Tensor], compute_dtype: 
             if s.window is not None:
                 band = band & (n_idx > m_idx + offset - s.window)
             keep = keep & band
-            out = x
+            out = x.masked_fill(~band, 0.0) if s.kind is Kind.LINEAR else x
         elif stage.output == "SP":
             lengths = tensors["KV_LENGTHS"].view(b, 1, 1, 1, 1)
             keep = keep & (n_idx < lengths)
@@ -165,6 +178,16 @@ def evaluate(cascade: Cascade, tensors: dict[str, torch.Tensor], compute_dtype: 
         elif stage.output == "A":
             den = values["SD"]
             out = torch.where(den > 0, x / den.clamp_min(torch.finfo(compute_dtype).tiny), 0.0)
+        elif stage.output == "SG":
+            out = torch.sigmoid(x.masked_fill(~keep, -math.inf) + s.logit_bias)
+        elif stage.output == "SW":
+            decay = tensors["DECAY"].to(compute_dtype).view(1, hk, g, 1, 1)
+            power = decay ** (m_idx + s.causal.offset(m, n) - n_idx).to(compute_dtype)
+            out = torch.where(keep, x * power, x)  # NOTE: outside the band power can be inf, x is 0
+        elif stage.output == "RS":
+            out = x.sum(dim=-1, keepdim=True) + s.norm_eps
+        elif stage.output == "AN":
+            out = x / values["RS"]
         elif stage.output == "AV":
             out = torch.einsum("bhgmn,bhnf->bhgmf", x, v)
         else:

@@ -5,37 +5,44 @@ only in where they may be chosen and which cascade the cost model prices them wi
   * attnfx_chunked: the pure-torch chunked 1-pass kernel, on CPU;
   * triton_flash:   the Triton flash kernel (FuseMax cascade 5), on CUDA, for M > 16 or N < 4M;
   * triton_decode:  the Triton split-KV decode kernel, on CUDA, for M <= 16 and N >= 4M.
-All three take every feature AttentionSpec can state (scale, softcap, additive or bool mask of any
-broadcast shape, ALiBi, causal top-left or bottom-right, window, key padding, GQA/MQA).
+All three take every feature AttentionSpec can state for softmax sites (scale, softcap, additive or
+bool mask of any broadcast shape, ALiBi, causal top-left or bottom-right, window, key padding,
+GQA/MQA), and refuse sites of another kind.
 """
 from __future__ import annotations
 
 import torch
 
-from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, MaskInput
+from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, Kind, MaskInput
 
 from . import ops  # noqa: F401  (registers torch.ops.attnfx.*)
 from .attention_args import triton_refusal
-from .registry import Call, Operands
+from .registry import Call, Operands, kind_refusal
 
 
-def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
-    """`attnfx::attention(...)[0]` for `spec` on canonical operands."""
-    args = (
+def score_operands(spec: AttentionSpec, operands: Operands) -> tuple:
+    """(q, k, v, bias?, alibi_slopes?, kv_lengths?, scale, causal, window, softcap): the leading
+    arguments of attnfx::attention and attnfx::sigmoid_attention, with only what the spec uses."""
+    return (
         operands.q, operands.k, operands.v,
         operands.mask if spec.mask is not MaskInput.NONE else None,
         operands.slopes if spec.alibi else None,
         operands.kv_lengths if spec.key_padding else None,
         *spec.mods.op_args(),
     )
-    return Call(torch.ops.attnfx.attention.default, args, {}, output_index=0)
+
+
+def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
+    """`attnfx::attention(...)[0]` for `spec` on canonical operands."""
+    return Call(torch.ops.attnfx.attention.default, score_operands(spec, operands), {}, output_index=0)
 
 
 def _shape_name(spec: AttentionSpec) -> str:
     return f"M={spec.q_len} N={spec.kv_len}"
 
 
-def _triton_refusal(spec: AttentionSpec, device: str) -> str | None:
+def triton_refusal_on(spec: AttentionSpec, device: str) -> str | None:
+    """Why attnfx's Triton kernels cannot take this site's shapes and dtype on `device` (None: they can)."""
     if device != "cuda":
         return f"Triton kernels run on cuda only; on {device} interpreted Triton is never chosen for speed"
     return triton_refusal(spec.torch_dtype, spec.head_dim, spec.value_dim)
@@ -50,7 +57,7 @@ class ChunkedVariant:
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
         if device != "cpu":
             return f"attnfx_chunked is attnfx's CPU kernel; on {device} attnfx::attention runs its Triton kernels"
-        return None
+        return kind_refusal(self.name, Kind.SOFTMAX, spec)
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
         return attention_call(spec, operands)
@@ -63,7 +70,7 @@ class TritonFlashVariant:
     description = "attnfx::attention's Triton flash kernel (1-pass online softmax, causal block skipping)"
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
-        reason = _triton_refusal(spec, device)
+        reason = triton_refusal_on(spec, device) or kind_refusal(self.name, Kind.SOFTMAX, spec)
         if reason is None and spec.is_decode:
             return (f"{_shape_name(spec)} is decode-shaped (M <= {DECODE_MAX_Q}, N >= {DECODE_MIN_RATIO}M): "
                     "attnfx::attention runs its split-KV kernel there (triton_decode)")
@@ -80,7 +87,7 @@ class TritonDecodeVariant:
     description = "attnfx::attention's Triton split-KV decode kernel (Flash-Decoding merge)"
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
-        reason = _triton_refusal(spec, device)
+        reason = triton_refusal_on(spec, device) or kind_refusal(self.name, Kind.SOFTMAX, spec)
         if reason is None and not spec.is_decode:
             return (f"{_shape_name(spec)} is not decode-shaped (needs M <= {DECODE_MAX_Q} and "
                     f"N >= {DECODE_MIN_RATIO}M): attnfx::attention runs its flash kernel there (triton_flash)")

@@ -1,4 +1,5 @@
-"""Flash-attention backward in Triton: gradients recomputed block by block from the saved lse.
+"""Flash-attention backward in Triton: gradients recomputed block by block from the saved lse (or,
+for sigmoid weights, from the scores alone).
 
 Two launches, neither with atomics on Q/K/V gradients:
   * dK/dV: one program per (key block, batch * K/V head) loops over the G query heads of its group
@@ -18,14 +19,15 @@ from attnfx.cost_model.tiles import flash_backward_blocks
 
 from .attention_args import ScoreTensors, bias_4d
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import dot_kwargs, key_bounds, mma, modify_scores, score_rows, softcap_grad, tile
+from .triton_scores import (dot_kwargs, key_bounds, mma, modify_scores, row_stats, score_rows, softcap_grad, tile,
+                            weights_and_grad)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, QS, KS, VS, OS, DKS, DVS, SC, H, G, M, N, E, F,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
-    MODS: tl.constexpr, DOTS: tl.constexpr,
+    MODS: tl.constexpr, DOTS: tl.constexpr, SIGMOID: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bk = tl.program_id(1)
@@ -61,14 +63,12 @@ def _bwd_dkdv_kernel(
             row_ok = offs_m < M
             q = tl.load(tile(Q, QS, b, h, offs_m, offs_e), mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0)
             do = tl.load(tile(DO, OS, b, h, offs_m, offs_f), mask=row_ok[:, None] & (offs_f < F)[None, :], other=0.0)
-            lse = tl.load(Lse + row_base + offs_m, mask=row_ok, other=float("inf"))  # +inf: p = 0
-            delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+            lse, delta = row_stats(Lse, Delta, row_base, offs_m, row_ok, SIGMOID)
             rows, _ = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
             qk = mma(q, tl.trans(k), DOTS)  # (m, n)
             s = modify_scores(qk, offs_m, row_ok, offs_n, N, rows, kv_len, SC, MODS)
-            p = tl.exp(s - lse[:, None])
+            p, ds = weights_and_grad(s, mma(do, tl.trans(v), DOTS), lse, delta, SC, SIGMOID)
             dv += mma(tl.trans(p.to(do.dtype)), do, DOTS)
-            ds = p * (mma(do, tl.trans(v), DOTS) - delta[:, None])
             if MODS.HAS_SOFTCAP:
                 ds = ds * softcap_grad(qk, SC)
             dk += mma(tl.trans(ds.to(q.dtype)), q, DOTS)
@@ -82,7 +82,7 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, DBias, QS, KS, VS, OS, DQS, DBS, SC, H, G, M, N, E, F,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
-    MODS: tl.constexpr, DOTS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    MODS: tl.constexpr, DOTS: tl.constexpr, SIGMOID: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -95,8 +95,7 @@ def _bwd_dq_kernel(
     row_ok = offs_m < M
     q = tl.load(tile(Q, QS, b, h, offs_m, offs_e), mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0)
     do = tl.load(tile(DO, OS, b, h, offs_m, offs_f), mask=row_ok[:, None] & (offs_f < F)[None, :], other=0.0)
-    lse = tl.load(Lse + bh.to(tl.int64) * M + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * M + offs_m, mask=row_ok, other=0.0)
+    lse, delta = row_stats(Lse, Delta, bh.to(tl.int64) * M, offs_m, row_ok, SIGMOID)
     rows, kv_len = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
     lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, kv_len, SC, MODS)
 
@@ -108,8 +107,7 @@ def _bwd_dq_kernel(
         v = tl.load(tile(V, VS, b, kvh, offs_n, offs_f), mask=col_ok[:, None] & (offs_f < F)[None, :], other=0.0)
         qk = mma(q, tl.trans(k), DOTS)  # (m, n)
         s = modify_scores(qk, offs_m, row_ok, offs_n, N, rows, kv_len, SC, MODS)
-        p = tl.exp(s - lse[:, None])
-        ds = p * (mma(do, tl.trans(v), DOTS) - delta[:, None])
+        _, ds = weights_and_grad(s, mma(do, tl.trans(v), DOTS), lse, delta, SC, SIGMOID)
         if BIAS_GRAD:
             tl.atomic_add(tile(DBias, DBS, b, h, offs_m, offs_n), ds, mask=row_ok[:, None] & col_ok[None, :])
         if MODS.HAS_SOFTCAP:
@@ -124,16 +122,33 @@ def flash_backward(
     extras: ScoreTensors, mods: ScoreMods, out: torch.Tensor, lse: torch.Tensor, bias_grad: bool, *,
     block_m: int | None = None, block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dbias): dbias has bias's shape when `bias_grad`, else it is empty (0,)."""
-    d = checked_dims(q, k, v, extras, kernel="flash backward")
-    bm, bn, warps = flash_backward_blocks(max(d.head_dim, d.value_dim))
-    bm, bn = block_m or bm, block_n or bn
-    be, bf = head_blocks(d)
+    """(dq, dk, dv, dbias) of attnfx::attention: dbias has bias's shape when `bias_grad`, else it is empty (0,)."""
     # NOTE: delta = rowsum(dO * O) - dLSE makes ds = p * (dp - delta) also carry the lse's gradient.
     delta = (grad_out.float() * out.float()).sum(-1)  # (b, h, m)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
     lse = lse.float().masked_fill(lse == float("-inf"), float("inf")).contiguous()  # empty rows: p = 0
+    return _launch(grad_out, q, k, v, extras, mods, (lse, delta), None, bias_grad, "flash backward",
+                   block_m, block_n)
+
+
+def sigmoid_flash_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: ScoreTensors,
+    mods: ScoreMods, logit_bias: float, bias_grad: bool, *, block_m: int | None = None, block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias) of attnfx::sigmoid_attention, dbias as for flash_backward."""
+    return _launch(grad_out, q, k, v, extras, mods, (q, q), logit_bias, bias_grad, "sigmoid backward",
+                   block_m, block_n)
+
+
+def _launch(grad_out, q, k, v, extras: ScoreTensors, mods: ScoreMods, stats: tuple, logit_bias: float | None,
+            bias_grad: bool, kernel: str, block_m: int | None, block_n: int | None):
+    """Both backward launches, with softmax weights (stats = (lse, delta)) or sigmoid weights
+    (logit_bias given; stats are placeholders never read)."""
+    d = checked_dims(q, k, v, extras, kernel=kernel)
+    bm, bn, warps = flash_backward_blocks(max(d.head_dim, d.value_dim))
+    bm, bn = block_m or bm, block_n or bn
+    be, bf = head_blocks(d)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -142,14 +157,15 @@ def flash_backward(
     dbias_strides = dbias.expand(d.batch, d.heads, d.q_len, d.kv_len).stride() if bias_grad else (0, 0, 0, 0)
     common = dict(
         H=d.heads, G=d.groups, M=d.q_len, N=d.kv_len, E=d.head_dim, F=d.value_dim,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, **dot_kwargs(q.dtype), **score_kwargs(q, d, extras, mods),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, **dot_kwargs(q.dtype),
+        **score_kwargs(q, d, extras, mods, logit_bias or 0.0), SIGMOID=logit_bias is not None,
         num_warps=warps, num_stages=1,
     )
     strides = (q.stride(), k.stride(), v.stride(), grad_out.stride())
     _bwd_dkdv_kernel[(triton.cdiv(d.kv_len, bn), d.batch * d.kv_heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, dk.stride(), dv.stride(), **common)
+        q, k, v, grad_out, *stats, dk, dv, *strides, dk.stride(), dv.stride(), **common)
     _bwd_dq_kernel[(triton.cdiv(d.q_len, bm), d.batch * d.heads)](
-        q, k, v, grad_out, lse, delta, dq, dbias, *strides, dq.stride(), tuple(dbias_strides),
+        q, k, v, grad_out, *stats, dq, dbias, *strides, dq.stride(), tuple(dbias_strides),
         BIAS_GRAD=bias_grad, **common)
     dbias_out = dbias.view(bias.shape).to(bias.dtype) if bias_grad else dbias
     return dq, dk, dv, dbias_out

@@ -1,4 +1,5 @@
-"""Flash-attention forward in Triton: FuseMax cascade 5 (1-pass online softmax, deferred division).
+"""Flash-attention forward in Triton: FuseMax cascade 5 (1-pass online softmax, deferred division),
+and FlashSigmoid with the same loop (SIGMOID: weights sigmoid(s + logit_bias), no row statistics).
 
 One program per (query block, batch * query head). It streams the K/V blocks its rows can see
 (blocks above the causal diagonal, before the window or past the batch's key length are never
@@ -23,7 +24,7 @@ from .triton_scores import dot_kwargs, key_bounds, mma, modify_scores, score_row
 def _flash_fwd_kernel(
     Q, K, V, Out, Lse, QS, KS, VS, OS, SC, H, G, M, N, E, F,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
-    MODS: tl.constexpr, DOTS: tl.constexpr,
+    MODS: tl.constexpr, DOTS: tl.constexpr, SIGMOID: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -46,23 +47,32 @@ def _flash_fwd_kernel(
         kt = tl.load(tile_t(K, KS, b, kvh, offs_n, offs_e),
                      mask=(offs_n < N)[None, :] & (offs_e < E)[:, None], other=0.0)  # (e, n)
         s = modify_scores(mma(q, kt, DOTS), offs_m, row_ok, offs_n, N, rows, kv_len, SC, MODS)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if SIGMOID:
+            p = tl.sigmoid(s + SC.logit_bias)  # excluded keys: 0
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(tile(V, VS, b, kvh, offs_n, offs_f),
                     mask=(offs_n < N)[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOTS)
-        m_i = m_new
+        if SIGMOID:
+            acc += mma(p.to(v.dtype), v, DOTS)
+        else:
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOTS)
+            m_i = m_new
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
-    tl.store(tile(Out, OS, b, h, offs_m, offs_f), out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_f < F)[None, :])
-    tl.store(Lse + bh.to(tl.int64) * M + offs_m, lse, mask=row_ok)
+    out_ptrs = tile(Out, OS, b, h, offs_m, offs_f)
+    if SIGMOID:
+        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_f < F)[None, :])
+    else:
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_f < F)[None, :])
+        tl.store(Lse + bh.to(tl.int64) * M + offs_m, lse, mask=row_ok)
 
 
 def flash_forward(
@@ -70,17 +80,32 @@ def flash_forward(
     block_m: int | None = None, block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """attnfx::attention's forward on one Triton launch: (out (B,H,M,F), lse (B,H,M) fp32)."""
-    d = checked_dims(q, k, v, extras, kernel="flash forward")
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    return _launch(q, k, v, extras, mods, lse, None, "flash forward", block_m, block_n), lse
+
+
+def sigmoid_flash_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: ScoreTensors, mods: ScoreMods, logit_bias: float, *,
+    block_m: int | None = None, block_n: int | None = None,
+) -> torch.Tensor:
+    """attnfx::sigmoid_attention's forward on one Triton launch: out (B,H,M,F)."""
+    return _launch(q, k, v, extras, mods, q, logit_bias, "sigmoid forward", block_m, block_n)
+
+
+def _launch(q, k, v, extras: ScoreTensors, mods: ScoreMods, lse: torch.Tensor, logit_bias: float | None,
+            kernel: str, block_m: int | None, block_n: int | None) -> torch.Tensor:
+    """Run the kernel with softmax weights (logit_bias None; lse written) or sigmoid weights."""
+    d = checked_dims(q, k, v, extras, kernel=kernel)
     bm, bn, warps = flash_blocks(max(d.head_dim, d.value_dim))
     bm, bn = block_m or bm, block_n or bn
     be, bf = head_blocks(d)
     out = q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
-    lse = torch.empty(d.batch, d.heads, d.q_len, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(d.q_len, bm), d.batch * d.heads)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, q.stride(), k.stride(), v.stride(), out.stride(),
         H=d.heads, G=d.groups, M=d.q_len, N=d.kv_len, E=d.head_dim, F=d.value_dim,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, **dot_kwargs(q.dtype), **score_kwargs(q, d, extras, mods),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_F=bf, **dot_kwargs(q.dtype),
+        **score_kwargs(q, d, extras, mods, logit_bias or 0.0), SIGMOID=logit_bias is not None,
         num_warps=warps, num_stages=2,
     )
-    return out, lse
+    return out

@@ -28,6 +28,7 @@ class ScoreArgs(NamedTuple):
     softcap: float
     window: int
     offset: int  # key n is visible from query m when n <= m + offset
+    logit_bias: float  # added before the sigmoid (sigmoid weights only)
 
 
 class ScoreFlags(NamedTuple):
@@ -51,7 +52,8 @@ def checked_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: Scor
     return dims
 
 
-def score_kwargs(q: torch.Tensor, dims: Dims, extras: ScoreTensors, mods: ScoreMods) -> dict[str, tuple]:
+def score_kwargs(q: torch.Tensor, dims: Dims, extras: ScoreTensors, mods: ScoreMods,
+                 logit_bias: float = 0.0) -> dict[str, tuple]:
     """The kernel keyword arguments SC (ScoreArgs) and MODS (ScoreFlags) of one call."""
     d, bias = dims, extras.bias
     if bias is None:
@@ -67,6 +69,7 @@ def score_kwargs(q: torch.Tensor, dims: Dims, extras: ScoreTensors, mods: ScoreM
         q if slopes is None else slopes.to(torch.float32).contiguous(),
         q if lengths is None else lengths.to(torch.int32).contiguous(),
         float(mods.scale), float(mods.softcap or 1.0), int(mods.window or 0), d.causal_offset(mods.causal),
+        float(logit_bias),
     )
     flags = ScoreFlags(
         HAS_BIAS=bias is not None, BIAS_BOOL=bias is not None and bias.dtype == torch.bool,

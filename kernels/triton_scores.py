@@ -113,6 +113,32 @@ def softcap_grad(qk, SC):
     return 1.0 - t * t
 
 
+@triton.jit
+def row_stats(Lse, Delta, base, offs_m, row_ok, SIGMOID: tl.constexpr):
+    """The softmax backward's per-row (lse, delta) (+inf lse past the last row: p = 0); sigmoid
+    weights read none."""
+    if SIGMOID:
+        lse = tl.zeros(offs_m.shape, dtype=tl.float32)
+        delta = lse
+    else:
+        lse = tl.load(Lse + base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + base + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def weights_and_grad(s, dp, lse, delta, SC, SIGMOID: tl.constexpr):
+    """Recomputed weights p and d loss / d scores from d loss / d weights `dp`: sigmoid(s + logit_bias)
+    with ds = dp p (1 - p), or exp(s - lse) with ds = p (dp - delta), delta = rowsum(dO O) - dLSE."""
+    if SIGMOID:
+        p = tl.sigmoid(s + SC.logit_bias)
+        ds = dp * p * (1.0 - p)
+    else:
+        p = tl.exp(s - lse[:, None])
+        ds = p * (dp - delta[:, None])
+    return p, ds
+
+
 INTERPRETED = isinstance(mma, InterpretedFunction)
 
 
