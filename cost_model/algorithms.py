@@ -22,7 +22,7 @@ from typing import Callable
 
 import sympy as sp
 
-from .spec import AttentionSpec, Causal, MaskInput
+from .spec import AttentionSpec, Causal, Kind, MaskInput
 from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
 from .tiles import DECODE_BLOCK_N, LINEAR_CHUNK, chunk_sizes, flash_blocks, sdpa_cpu_tiles
 
@@ -64,6 +64,7 @@ class Algorithm:
     kernels: tuple[Kernel, ...]
     peak: Expr  # intermediate bytes alive at once, beyond inputs and output
     exact: bool = True
+    kind: Kind = Kind.SOFTMAX  # the weights it computes: a site is priced with its own kind's algorithms
     tiles: Callable[[AttentionSpec, str], dict[str, int]] = field(default=lambda spec, device: {})
     # split counts worth trying (the fastest is used); candidates must not depend on N, so that
     # the best time stays monotone in N
@@ -247,7 +248,7 @@ DECODE_SPLIT_KV = Algorithm(
 
 # Sigmoid attention: weights sigmoid(s + logit_bias), no row statistics (FlashSigmoid).
 SIGMOID_EAGER = Algorithm(
-    "sigmoid_eager", "sigmoid", frozenset({"cpu", "cuda"}),
+    "sigmoid_eager", "sigmoid", frozenset({"cpu", "cuda"}), kind=Kind.SIGMOID,
     description="the model's own sigmoid-attention graph: matmul, elementwise ops, sigmoid, matmul",
     kernels=(
         *_EAGER_SCORES,
@@ -258,7 +259,7 @@ SIGMOID_EAGER = Algorithm(
 )
 
 SIGMOID_CHUNKED = Algorithm(
-    "sigmoid_chunked", "sigmoid", frozenset({"cpu", "cuda"}), tiles=_chunk_tiles,
+    "sigmoid_chunked", "sigmoid", frozenset({"cpu", "cuda"}), kind=Kind.SIGMOID, tiles=_chunk_tiles,
     description="attnfx::sigmoid_attention's pure-torch loop over query blocks x key chunks",
     kernels=(
         Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F),
@@ -276,7 +277,7 @@ SIGMOID_CHUNKED = Algorithm(
 )
 
 SIGMOID_FLASH = Algorithm(
-    "sigmoid_flash", "sigmoid", frozenset({"cuda"}), tiles=_flash_tiles,
+    "sigmoid_flash", "sigmoid", frozenset({"cuda"}), kind=Kind.SIGMOID, tiles=_flash_tiles,
     description="attnfx Triton flash kernel with sigmoid weights: no running max, sum or division",
     kernels=(
         # an exp and a reciprocal per pair on the special-function units
@@ -299,7 +300,7 @@ _NORMALISE = Kernel("normalise", "ew", "normalize", launches=3, ew=B * H * M, di
                     write=O_OUT + 4 * B * H * M)
 
 LINEAR_EAGER = Algorithm(
-    "linear_eager", "linear as written", frozenset({"cpu", "cuda"}),
+    "linear_eager", "linear as written", frozenset({"cpu", "cuda"}), kind=Kind.LINEAR,
     description="linear attention as written: (phi(Q) phi(K)^T * band * decay) V, O(M N (E + F))",
     kernels=(
         *_EAGER_SCORES,
@@ -312,7 +313,7 @@ LINEAR_EAGER = Algorithm(
 )
 
 LINEAR_RIGHT_TO_LEFT = Algorithm(
-    "linear_right_to_left", "linear", frozenset({"cpu", "cuda"}),
+    "linear_right_to_left", "linear", frozenset({"cpu", "cuda"}), kind=Kind.LINEAR,
     description="attnfx::linear_attention right to left: the state K^T V per K/V head, then Q times it, O(N E F)",
     kernels=(
         _ONES,
@@ -334,7 +335,7 @@ def _linear_chunk_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
 _INTRA = 4 * B * H * R * Br * Bc  # fp32 intra-chunk weights, all chunks
 
 LINEAR_CHUNKED = Algorithm(
-    "linear_chunked", "lightning", frozenset({"cpu", "cuda"}), tiles=_linear_chunk_tiles,
+    "linear_chunked", "lightning", frozenset({"cpu", "cuda"}), kind=Kind.LINEAR, tiles=_linear_chunk_tiles,
     description="attnfx::linear_attention chunked (Lightning): per chunk of C rows a masked C x C product "
                 "and a read of the running E x F state, which then takes in the chunk's keys; O(N E F + N C E)",
     kernels=(

@@ -20,15 +20,12 @@ read from the spec, `spec.mods.op_args()` for scale/causal/window/softcap, and f
 Each variant refuses, with a sentence, the sites of another kind and the devices or shapes it does
 not take. The eager forms are priced as algorithms eager, sigmoid_eager and linear_eager.
 """
-from .fused import ChunkedVariant, TritonDecodeVariant, TritonFlashVariant
-from .linear_variants import LightningVariant, LinearVariant
+from .fused import CHUNKED, LIGHTNING, LINEAR, SIGMOID_CHUNKED, TRITON_DECODE, TRITON_FLASH, TRITON_SIGMOID
 from .registry import Call, Operands, Variant
 from .sdpa import SdpaVariant
-from .sigmoid_variants import SigmoidChunkedVariant, TritonSigmoidVariant
 
 VARIANTS: tuple[Variant, ...] = (
-    SdpaVariant(), ChunkedVariant(), TritonFlashVariant(), TritonDecodeVariant(),
-    SigmoidChunkedVariant(), TritonSigmoidVariant(), LinearVariant(), LightningVariant(),
+    SdpaVariant(), CHUNKED, TRITON_FLASH, TRITON_DECODE, SIGMOID_CHUNKED, TRITON_SIGMOID, LINEAR, LIGHTNING,
 )
 
 

@@ -1,8 +1,9 @@
 """The implementations an attention site can be replaced by, and what each one can take.
 
 A variant turns canonical operands (q (B,H,M,E), k/v (B,Hkv,N,E|F), optional mask/slopes/lengths,
-linear attention's decay) into a call `target(*args, **kwargs)`. The same call is emitted into an fx graph by the rewriter and
-run eagerly by tests and verification, so what is verified is exactly what runs.
+linear attention's decay) into a call `target(*args, **kwargs)`. The same call is emitted into an
+fx graph by the rewriter and run eagerly by tests and verification, so what is verified is exactly
+what runs.
 """
 from __future__ import annotations
 
@@ -54,6 +55,25 @@ class Variant(Protocol):
     def refusal(self, spec: AttentionSpec, device: str) -> str | None: ...
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call: ...
+
+
+@dataclass(frozen=True)
+class OpVariant:
+    """A variant that emits one of attnfx's custom ops: its refusal and its call are functions of
+    the site's spec (and the device)."""
+
+    name: str
+    algorithm: str
+    description: str
+    refuse: Callable[[AttentionSpec, str], str | None]
+    emit: Callable[[AttentionSpec, Operands], Call]
+    exact: bool = True
+
+    def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        return self.refuse(spec, device)
+
+    def call(self, spec: AttentionSpec, operands: Operands) -> Call:
+        return self.emit(spec, operands)
 
 
 def kind_refusal(variant: str, computes: Kind, spec: AttentionSpec) -> str | None:

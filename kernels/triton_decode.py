@@ -18,7 +18,7 @@ from attnfx.cost_model.tiles import DECODE_BLOCK_N, MIN_SPLIT_BLOCKS
 
 from .attention_args import Dims, ScoreTensors
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import dot_kwargs, mma, modify_scores, score_rows, tile, tile_t
+from .triton_scores import dot_kwargs, load_tile, mma, modify_scores, score_rows, tile_t
 
 
 @triton.jit
@@ -65,8 +65,7 @@ def _decode_split_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(tile(V, VS, b, kvh, offs_n, offs_f), mask=(offs_n < stop)[:, None] & (offs_f < F)[None, :],
-                    other=0.0)  # (n, f)
+        v = load_tile(V, VS, b, kvh, offs_n, offs_f, offs_n < stop, F)  # (n, f)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOTS)
         m_i = m_new
 

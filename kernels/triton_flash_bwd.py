@@ -19,8 +19,8 @@ from attnfx.cost_model.tiles import flash_backward_blocks
 
 from .attention_args import ScoreTensors, bias_4d
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import (dot_kwargs, key_bounds, mma, modify_scores, row_stats, score_rows, softcap_grad, tile,
-                            weights_and_grad)
+from .triton_scores import (dot_kwargs, key_bounds, load_tile, mma, modify_scores, row_stats, score_rows, softcap_grad,
+                            tile, weights_and_grad)
 
 
 @triton.jit
@@ -38,8 +38,8 @@ def _bwd_dkdv_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     offs_f = tl.arange(0, BLOCK_F)
     col_ok = offs_n < N
-    k = tl.load(tile(K, KS, b, kvh, offs_n, offs_e), mask=col_ok[:, None] & (offs_e < E)[None, :], other=0.0)
-    v = tl.load(tile(V, VS, b, kvh, offs_n, offs_f), mask=col_ok[:, None] & (offs_f < F)[None, :], other=0.0)
+    k = load_tile(K, KS, b, kvh, offs_n, offs_e, col_ok, E)
+    v = load_tile(V, VS, b, kvh, offs_n, offs_f, col_ok, F)
     kv_len = N
     if MODS.HAS_LENGTHS:
         kv_len = tl.load(SC.kv_lengths + b)
@@ -61,8 +61,8 @@ def _bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < M
-            q = tl.load(tile(Q, QS, b, h, offs_m, offs_e), mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0)
-            do = tl.load(tile(DO, OS, b, h, offs_m, offs_f), mask=row_ok[:, None] & (offs_f < F)[None, :], other=0.0)
+            q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)
+            do = load_tile(DO, OS, b, h, offs_m, offs_f, row_ok, F)
             lse, delta = row_stats(Lse, Delta, row_base, offs_m, row_ok, SIGMOID)
             rows, _ = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
             qk = mma(q, tl.trans(k), DOTS)  # (m, n)
@@ -93,8 +93,8 @@ def _bwd_dq_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     offs_f = tl.arange(0, BLOCK_F)
     row_ok = offs_m < M
-    q = tl.load(tile(Q, QS, b, h, offs_m, offs_e), mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0)
-    do = tl.load(tile(DO, OS, b, h, offs_m, offs_f), mask=row_ok[:, None] & (offs_f < F)[None, :], other=0.0)
+    q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)
+    do = load_tile(DO, OS, b, h, offs_m, offs_f, row_ok, F)
     lse, delta = row_stats(Lse, Delta, bh.to(tl.int64) * M, offs_m, row_ok, SIGMOID)
     rows, kv_len = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
     lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, kv_len, SC, MODS)
@@ -103,8 +103,8 @@ def _bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
-        k = tl.load(tile(K, KS, b, kvh, offs_n, offs_e), mask=col_ok[:, None] & (offs_e < E)[None, :], other=0.0)
-        v = tl.load(tile(V, VS, b, kvh, offs_n, offs_f), mask=col_ok[:, None] & (offs_f < F)[None, :], other=0.0)
+        k = load_tile(K, KS, b, kvh, offs_n, offs_e, col_ok, E)
+        v = load_tile(V, VS, b, kvh, offs_n, offs_f, col_ok, F)
         qk = mma(q, tl.trans(k), DOTS)  # (m, n)
         s = modify_scores(qk, offs_m, row_ok, offs_n, N, rows, kv_len, SC, MODS)
         _, ds = weights_and_grad(s, mma(do, tl.trans(v), DOTS), lse, delta, SC, SIGMOID)

@@ -17,7 +17,7 @@ from attnfx.cost_model.tiles import flash_blocks
 
 from .attention_args import ScoreTensors
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import dot_kwargs, key_bounds, mma, modify_scores, score_rows, tile, tile_t
+from .triton_scores import dot_kwargs, key_bounds, load_tile, mma, modify_scores, score_rows, tile, tile_t
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _flash_fwd_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     offs_f = tl.arange(0, BLOCK_F)
     row_ok = offs_m < M
-    q = tl.load(tile(Q, QS, b, h, offs_m, offs_e), mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0)  # (m, e)
+    q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)  # (m, e)
     rows, kv_len = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
     lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, kv_len, SC, MODS)
 
@@ -55,8 +55,7 @@ def _flash_fwd_kernel(
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(tile(V, VS, b, kvh, offs_n, offs_f),
-                    mask=(offs_n < N)[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
+        v = load_tile(V, VS, b, kvh, offs_n, offs_f, offs_n < N, F)  # (n, f)
         if SIGMOID:
             acc += mma(p.to(v.dtype), v, DOTS)
         else:

@@ -44,6 +44,12 @@ def tile(base, strides, b, h, rows, cols):
 
 
 @triton.jit
+def load_tile(base, strides, b, h, rows, cols, rows_ok, n_cols):
+    """x[b, h, rows, cols], 0 in rows that do not exist and at cols >= n_cols (head-dim padding)."""
+    return tl.load(tile(base, strides, b, h, rows, cols), mask=rows_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
 def tile_t(base, strides, b, h, rows, cols):
     """Pointers to x[b, h, rows, cols] transposed: cols down, rows across."""
     return base + b * strides[0] + h * strides[1] + rows[None, :] * strides[2] + cols[:, None] * strides[3]

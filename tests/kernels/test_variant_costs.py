@@ -79,3 +79,13 @@ def test_sigmoid_flash_has_no_row_statistics():
     softmax = predict("flash", replace(SIGMOID, kind=Kind.SOFTMAX, logit_bias=0.0), H100_SXM)
     assert p.divides == 0 and softmax.divides > 0
     assert p.peak_bytes == 0 < softmax.peak_bytes
+
+
+def test_explain_prices_a_site_with_its_own_kinds_algorithms():
+    from attnfx.cost_model import explain
+
+    ranked = explain(CAUSAL_LINEAR, target=SANDBOX_CPU).split("== ranked variants ==")[1].split("== crossovers")[0]
+    assert sorted(line.split()[1] for line in ranked.splitlines() if line.strip()[:2] in ("1.", "2.", "3.", "4.")) == [
+        "linear_chunked", "linear_eager", "linear_right_to_left"]
+    softmax = explain(replace(SIGMOID, kind=Kind.SOFTMAX, logit_bias=0.0), target=SANDBOX_CPU)
+    assert "linear_" not in softmax and "sigmoid_" not in softmax and "winner: sdpa" in softmax
