@@ -19,8 +19,8 @@ from attnfx.cost_model.tiles import flash_backward_blocks
 
 from .attention_args import ScoreTensors, bias_4d
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import (dot_kwargs, key_bounds, load_tile, mma, modify_scores, row_stats, score_rows, softcap_grad,
-                            tile, weights_and_grad)
+from .triton_scores import (dot_kwargs, key_bounds, load_tile, mma, modify_scores, query_block, row_stats, score_rows,
+                            softcap_grad, tile, weights_and_grad)
 
 
 @triton.jit
@@ -84,18 +84,12 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
     MODS: tl.constexpr, DOTS: tl.constexpr, SIGMOID: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    kvh = h // G
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, kvh, start_m, offs_m, row_ok = query_block(H, G, M, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     offs_f = tl.arange(0, BLOCK_F)
-    row_ok = offs_m < M
     q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)
     do = load_tile(DO, OS, b, h, offs_m, offs_f, row_ok, F)
-    lse, delta = row_stats(Lse, Delta, bh.to(tl.int64) * M, offs_m, row_ok, SIGMOID)
+    lse, delta = row_stats(Lse, Delta, (b * H + h) * M, offs_m, row_ok, SIGMOID)
     rows, kv_len = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
     lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, kv_len, SC, MODS)
 

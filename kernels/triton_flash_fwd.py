@@ -17,7 +17,8 @@ from attnfx.cost_model.tiles import flash_blocks
 
 from .attention_args import ScoreTensors
 from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import dot_kwargs, key_bounds, load_tile, mma, modify_scores, score_rows, tile, tile_t
+from .triton_scores import (dot_kwargs, key_bounds, load_tile, mma, modify_scores, query_block, score_rows, tile,
+                            tile_t)
 
 
 @triton.jit
@@ -26,15 +27,9 @@ def _flash_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
     MODS: tl.constexpr, DOTS: tl.constexpr, SIGMOID: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    kvh = h // G
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, kvh, start_m, offs_m, row_ok = query_block(H, G, M, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     offs_f = tl.arange(0, BLOCK_F)
-    row_ok = offs_m < M
     q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)  # (m, e)
     rows, kv_len = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
     lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, kv_len, SC, MODS)
@@ -71,7 +66,7 @@ def _flash_fwd_kernel(
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_f < F)[None, :])
-        tl.store(Lse + bh.to(tl.int64) * M + offs_m, lse, mask=row_ok)
+        tl.store(Lse + (b * H + h) * M + offs_m, lse, mask=row_ok)
 
 
 def flash_forward(

@@ -38,6 +38,17 @@ def mma(a, b, DOTS: tl.constexpr):
 
 
 @triton.jit
+def query_block(H, G, M, BLOCK_M: tl.constexpr):
+    """(b, h, K/V head, first row, rows, rows that exist) of a program over (query block, batch * query head)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return b, h, h // G, start_m, offs_m, offs_m < M
+
+
+@triton.jit
 def tile(base, strides, b, h, rows, cols):
     """Pointers to x[b, h, rows, cols] (rows down, cols across) of a 4-D tensor with `strides`."""
     return base + b * strides[0] + h * strides[1] + rows[:, None] * strides[2] + cols[None, :] * strides[3]
