@@ -200,6 +200,16 @@ class AttentionSpec:
             total += max(0, hi - lo + 1)
         return total
 
+    def resized(self, q_len: int | None = None, kv_len: int | None = None) -> "AttentionSpec":
+        """The same site at other lengths; mask dims that spanned the old lengths follow them."""
+        q = self.q_len if q_len is None else q_len
+        n = self.kv_len if kv_len is None else kv_len
+        shape = self.mask_shape
+        if shape is not None:
+            b, h, m, k = shape
+            shape = (b, h, q if m == self.q_len and m > 1 else m, n if k == self.kv_len and k > 1 else k)
+        return replace(self, q_len=q, kv_len=n, mask_shape=shape)
+
     def describe(self) -> str:
         parts = [f"B={self.batch} H={self.heads}"]
         if self.kv_heads != self.heads:

@@ -37,6 +37,7 @@ class Reason(str, enum.Enum):
     NO_VARIANT = "NO_VARIANT"
     EAGER_FASTEST = "EAGER_FASTEST"
     VERIFICATION_FAILED = "VERIFICATION_FAILED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
 @dataclass(frozen=True)
