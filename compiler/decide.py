@@ -19,7 +19,7 @@ from attnfx.cost_model.spec import AttentionSpec
 from attnfx.kernels import Variant
 from attnfx.passes import ops
 from attnfx.passes.attention import RULE, lift
-from attnfx.passes.mask_proof import MaskEvaluator
+from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
 

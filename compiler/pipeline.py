@@ -17,10 +17,10 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from attnfx.cost_model.hardware import HardwareProfile
-from attnfx.cost_model.profiles import resolve_target
+from attnfx.cost_model.targets import resolve_target
 from attnfx.kernels import VARIANTS, Variant
 from attnfx.passes.emit import Emitted, emit
-from attnfx.passes.mask_proof import MaskEvaluator
+from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Reason, Refusal
 
 from .capture import capture

@@ -22,10 +22,11 @@ from attnfx.cost_model.spec import AttentionSpec, MaskInput, dtype_name
 from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
                      look_through_permutes, read_contraction, unflatten_sizes)
-from .mask_proof import MaskEvaluator, MaskFacts, additive_keep, classify, conjunction, keep_predicate
+from .mask_eval import MaskEvaluator
+from .mask_proof import additive_keep, classify, conjunction, keep_predicate
 from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
-from .site import BiasTerm, Lowering, MaskTerm, Reason, Refusal, Site
+from .site import BiasTerm, Lowering, MaskFacts, MaskTerm, Reason, Refusal, Site
 
 RULE = "attention.softmax"
 
@@ -77,7 +78,8 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     probs = _follow_probs(softmax, roles, score_path.structures, algebra)
     if isinstance(probs, Refusal):
         return probs
-    av, prob_node, prob_roles, prob_path = probs
+    av, prob_node, prob_roles, prob_path, zeroed = probs
+    algebra.masks = [replace(t, fill=-math.inf) if t in zeroed else t for t in algebra.masks]
     values = _value_roles(av, prob_node, prob_roles)
     if isinstance(values, Refusal):
         return values
@@ -85,26 +87,25 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     return _build_site(softmax, score_path, algebra, av, v, out_roles, prob_path, evaluator)
 
 
-def _zeroes_excluded(node: Node, algebra: ScoreAlgebra) -> bool:
-    """A probability mask that zeroes exactly what a score mask already excluded changes only rows
-    with no key left (uniform -> 0): those masks then get a -inf fill, whose empty rows are 0."""
+def _zeroed_masks(node: Node, algebra: ScoreAlgebra) -> list[MaskTerm]:
+    """The score masks a probability mask zeroes exactly again (none: it is not such a mask). It
+    changes only rows with no key left (uniform -> 0), so those masks get a -inf fill, whose empty
+    rows are 0."""
     if ops.kind(node) == "masked_fill":
         mask, value, keep_when = ops.arg(node, "mask", 1), ops.arg(node, "value", 2), False
     else:
         cond, a, b = node.args[:3]
         mask, value, keep_when = cond, (b if ops.scalar_value(a) is None else a), ops.scalar_value(a) is None
     if ops.scalar_value(value) != 0.0:
-        return False
-    matching = [t for t in algebra.masks if t.node is mask and t.keep_when == keep_when]
-    if not matching:
-        return False
-    algebra.masks = [replace(t, fill=-math.inf) if t in matching else t for t in algebra.masks]
-    return True
+        return []
+    return [t for t in algebra.masks if t.node is mask and t.keep_when == keep_when]
 
 
 def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], algebra: ScoreAlgebra
-                  ) -> tuple[Contraction, Node, Roles, list[Node]] | Refusal:
-    node, path = softmax, []
+                  ) -> tuple[Contraction, Node, Roles, list[Node], list[MaskTerm]] | Refusal:
+    """From the softmax to the AV contraction: (contraction, probabilities, their roles, the path,
+    score masks the path zeroes again)."""
+    node, path, zeroed = softmax, [], []
     while True:
         users = ops.users(node)
         if len(users) != 1 or users[0].op == "output":
@@ -115,7 +116,7 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], a
         user = users[0]
         contraction = read_contraction(user)
         if contraction is not None:
-            return contraction, node, roles, path
+            return contraction, node, roles, path, zeroed
         k = ops.kind(user)
         if k == "dropout":
             p = ops.scalar_value(ops.arg(user, "p", 1, 0.5)) or 0.0
@@ -124,7 +125,9 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], a
                 return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention probabilities in training "
                                "mode; the rewrite could not reproduce its random mask", "A")
         elif k in ("masked_fill", "where"):
-            if not _zeroes_excluded(user, algebra):
+            again = _zeroed_masks(user, algebra)
+            zeroed += again
+            if not again:
                 return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the probabilities after the "
                                "softmax, so rows no longer sum to one", "A")
         elif k in ("mul", "div", "add", "sub", "neg"):
