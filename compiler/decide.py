@@ -60,12 +60,18 @@ class Decision:
         return None if spec is None else str(canonical_cascade(spec, tuple(n.name for n in self.site.nodes)))
 
 
-def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning) -> list[Decision]:
-    """A decision for every softmax and every existing SDPA call, in graph order."""
+def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning,
+               escaped: dict[Node, str] | None = None) -> list[Decision]:
+    """A decision for every softmax and every existing SDPA call, in graph order; `escaped` are
+    hand-written softmaxes (their probabilities) that are listed and refused with the reason given."""
     decisions: list[Decision] = []
+    escaped = escaped or {}
     for node in list(graph.nodes):
         k = ops.kind(node)
-        if k == "sdpa":
+        if node in escaped:
+            decisions.append(Decision(len(decisions), node, "REFUSED",
+                                      Refusal(Reason.PROBS_ESCAPE, escaped[node], "softmax")))
+        elif k == "sdpa":
             decisions.append(Decision(len(decisions), node, "ALREADY_FUSED"))
         elif k in ("softmax", "log_softmax"):
             decisions.append(guarded(len(decisions), node, "match",

@@ -22,6 +22,7 @@ from attnfx.kernels import VARIANTS, Variant
 from attnfx.passes.emit import Emitted, emit
 from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Reason, Refusal
+from attnfx.passes.softmax_forms import canonicalize_softmaxes
 
 from .capture import capture
 from .decide import Decision, Planning, decide_all, internal_error
@@ -52,6 +53,9 @@ class Options:
             return Planning(example_device, example_device, self.memory_budget, _variants(self.variants))
         device = resolve_target(self.target).device
         return Planning(self.target, device, self.memory_budget, _variants(self.variants))
+
+
+_KEPT = Outcome("KEPT")
 
 
 @dataclass
@@ -103,15 +107,21 @@ def rewrite(original: GraphModule, args: tuple, kwargs: dict, options: Options, 
     work = GraphModule(original, _copy_graph(original.graph))
     work.meta.update(original.meta)
     _remove_dead_nodes(work.graph)
-    decisions = decide_all(work.graph, MaskEvaluator(work), options.planning(device))
+    canonical = canonicalize_softmaxes(work.graph)
+    decisions = decide_all(work.graph, MaskEvaluator(work), options.planning(device), canonical.escaped)
     plans, emit_failures = _emit(work, decisions)
     outcomes: dict[int, Outcome] = dict(emit_failures)
     if options.verify and plans:
         plans, verdicts, expected = _verify(work, plans, args, kwargs)
         outcomes.update(verdicts)
+        if canonical.replaced:  # the end-to-end reference is the model as written
+            expected = record(original, args, kwargs)[1]
     else:
         outcomes.update({p.decision.index: Outcome("REWRITTEN") for p in plans})
         expected = None
+    for decision in decisions:  # a hand-written softmax that was not rewritten keeps its spelling
+        if decision.node in canonical.replaced and outcomes.get(decision.index, _KEPT).status != "REWRITTEN":
+            canonical.restore(decision.node)
     _wire(work, plans)
     result = work
     if plans and options.verify:

@@ -68,6 +68,12 @@ _KIND_NAMES: dict[str, tuple[str, ...]] = {
     "diff": ("diff",),
     "cumsum": ("cumsum",),
     "repeat": ("repeat",),
+    # what a softmax written out by hand is made of
+    "exp": ("exp",),
+    "sum": ("sum",),
+    "reduce_max": ("amax",),
+    "logsumexp": ("logsumexp",),
+    "reciprocal": ("reciprocal",),
 }
 _NAME_TO_KIND = {name: kind for kind, names in _KIND_NAMES.items() for name in names}
 _OPERATORS = {
@@ -111,8 +117,8 @@ def kind(node: Node) -> str | None:
     name = target_name(node)
     if name.endswith(_INPLACE_SUFFIX) and not name.startswith("_"):
         name = name[:-1]
-    if name == "max" and len(node.args) == 2 and isinstance(node.args[1], Node):
-        return "clamp_min"  # elementwise max(a, b), not the reduction over a dim
+    if name == "max":  # elementwise max(a, b), or the reduction over a dim
+        return "clamp_min" if len(node.args) == 2 and isinstance(node.args[1], Node) else "reduce_max"
     return _NAME_TO_KIND.get(name)
 
 

@@ -38,7 +38,10 @@ def method(name, *args):
     (call(torch.ones_like), "fill"),
     (call(torch.ops.aten.full.default, 0.0), "fill"),
     (call(torch.ops.aten.scalar_tensor.default), "fill"),
-    (call(torch.exp), None),
+    (call(torch.exp), "exp"),
+    (call(torch.ops.aten.amax.default, [-1], True), "reduce_max"),
+    (method("max", -1), "reduce_max"),
+    (call(torch.sin), None),
 ])
 def test_kind_of_each_spelling(node, kind) -> None:
     assert ops.kind(node) == kind
