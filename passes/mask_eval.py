@@ -315,7 +315,7 @@ class MaskEvaluator:
 
     def _tri(self, node: Node) -> Sym:
         x = self.value(node.args[0])
-        k = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("diagonal", 0))
+        k = _as_size(ops.arg(node, "diagonal", 1, 0))  # an int, or a size computed in the graph
         r = len(x.shape)
         diff = _IDX[r - 1] - _IDX[r - 2]
         cond = sympy.Le(diff, k) if ops.kind(node) == "tril" else sympy.Ge(diff, k)
