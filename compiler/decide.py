@@ -32,6 +32,7 @@ class Planning:
     device: str
     memory_budget: float | None
     candidates: tuple[Variant, ...]
+    exact_dropout: bool = False  # keep eager's random dropout stream: never fuse training dropout
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning
     site = lift(node, evaluator)
     if isinstance(site, Refusal):
         return Decision(index, node, "REFUSED", site)
+    if site.dropout_p and planning.exact_dropout:
+        return Decision(index, node, "REFUSED", Refusal(
+            Reason.DROPOUT_TRAINING, f"dropout (p={site.dropout_p:g}) on the attention probabilities in training "
+            "mode, and exact_dropout=True keeps eager's random stream, which a fused variant does not draw", "A"))
     options, by_key = _options(site, planning)
     selection = choose(options, planning.target, planning.memory_budget)
     winner = selection.winner

@@ -7,7 +7,7 @@ what the model computes silently.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Sequence
 
@@ -40,6 +40,7 @@ class Options:
     target: str | HardwareProfile | None = None
     memory_budget: float | None = None
     variants: tuple[str, ...] | None = None
+    exact_dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.variants is not None:
@@ -49,10 +50,9 @@ class Options:
     def planning(self, example_device: str) -> Planning:
         """Variants must run on the target's device (a CUDA plan made on a CPU machine is still
         verified here: attnfx::attention runs everywhere); by default, where the inputs are."""
-        if self.target is None:
-            return Planning(example_device, example_device, self.memory_budget, _variants(self.variants))
-        device = resolve_target(self.target).device
-        return Planning(self.target, device, self.memory_budget, _variants(self.variants))
+        target = example_device if self.target is None else self.target
+        device = example_device if self.target is None else resolve_target(self.target).device
+        return Planning(target, device, self.memory_budget, _variants(self.variants), self.exact_dropout)
 
 
 _KEPT = Outcome("KEPT")
@@ -74,6 +74,7 @@ def optimize(
     target: str | HardwareProfile | None = None,
     memory_budget: float | None = None,
     variants: Sequence[str] | None = None,
+    exact_dropout: bool = False,
 ) -> OptimizedModule:
     """Rewrite every attention in `model` to the variant predicted fastest; see the README.
 
@@ -82,10 +83,12 @@ def optimize(
     check of each site. `target` prices the variants for "cpu" (this host, calibrated once and
     cached), "cuda" or a `HardwareProfile`; by default, the device of the example inputs.
     `memory_budget` (bytes) excludes variants whose intermediates would exceed it. `variants`
-    restricts the implementations considered, by name.
+    restricts the implementations considered, by name. Training-mode attention dropout goes to a
+    fused variant (SDPA's dropout_p: its own random stream, verified with dropout off);
+    `exact_dropout=True` leaves those sites as written instead.
     """
     started = time.perf_counter()
-    options = Options(verify, target, memory_budget, None if variants is None else tuple(variants))
+    options = Options(verify, target, memory_budget, None if variants is None else tuple(variants), exact_dropout)
     args, kwargs = _normalise_inputs(model, example_args, example_kwargs)
     captured = capture(model, args, kwargs, dynamic_shapes)
     graph_kwargs = {k: v for k, v in kwargs.items() if k not in captured.constants}
@@ -94,7 +97,7 @@ def optimize(
                      _device_of(args, kwargs, model), captured.module_prefix)
     report.optimize_seconds = time.perf_counter() - started
     respecialize = partial(optimize, model, verify=verify, target=target, memory_budget=memory_budget,
-                           variants=variants)
+                           variants=variants, exact_dropout=exact_dropout)
     return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
                            respecialize if dynamic_shapes is None else None)
 
@@ -126,6 +129,8 @@ def rewrite(original: GraphModule, args: tuple, kwargs: dict, options: Options, 
     result = work
     if plans and options.verify:
         result = _check_end_to_end(work, original, report, args, kwargs, expected, outcomes)
+    if result is work and any(p.decision.lowering.spec.dropout_p for p in plans):
+        _arm_dropout(work, plans)
     report.entries.extend(entry(d, outcomes.get(d.index), module_prefix) for d in decisions)
     return result
 
@@ -137,14 +142,32 @@ def _emit(work: GraphModule, decisions: list[Decision]) -> tuple[list[_Plan], di
         if decision.status != "CHOSEN":
             continue
         before = set(work.graph.nodes)
+        # emitted without dropout: verification compares the deterministic part, then it is armed
+        deterministic = replace(decision.lowering, spec=replace(decision.lowering.spec, dropout_p=0.0))
         try:
-            emitted = emit(work.graph, decision.site, decision.lowering, decision.variant, decision.index)
+            emitted = emit(work.graph, decision.site, deterministic, decision.variant, decision.index)
         except Exception as exc:  # noqa: BLE001 - an emitter bug leaves that one site as written
             _erase_unused(work.graph, [n for n in work.graph.nodes if n not in before])
             failures[decision.index] = Outcome("REFUSED", refusal=internal_error(exc, "emit"))
             continue
         plans.append(_Plan(decision, emitted))
     return plans, failures
+
+
+def _arm_dropout(work: GraphModule, plans: list[_Plan]) -> None:
+    """Give each verified site with training dropout its variant's call with the dropout on."""
+    for plan in plans:
+        spec = plan.decision.lowering.spec
+        if not spec.dropout_p:
+            continue
+        call = plan.decision.variant.call(spec, plan.emitted.operands)
+        old = plan.emitted.call
+        with work.graph.inserting_before(old):
+            armed = work.graph.call_function(call.target, call.args, call.kwargs)
+        armed.meta = dict(old.meta)
+        old.replace_all_uses_with(armed)
+        work.graph.erase_node(old)
+    work.recompile()
 
 
 def _wire(work: GraphModule, plans: list[_Plan]) -> None:

@@ -121,5 +121,6 @@ class Site:
     facts: MaskFacts
     structures: dict[Roles, tuple] = field(default_factory=dict)  # batch layouts -> sizes
     batch_sizes: tuple[int, ...] = ()  # canonical batch sizes at the example inputs
+    dropout_p: float = 0.0  # training-mode dropout on the probabilities
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces
