@@ -12,7 +12,7 @@ algorithm the cost model prices them with.
   attnfx::linear_attention(...)[0]     (linear sites: q, k feature-mapped; GQA, normalize, decay)
     attnfx_linear            right to left, Q (K^T V): no causal band, no decay; any device
     attnfx_lightning         chunked (Lightning, LINEAR_CHUNK rows a chunk): a causal band; any device
-Every variant refuses the sites of another kind.
+Every variant refuses the sites of another kind, and training dropout (none of the ops has any).
 """
 from __future__ import annotations
 
@@ -111,28 +111,31 @@ def _chunked_linear(spec: AttentionSpec, device: str) -> str | None:
 
 
 CHUNKED = OpVariant(
-    "attnfx_chunked", "chunked",
+    "attnfx_chunked", "chunked", "attnfx::attention",
     "attnfx::attention's pure-torch chunked 1-pass kernel (memory-bounded, fp32 accumulation)",
     cpu_kernel("attnfx_chunked", Kind.SOFTMAX, "attnfx::attention runs its Triton kernels"), attention_call)
 TRITON_FLASH = OpVariant(
-    "triton_flash", "flash", "attnfx::attention's Triton flash kernel (1-pass online softmax, causal block skipping)",
+    "triton_flash", "flash", "attnfx::attention",
+    "attnfx::attention's Triton flash kernel (1-pass online softmax, causal block skipping)",
     triton_kernel("triton_flash", Kind.SOFTMAX, _flash_shapes), attention_call)
 TRITON_DECODE = OpVariant(
-    "triton_decode", "decode_split_kv", "attnfx::attention's Triton split-KV decode kernel (Flash-Decoding merge)",
+    "triton_decode", "decode_split_kv", "attnfx::attention",
+    "attnfx::attention's Triton split-KV decode kernel (Flash-Decoding merge)",
     triton_kernel("triton_decode", Kind.SOFTMAX, _decode_shapes), attention_call)
 SIGMOID_CHUNKED = OpVariant(
-    "attnfx_sigmoid_chunked", "sigmoid_chunked",
+    "attnfx_sigmoid_chunked", "sigmoid_chunked", "attnfx::sigmoid_attention",
     "attnfx::sigmoid_attention's pure-torch chunked kernel (memory-bounded, fp32 accumulation)",
     cpu_kernel("attnfx_sigmoid_chunked", Kind.SIGMOID, "attnfx::sigmoid_attention runs its Triton kernel"),
     sigmoid_call)
 TRITON_SIGMOID = OpVariant(
-    "triton_sigmoid", "sigmoid_flash",
+    "triton_sigmoid", "sigmoid_flash", "attnfx::sigmoid_attention",
     "attnfx::sigmoid_attention's Triton flash kernel (sigmoid weights, no row statistics)",
     triton_kernel("triton_sigmoid", Kind.SIGMOID), sigmoid_call)
 LINEAR = OpVariant(
-    "attnfx_linear", "linear_right_to_left", "attnfx::linear_attention right to left: Q (K^T V), O(N E F)",
+    "attnfx_linear", "linear_right_to_left", "attnfx::linear_attention",
+    "attnfx::linear_attention right to left: Q (K^T V), O(N E F)",
     _right_to_left, linear_call("right_to_left"))
 LIGHTNING = OpVariant(
-    "attnfx_lightning", "linear_chunked",
+    "attnfx_lightning", "linear_chunked", "attnfx::linear_attention",
     f"attnfx::linear_attention chunked (Lightning, {LINEAR_CHUNK} rows a chunk): intra-chunk product + decayed "
     "running state", _chunked_linear, linear_call("chunked"))

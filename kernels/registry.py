@@ -64,12 +64,15 @@ class OpVariant:
 
     name: str
     algorithm: str
+    op: str  # the custom op it emits, e.g. "attnfx::attention"
     description: str
     refuse: Callable[[AttentionSpec, str], str | None]
     emit: Callable[[AttentionSpec, Operands], Call]
     exact: bool = True
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        if spec.dropout_p:
+            return f"{self.op} has no dropout (sdpa fuses training dropout)"
         return self.refuse(spec, device)
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:

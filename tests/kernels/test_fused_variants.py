@@ -11,7 +11,6 @@ from attnfx.cost_model import ALGORITHMS, AttentionSpec, Causal
 from attnfx.cost_model.spec import Kind
 from attnfx.kernels import VARIANTS, Operands, get_variant
 
-OP = torch.ops.attnfx.attention.default
 ALL = {**FEATURES, **COMBINED}
 
 
@@ -42,7 +41,7 @@ def test_the_call_computes_the_site(name):
     case = ALL[name]
     t = case.tensors()
     call = get_variant("attnfx_chunked").call(case.spec("float32"), operands(t))
-    assert call.target is OP and call.output_index == 0 and call.kwargs == {}
+    assert call.target.name() == "attnfx::attention" and call.output_index == 0 and call.kwargs == {}
     assert_close(call.run(), reference(case, t), "float32")
 
 
@@ -142,6 +141,12 @@ SIGMOID = AttentionSpec(1, 8, 8, 128, 128, 64, 64, kind=Kind.SIGMOID, logit_bias
     ("attnfx_lightning", SPEC, "cuda", "attnfx_lightning computes linear attention; this site's weights are softmax"),
     ("attnfx_lightning", LINEAR, "cpu",
      "no causal band: the right-to-left order (attnfx_linear) computes this site in one state"),
+    ("attnfx_chunked", replace(SPEC, dropout_p=0.1), "cpu",
+     "attnfx::attention has no dropout (sdpa fuses training dropout)"),
+    ("triton_sigmoid", replace(SIGMOID, dropout_p=0.1), "cuda",
+     "attnfx::sigmoid_attention has no dropout (sdpa fuses training dropout)"),
+    ("attnfx_lightning", replace(LINEAR, causal=Causal.TOP_LEFT, dropout_p=0.1), "cpu",
+     "attnfx::linear_attention has no dropout (sdpa fuses training dropout)"),
 ])
 def test_refusals_of_other_kinds(variant, spec, device, reason):
     assert get_variant(variant).refusal(spec, device) == reason

@@ -10,7 +10,7 @@ import pytest
 from attnfx.cost_model import AttentionSpec, Causal, Option, predict, select
 from attnfx.cost_model.catalog import CATALOG
 from attnfx.cost_model.hardware import H100_SXM, SANDBOX_CPU
-from attnfx.cost_model.passes import analyze
+from attnfx.cost_model.pass_count import analyze
 from attnfx.cost_model.spec import Kind
 from attnfx.cost_model.tiles import LINEAR_CHUNK
 
