@@ -1,9 +1,12 @@
 """Everything an attention site can be replaced by, each with a pure-torch reference."""
+from .flex import FlexVariant
 from .fused import ChunkedVariant, TritonDecodeVariant, TritonFlashVariant
+from .padded import PaddedVariant
 from .registry import Call, Operands, Variant
 from .sdpa import SdpaVariant
 
-VARIANTS: tuple[Variant, ...] = (SdpaVariant(), ChunkedVariant(), TritonFlashVariant(), TritonDecodeVariant())
+VARIANTS: tuple[Variant, ...] = (SdpaVariant(), ChunkedVariant(), TritonFlashVariant(), TritonDecodeVariant(),
+                                 FlexVariant(), PaddedVariant())
 
 
 def get_variant(name: str) -> Variant:
