@@ -24,10 +24,10 @@ from .spec import AttentionSpec, MaskInput
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",
            "reuse", "rows", "fresh", "ctas", "largest", "footprint")
-_FUSED_EXP_UNITS = ("softmax", "sdpa", "flash")  # exps inside a fused kernel, not a torch.exp op
-_GEMM_UNITS = ("gemm", "sdpa", "flash")  # kernels whose loads go through GEMM micro-kernels
+_FUSED_EXP_UNITS = ("softmax", "sdpa", "flash", "flex")  # exps inside a fused kernel, not a torch.exp op
+_GEMM_UNITS = ("gemm", "sdpa", "flash", "flex")  # kernels whose loads go through GEMM micro-kernels
 _ARGS = (sym.B, sym.H, sym.Hkv, sym.M, sym.N, sym.E, sym.F, sym.s, sym.s_a, sym.s_m, sym.P, sym.P_t, sym.T,
-         sym.K_t, sym.K_max, sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W)
+         sym.K_t, sym.K_max, sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W, sym.V_k)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
     work = max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)  # on the whole device, perfectly shared
     busy = _busy(work, v["ctas"], v["largest"], p)
     fault = v["faults"] * v["fresh"] / p.fault_bw if p.fault_bw else 0.0
-    overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0))
+    overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0)) + p.amortized_compile_s(k.unit)
     return KernelTime(k.name, int(launches), t_c, t_m, fault, overhead, busy + fault + overhead)
 
 

@@ -60,14 +60,18 @@ class KeyPlan:
     lo: tuple[int, ...] = ()
     hi: tuple[int, ...] = ()
 
+    def runs(self, batch: int, kv_len: int) -> list[tuple[int, int]]:
+        """Each batch row's kept run [lo, hi) (all keys when every key is kept)."""
+        return [(0, kv_len)] * batch if self.path == "all_kept" else list(zip(self.lo, self.hi))
+
 
 def plan_keys(key_keep: Tensor) -> KeyPlan:
     """Classify a (B, N) keep mask in O(B*N): all kept, one contiguous run per row, or neither."""
     keep = key_keep.reshape(key_keep.shape[0], key_keep.shape[-1]).to(torch.bool)
+    if bool(keep.all()):
+        return KeyPlan("all_kept")
     n = keep.shape[1]
     kept = keep.sum(1)
-    if bool((kept == n).all()):
-        return KeyPlan("all_kept")
     position = torch.arange(n, device=keep.device)
     lo = torch.where(keep, position, n).amin(1)
     hi = torch.where(keep, position + 1, 0).amax(1)
@@ -169,28 +173,47 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, bias: Tensor | None, s
     return out
 
 
-def empty_rows(keep: Tensor, q_len: int, mods: Mods) -> Tensor:
-    """(B, M) bool: query rows that keep no key (band and key mask together), in O(B*(N+M))."""
+def _visible_rows(lo: int, hi: int, q_len: int, offset: int | None, window: int) -> tuple[int, int]:
+    """Query rows [first, stop) that see a key of the kept run [lo, hi) under the band."""
+    if hi <= lo:
+        return 0, 0
+    if offset is None:
+        return 0, q_len
+    stop = q_len if window == -1 else hi - 1 - offset + window
+    return min(max(lo - offset, 0), q_len), min(max(stop, 0), q_len)
+
+
+def empty_rows(keep: Tensor, plan: KeyPlan, q_len: int, mods: Mods) -> dict[int, Tensor]:
+    """Batch row -> indices of its query rows that keep no key: from the kept runs in O(B) where
+    the plan has them, else from prefix counts of the key mask in O(B*(N+M))."""
     n_len = keep.shape[1]
+    offset = _offset(mods, q_len, n_len)
+    if plan.path != "dense":
+        runs = plan.runs(keep.shape[0], n_len)
+        found = {}
+        for b, (lo, hi) in enumerate(runs):
+            first, stop = _visible_rows(lo, hi, q_len, offset, mods.window)
+            if first > 0 or stop < q_len:
+                rows = torch.arange(q_len, device=keep.device)
+                found[b] = rows[(rows < first) | (rows >= stop)]
+        return found
     counts = torch.nn.functional.pad(keep.to(torch.int32).cumsum(1), (1, 0))  # kept keys before x
     m = torch.arange(q_len, device=keep.device)
-    offset = _offset(mods, q_len, n_len)
     hi = torch.full_like(m, n_len) if offset is None else (m + offset + 1).clamp(0, n_len)
     lo = torch.zeros_like(m) if mods.window == -1 else (m + offset - mods.window + 1).clamp(0, n_len)
-    lo = torch.minimum(lo, hi)
-    return (counts[:, hi] - counts[:, lo]) == 0
+    empty = (counts[:, hi] - counts[:, torch.minimum(lo, hi)]) == 0
+    return {b: empty[b].nonzero().flatten() for b in empty.any(1).nonzero().flatten().tolist()}
 
 
 def _fill_empty(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, slopes: Tensor | None, mods: Mods,
-                empty: Tensor, out: Tensor) -> None:
+                empty: dict[int, Tensor], out: Tensor) -> None:
     """Rows that keep no key: 0 for a -inf fill, else softmax over all keys of (score + fill)."""
-    if math.isinf(mods.fill):
-        out.masked_fill_(empty[:, None, :, None], 0.0)
-        return
     acc = accumulation_dtype(q.dtype)
     groups = q.shape[1] // k.shape[1]
-    for b in empty.any(1).nonzero().flatten().tolist():
-        rows = empty[b].nonzero().flatten()
+    for b, rows in empty.items():
+        if math.isinf(mods.fill):
+            out[b][:, rows] = 0.0
+            continue
         qb = q[b][:, rows].to(acc)  # (H, r, E)
         kb = k[b].to(acc).repeat_interleave(groups, 0)
         s = (qb @ kb.transpose(-1, -2)) * mods.scale  # (H, r, N)
@@ -222,8 +245,8 @@ def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, bias: Tens
         _padding_free(q, k, v, keep, bias, alibi_slopes, mods, plan, out)
     else:
         out = _dense(q, k, v, keep, bias, alibi_slopes, mods).contiguous()
-    empty = empty_rows(keep, d.q_len, mods)
-    if bool(empty.any()):
+    empty = empty_rows(keep, plan, d.q_len, mods)
+    if empty:
         out = out.clone()  # never write into a tensor autograd saved (SDPA's output)
         _fill_empty(q, k, v, bias, alibi_slopes, mods, empty, out)
     return out
