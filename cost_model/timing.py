@@ -182,6 +182,17 @@ def _predict(alg: Algorithm, spec: AttentionSpec, profile: HardwareProfile, spli
         analysis.reads.get("K", 0), int(totals["launches"]), splits)
 
 
+def useful_flops(spec: AttentionSpec) -> float:
+    """The matmul FLOPs attention needs at a site: 2 * B * H * live pairs * (E + F), every masked or
+    skipped pair excluded (what any variant's throughput is measured in)."""
+    return 2.0 * spec.batch * spec.heads * sym.live_pairs(spec) * (spec.head_dim + spec.value_dim)
+
+
+def gemm_fraction(seconds: float, spec: AttentionSpec, gemm_flops: float) -> float:
+    """Attention throughput (useful FLOPs / `seconds`) as a share of a GEMM rate in FLOP/s."""
+    return useful_flops(spec) / seconds / gemm_flops
+
+
 def symbolic(algorithm: str | Algorithm, spec: AttentionSpec) -> dict[str, sp.Expr]:
     """The algorithm's totals at `spec`'s features as expressions in the symbols (for explain)."""
     alg = resolve(algorithm)
