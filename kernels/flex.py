@@ -24,6 +24,7 @@ import shutil
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from attnfx.cost_model.spec import AttentionSpec, Causal, MaskInput
 
@@ -121,9 +122,12 @@ def flex_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slo
         full_bias = bias_4d(bias).to(torch.float32).expand(d.batch, d.heads, d.q_len, d.kv_len)
     slopes = None if alibi_slopes is None else alibi_slopes.to(torch.float32)
     lengths = None if kv_lengths is None else kv_lengths.to(torch.int64)
-    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        out = _compiled()(q.contiguous(), k.contiguous(), v.contiguous(), tables, lengths, full_bias, slopes,
-                          float(scale), offset, window, float(softcap))
+    # Inductor compiles FlexAttention on CPU for inference only (the op's backward is attnfx::attention's),
+    # and the op is opaque: dispatch modes around it (a caller's, opcheck's) do not trace into Dynamo
+    with torch.no_grad(), _disable_current_modes(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        out = _compiled()(q.detach().contiguous(), k.detach().contiguous(), v.detach().contiguous(), tables,
+                          lengths, None if full_bias is None else full_bias.detach(), slopes, float(scale), offset,
+                          window, float(softcap))
     return out.to(q.dtype)
 
 
