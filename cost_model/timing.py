@@ -18,6 +18,7 @@ import sympy as sp
 from . import symbols as sym
 from .algorithms import ALGORITHMS, Algorithm, Kernel
 from .catalog import CATALOG
+from .compiled import is_compiled
 from .hardware import HardwareProfile
 from .passes import analyze
 from .spec import AttentionSpec, MaskInput
@@ -121,7 +122,9 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
     work = max(t_c, t_m) + (1.0 - p.overlap) * min(t_c, t_m)  # on the whole device, perfectly shared
     busy = _busy(work, v["ctas"], v["largest"], p)
     fault = v["faults"] * v["fresh"] / p.fault_bw if p.fault_bw else 0.0
-    overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0)) + p.amortized_compile_s(k.unit)
+    overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0))
+    if not is_compiled(k.unit, spec):
+        overhead += p.amortized_compile_s(k.unit)
     return KernelTime(k.name, int(launches), t_c, t_m, fault, overhead, busy + fault + overhead)
 
 

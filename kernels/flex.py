@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from attnfx.cost_model.spec import AttentionSpec, Causal, MaskInput
+from attnfx.cost_model.compiled import compile_key, note_compiled
+from attnfx.cost_model.spec import AttentionSpec, Causal, MaskInput, ScoreMods, dtype_name
 
 from . import ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
 from .attention_args import bias_4d, check_args
@@ -128,6 +129,11 @@ def flex_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slo
         out = _compiled()(q.detach().contiguous(), k.detach().contiguous(), v.detach().contiguous(), tables,
                           lengths, None if full_bias is None else full_bias.detach(), slopes, float(scale), offset,
                           window, float(softcap))
+    note_compiled(compile_key("flex_compile", (d.batch, d.heads, d.kv_heads, d.q_len, d.kv_len, d.head_dim,
+                                               d.value_dim), dtype_name(q.dtype),
+                              ScoreMods.from_op_args(scale, causal, window, softcap),
+                              None if bias is None else tuple(bias_4d(bias).shape), alibi_slopes is not None,
+                              kv_lengths is not None))
     return out.to(q.dtype)
 
 

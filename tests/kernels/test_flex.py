@@ -142,3 +142,12 @@ def test_the_op_refuses_what_the_variant_refuses():
     case = Case(bias="B1MN", bias_kind="bool")
     with pytest.raises(ValueError, match="attnfx::flex_attention: a bool mask tensor gives FlexAttention no block"):
         torch.ops.attnfx.flex_attention(*case.op_args(case.tensors()))
+
+
+@needs_inductor
+def test_running_a_site_tells_the_cost_model_it_is_compiled():
+    from attnfx.cost_model.compiled import is_compiled
+
+    torch.ops.attnfx.flex_attention(*SITE.op_args(SITE.tensors()))
+    assert is_compiled("flex_compile", SITE.spec("float32"))
+    assert not is_compiled("flex_compile", replace(SITE.spec("float32"), q_len=38))
