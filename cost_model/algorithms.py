@@ -247,6 +247,41 @@ DECODE_SPLIT_KV = Algorithm(
     peak=_PARTIALS,
 )
 
+def _bounded_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
+    """kernels/bounded.py's rule: 128-row query blocks and up to 1024 keys, 2^20 scores per chunk."""
+    rows = spec.batch * spec.heads
+    nc = max(1, min(spec.kv_len, 1024, (1 << 20) // (rows * 128)))
+    return {"Br": max(1, min(spec.q_len, 128, (1 << 20) // (rows * nc))), "Bc": nc, "clip": 1}
+
+
+BOUNDED = Algorithm(
+    "bounded", "1-pass", frozenset({"cpu"}), tiles=_bounded_tiles,
+    description="attnfx's pure-torch loop with a fixed per-row offset (a score bound): matmul, subtract, exp2 "
+                "in place, matmul with the row sums as a column of ones",
+    kernels=(
+        Kernel("row bounds", "ew", launches=12, ew=2 * B * H * M * E + 2 * B * Hkv * N * E, inputs=Q_IN + KV,
+               write=4 * B * H * M),
+        Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F + 1),
+               inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * _ROWS * (F + 1),
+               reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV, footprint=2 * _CHUNK, fresh=_CHUNK,
+               allocs=T, refaults=0),
+        Kernel("chunk offset, exp2", "ew", launches=4 * T, exps=B * H * P_t, masked_exps=B * H * (P_t - P),
+               ew=B * H * P_t + _ROWS * (F + 1), read=2 * _TILES + 4 * _ROWS * (F + 1), write=2 * _TILES,
+               footprint=2 * _CHUNK),
+        Kernel("chunk softcap", "ew", "softcap", launches=2 * T, ew=B * H * P_t, exps=B * H * P_t, read=2 * _TILES,
+               write=2 * _TILES, footprint=2 * _CHUNK),
+        Kernel("chunk ALiBi", "ew", "bias", launches=5 * T, ew=2 * B * H * P_t, read=_TILES, write=_TILES,
+               footprint=2 * _CHUNK),
+        Kernel("diagonal band", "select", "causal", launches=5 * R, ew=B * H * M * Bc, read=s_a * B * H * M * Bc,
+               write=s_a * B * H * M * Bc, footprint=2 * _CHUNK),
+        Kernel("query block", "ew", launches=6 * R, ew=B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
+               write=s * B * H * M * E + O_OUT),
+        OP_CALL,
+    ),
+    peak=_CHUNK + 4 * B * H * M * (F + 2),
+)
+
+
 FLEX = Algorithm(
     "flex", "1-pass", frozenset({"cpu"}), tiles=lambda spec, device: {"Br": 128, "Bc": 128},
     description="FlexAttention compiled by Inductor: block mask from the proof (skips empty 128x128 blocks), "
@@ -334,5 +369,5 @@ LINEAR = Algorithm(
     peak=4 * B * Hkv * E * (F + 1),
 )
 
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (EAGER, SDPA, CHUNKED, FLASH, DECODE_SPLIT_KV, FLEX, PADDED,
-                                                          LINEAR)}
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (EAGER, SDPA, CHUNKED, BOUNDED, FLASH, DECODE_SPLIT_KV, FLEX,
+                                                          PADDED, LINEAR)}

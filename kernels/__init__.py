@@ -1,4 +1,5 @@
 """Everything an attention site can be replaced by, each with a pure-torch reference."""
+from .bounded import BoundedVariant
 from .flex import FlexVariant
 from .fused import ChunkedVariant, TritonDecodeVariant, TritonFlashVariant
 from .padded import PaddedVariant
@@ -6,7 +7,7 @@ from .registry import Call, Operands, Variant
 from .sdpa import SdpaVariant
 
 VARIANTS: tuple[Variant, ...] = (SdpaVariant(), ChunkedVariant(), TritonFlashVariant(), TritonDecodeVariant(),
-                                 FlexVariant(), PaddedVariant())
+                                 FlexVariant(), PaddedVariant(), BoundedVariant())
 
 
 def get_variant(name: str) -> Variant:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import platform
 import shutil
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from attnfx.cost_model.spec import AttentionSpec, Causal, MaskInput, ScoreMods, 
 
 from . import ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
 from .attention_args import bias_4d, check_args
+from .fused import attention_call
 from .registry import Call, Operands
 
 BLOCK = 128  # block-mask granularity (FlexAttention's default sparse block)
@@ -214,11 +216,6 @@ class FlexVariant:
         return reason
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        args = (
-            operands.q, operands.k, operands.v,
-            operands.mask if spec.mask is not MaskInput.NONE else None,
-            operands.slopes if spec.alibi else None,
-            operands.kv_lengths if spec.key_padding else None,
-            *spec.mods.op_args(),
-        )
-        return Call(torch.ops.attnfx.flex_attention.default, args, {})
+        """attnfx::attention's arguments, to the op that returns the output alone."""
+        return replace(attention_call(spec, operands), target=torch.ops.attnfx.flex_attention.default,
+                       output_index=None)

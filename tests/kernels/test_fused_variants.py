@@ -22,7 +22,8 @@ def operands(t: dict[str, torch.Tensor]) -> Operands:
 def test_registered_in_order_with_their_cascades():
     assert [(v.name, v.algorithm, v.exact) for v in VARIANTS[1:]] == [
         ("attnfx_chunked", "chunked", True), ("triton_flash", "flash", True),
-        ("triton_decode", "decode_split_kv", True), ("flex", "flex", True), ("padded", "padded", True)]
+        ("triton_decode", "decode_split_kv", True), ("flex", "flex", True), ("padded", "padded", True),
+        ("attnfx_bounded", "bounded", True)]
 
 
 @pytest.mark.parametrize("name", list(ALL))
