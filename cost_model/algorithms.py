@@ -193,6 +193,9 @@ CHUNKED = Algorithm(
                footprint=2 * _CHUNK),
         Kernel("chunk bias", "ew", "bias", launches=2 * T, ew=B * H * P_t, inputs=MASK, read=_TILES, write=_TILES,
                footprint=2 * _CHUNK),
+        # divide, tanh, multiply in place, and the softcap's derivative 1 - t^2 kept for the backward
+        Kernel("chunk softcap", "ew", "softcap", launches=5 * T, ew=4 * B * H * P_t, exps=B * H * P_t,
+               read=4 * _TILES, write=4 * _TILES, footprint=2 * _CHUNK, fresh=_CHUNK, allocs=2 * T, refaults=0),
         Kernel("chunk keep-mask", "select", "bool_mask", launches=3 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
                write=_TILES, footprint=2 * _CHUNK),
         Kernel("chunk causal band", "select", "causal", launches=4 * T, ew=B * H * P_t, read=_TILES, write=_TILES,
