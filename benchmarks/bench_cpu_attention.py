@@ -104,7 +104,7 @@ def contenders(case: str, n: int, b: int, h: int, e: int, flex: bool, max_eager:
         mask = keep if bias is None else bias.masked_fill(~keep, -math.inf)
         run["sdpa dense mask"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     run["attnfx chunked"] = lambda: torch.ops.attnfx.attention(q, k, v, *op_args)[0]
-    run["attnfx bounded"] = lambda: torch.ops.attnfx.bounded_attention(q, k, v, *op_args[1:2], *op_args[3:])[0]
+    run["attnfx bounded"] = lambda: torch.ops.attnfx.bounded_attention(q, k, v, *op_args)[0]
     if flex:
         run["attnfx flex"] = lambda: torch.ops.attnfx.flex_attention(q, k, v, *op_args)
     return run, spec
@@ -176,7 +176,7 @@ def tiny_table(ns: argparse.Namespace) -> None:
         "sdpa is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "sdpa dense mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
         "attnfx chunked": lambda: torch.ops.attnfx.attention(q, k, v, *args)[0],
-        "attnfx bounded": lambda: torch.ops.attnfx.bounded_attention(q, k, v, None, *args[3:])[0],
+        "attnfx bounded": lambda: torch.ops.attnfx.bounded_attention(q, k, v, *args)[0],
         "attnfx padded": lambda: torch.ops.attnfx.padded_attention(q, k, v, key_keep, None, None, scale, "top_left",
                                                                    -1, 0.0, -math.inf),
     }

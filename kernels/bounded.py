@@ -11,14 +11,18 @@ appended to V. Per chunk that is: one matmul, (tanh, ALiBi,) one subtraction, on
 one matmul. Rows whose bound overshoots by more than 2^100 (sum below 2^-100) or whose sum is not
 finite are recomputed by attnfx::attention, so the result is always the softmax's, to fp32 rounding.
 
-    attnfx::bounded_attention(q, k, v, alibi_slopes?, scale, causal, window, softcap) -> (out, lse)
+    attnfx::bounded_attention(q, k, v, bias?, alibi_slopes?, kv_lengths?, scale, causal, window, softcap)
+        -> (out, lse)
 
-Semantics are attnfx::attention's without bias or key lengths (those sites keep attnfx_chunked);
-lse is natural-log, -inf for rows with no visible key, so the backward is attnfx::attention's.
+Arguments, semantics and outputs are attnfx::attention's (so a graph consumer, ONNX lowering
+included, treats both alike), except that bias and kv_lengths must be None: those sites keep
+attnfx_chunked. lse is natural-log, -inf for rows with no visible key; the backward is
+attnfx::attention's.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -63,10 +67,11 @@ def _row_bounds(q: Tensor, k: Tensor, slopes: Tensor | None, d: Dims, scale: flo
     return bound * LOG2E
 
 
-def bounded_forward(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None, scale: float, causal: str,
-                    window: int, softcap: float) -> tuple[Tensor, Tensor]:
+def bounded_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slopes: Tensor | None,
+                    kv_lengths: Tensor | None, scale: float, causal: str, window: int,
+                    softcap: float) -> tuple[Tensor, Tensor]:
     """(out (B,H,M,F), lse (B,H,M)) with a fixed per-row offset; rows it cannot bound are recomputed."""
-    d = check_args(q, k, v, None, alibi_slopes, None, causal, window, softcap)
+    d = _check(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
     acc = accumulation_dtype(q.dtype)
     offset = None if causal == "none" else Causal(causal).offset(d.q_len, d.kv_len)
     qa, ka = q.to(acc), k.to(acc)
@@ -142,6 +147,13 @@ def _finish(total: Tensor, bound: Tensor, q: Tensor, k: Tensor, v: Tensor, alibi
     return out.to(q.dtype), lse
 
 
+def _check(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap) -> Dims:
+    d = check_args(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
+    if bias is not None or kv_lengths is not None:
+        raise ValueError("attnfx::bounded_attention takes no bias or kv_lengths (attnfx::attention does)")
+    return d
+
+
 def _visible(d: Dims, causal: str, window: int, device: torch.device) -> Tensor:
     """(M,) bool: query rows that see at least one key under the band."""
     m = torch.arange(d.q_len, device=device)
@@ -156,24 +168,25 @@ def _visible(d: Dims, causal: str, window: int, device: torch.device) -> Tensor:
 @torch.library.custom_op(
     "attnfx::bounded_attention",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float scale, str causal, int window, "
-    "float softcap) -> (Tensor out, Tensor lse)",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, Tensor? kv_lengths, "
+    "float scale, str causal, int window, float softcap) -> (Tensor out, Tensor lse)",
 )
-def bounded_attention(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None, scale: float, causal: str,
-                      window: int, softcap: float) -> tuple[Tensor, Tensor]:
+def bounded_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slopes: Tensor | None,
+                      kv_lengths: Tensor | None, scale: float, causal: str, window: int,
+                      softcap: float) -> tuple[Tensor, Tensor]:
     """Attention with a fixed per-row softmax offset: (out, lse) as attnfx::attention gives them."""
-    return bounded_forward(q, k, v, alibi_slopes, scale, causal, window, softcap)
+    return bounded_forward(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
 
 
 @bounded_attention.register_fake
-def _bounded_fake(q, k, v, alibi_slopes, scale, causal, window, softcap):
-    d = check_args(q, k, v, None, alibi_slopes, None, causal, window, softcap)
+def _bounded_fake(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
+    d = _check(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
     out = q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
     return out, q.new_empty(d.batch, d.heads, d.q_len, dtype=accumulation_dtype(q.dtype))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, alibi_slopes, *params = inputs
+    q, k, v, _, alibi_slopes, _, *params = inputs
     ctx.save_for_backward(q, k, v, alibi_slopes, *output)
     ctx.params = tuple(params)
 
@@ -182,7 +195,7 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
     q, k, v, alibi_slopes, out, lse = ctx.saved_tensors
     dq, dk, dv, _ = torch.ops.attnfx.attention_backward(grad_out, grad_lse, q, k, v, None, alibi_slopes, None, out,
                                                         lse, *ctx.params, False)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 bounded_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -202,5 +215,4 @@ class BoundedVariant:
         return None
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        q, k, v, _, slopes, _, *mods = attention_call(spec, operands).args
-        return Call(torch.ops.attnfx.bounded_attention.default, (q, k, v, slopes, *mods), {}, output_index=0)
+        return replace(attention_call(spec, operands), target=torch.ops.attnfx.bounded_attention.default)

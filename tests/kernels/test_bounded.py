@@ -19,8 +19,7 @@ CASES = {name: case for name, case in {**FEATURES, **COMBINED}.items() if case.b
 
 
 def _args(case: Case, t: dict) -> tuple:
-    return (t["Q"], t["K"], t["V"], t.get("SLOPES"), case.scale_value, case.causal, case.window or -1,
-            case.softcap or 0.0)
+    return case.op_args(t)
 
 
 class _Ops(TorchDispatchMode):
@@ -79,6 +78,12 @@ def test_gradients_match_the_oracle():
     expected = reference_grads(case, t, grad)
     for name, leaf in leaves.items():
         assert_close(leaf.grad, expected[name], "float32", f"d{name}")
+
+
+def test_bias_and_key_lengths_are_refused_by_the_op():
+    case = Case(key_padding=True, batch=2)
+    with pytest.raises(ValueError, match=r"attnfx::bounded_attention takes no bias or kv_lengths"):
+        OP(*_args(case, case.tensors()))
 
 
 def test_opcheck():
