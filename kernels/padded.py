@@ -144,9 +144,8 @@ def _padding_free(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, bias: Tensor | 
         whole = len(members) == q.shape[0]
         pick = (lambda x: x) if whole else (lambda x: x.index_select(0, rows))
         if sliced is None:
-            dense = _dense(pick(q), pick(k), pick(v), pick(keep), _slice_bias(bias, rows, 0, 0, n_len), slopes, mods)
-            target = dense
-            qa = 0
+            qa, target = 0, _dense(pick(q), pick(k), pick(v), pick(keep), _slice_bias(bias, rows, 0, 0, n_len),
+                                   slopes, mods)
         else:
             target = _attend(pick(q)[:, :, qa:], pick(k)[:, :, lo:hi], pick(v)[:, :, lo:hi],
                              _slice_bias(bias, rows, qa, lo, hi), slopes, mods, sliced)
@@ -166,6 +165,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, bias: Tensor | None, s
             offset = _offset(mods, q.shape[2], k.shape[2])
             band = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(offset)
             mask = keep4 & band if bias is None else mask.masked_fill(~band, -math.inf)
+        mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=mods.scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     out, _ = torch.ops.attnfx.attention(q, k, v, mask, slopes, None, mods.scale, mods.causal, mods.window,
