@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from attnfx.cost_model import AttentionSpec, Causal, MaskInput
-from attnfx.cost_model.profiles import host_profile
+from attnfx.cost_model.targets import host_profile
 from attnfx.cost_model.select import Option, select
 from attnfx.kernels import VARIANTS, Operands
 
@@ -57,7 +57,7 @@ def _spec(b: int, h: int, g: int, m: int, n: int, e: int, causal: bool = False, 
 
 
 def grid(quick: bool = False) -> list[Point]:
-    """The design note's sweep (§6) cut to what a 2-core CPU runs in minutes: eager's score tensor
+    """A validation sweep cut to what a 2-core CPU runs in minutes: eager's score tensor
     stays <= 64 MiB and decode's K/V <= 512 MiB."""
     points = []
     for b, h in ((1, 8), (8, 8), (1, 32), (8, 32)):

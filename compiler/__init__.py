@@ -5,7 +5,7 @@
 """
 from attnfx.cost_model import explain
 
-from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable, MatchError, VerificationError
+from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable
 from .module import OptimizedModule
 from .pipeline import optimize
 from .report import Report, SiteEntry
@@ -27,11 +27,9 @@ __all__ = [
     "ExportError",
     "ExportSummary",
     "KernelUnavailable",
-    "MatchError",
     "OptimizedModule",
     "Report",
     "SiteEntry",
-    "VerificationError",
     "explain",
     "export_onnx",
     "optimize",

@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from attnfx.cost_model.spec import AttentionSpec
+from attnfx.passes import ops
+from attnfx.passes.site import Refusal
+
+from .decide import RULE, Decision
 
 SCHEMA = "attnfx.report/1"
 STATUSES = ("REWRITTEN", "REFUSED", "KEPT", "ALREADY_FUSED", "RESTORED")
@@ -23,9 +27,9 @@ class CandidateRow:
     peak_mb: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class SiteEntry:
-    """What attnfx decided for one softmax, and why."""
+    """What attnfx decided for one softmax, and why (built once, by `entry()`)."""
 
     index: int
     node: str
@@ -63,6 +67,49 @@ def _spec_dict(spec: AttentionSpec | None) -> dict[str, Any] | None:
     data["dynamic"] = sorted(spec.dynamic)
     data["mask_shape"] = list(spec.mask_shape) if spec.mask_shape else None
     return data
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a site after its decision: its final status, and for an emitted one the
+    verification's error, the refusal that restored it, or the node that replaced it."""
+
+    status: str
+    error: float | None = None
+    refusal: Refusal | None = None
+    replacement: str | None = None
+
+
+_DECIDED_STATUS = {"REFUSED": "REFUSED", "KEPT": "KEPT", "ALREADY_FUSED": "ALREADY_FUSED"}
+
+
+def entry(decision: Decision, outcome: Outcome | None = None, module_prefix: str = "") -> SiteEntry:
+    """The report entry of one decision (and, for a chosen site, of its outcome)."""
+    node, selection = decision.node, decision.selection
+    refusal = outcome.refusal if outcome is not None and outcome.refusal is not None else decision.refusal
+    status = outcome.status if outcome is not None else _DECIDED_STATUS[decision.status]
+    reason = ""
+    if decision.status == "ALREADY_FUSED":
+        reason = "the model already calls scaled_dot_product_attention here"
+    chosen = decision.variant is not None
+    return SiteEntry(
+        index=decision.index, node=node.name, module_path=ops.module_path(node).removeprefix(module_prefix),
+        source=ops.source_line(node), rule=RULE, status=status,
+        reason_code=refusal.code.value if refusal is not None else None,
+        reason=refusal.message if refusal is not None else reason,
+        failed_stage=refusal.stage if refusal is not None else None,
+        variant=decision.variant.name if chosen else None,
+        lowering=decision.lowering.name if chosen else None,
+        spec=decision.spec, cascade=decision.cascade,
+        mask=decision.site.facts.text if decision.site is not None else "",
+        candidates=[CandidateRow(c.option.variant, c.option.lowering, c.option.algorithm, c.predicted_s * 1e3,
+                                 c.hbm_bytes / 2**20, c.peak_bytes / 2**20) for c in selection.ranked]
+        if selection else [],
+        unavailable=[(o.variant, o.lowering, o.refusal or "") for o in selection.refused] if selection else [],
+        why=selection.why if selection else "",
+        error=outcome.error if outcome is not None else None,
+        replacement=outcome.replacement if outcome is not None else None,
+    )
 
 
 @dataclass

@@ -6,7 +6,7 @@ kernel computes and moves. A kernel's `when` names a feature of the site it exis
 `causal`, `bool_mask`, ...). Adding an algorithm (linear, sigmoid, window, ...) is adding an entry to
 `ALGORITHMS`: the time model, the selection and `explain()` pick it up.
 
-Conventions (design note §4): counts are totals over the whole call. Traffic comes in three kinds:
+Conventions: counts are totals over the whole call. Traffic comes in three kinds:
 `inputs` (the site's Q, K, V and mask: cold unless all of them fit in cache), `read`/`write` of
 intermediates (hot when one launch's traffic fits in cache), and `reread` of inputs (K/V once per
 query tile), which hits in a cache that holds `reuse` bytes. `fresh` is the size of each newly

@@ -1,7 +1,7 @@
-"""The einsum cascades of design note §2, as data (b and h implicit; n1/n0 = key chunk/offset).
+"""The einsum cascades of attention algorithms (FuseMax's notation), as data (b and h implicit; n1/n0 = key chunk/offset).
 
 Algorithms name one of these (`attnfx.cost_model.algorithms`); tests check each against the
-expected pass counts of §3. Adding a cascade is adding an entry here.
+expected pass counts. Adding a cascade is adding an entry here.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where one way of computing attention starts to beat another (design note §4, crossovers).
+"""Where one way of computing attention starts to beat another.
 
 Two are solved symbolically with sympy: the key length above which materialising the scores no longer
 fits a memory budget (so a memory-bounded variant wins by default), and the compute-bound N* above
@@ -9,7 +9,7 @@ scanning N through the full time model and refining by bisection.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import sympy as sp
 
@@ -36,16 +36,8 @@ class Crossover:
 
 
 def resize(spec: AttentionSpec, kv_len: int) -> AttentionSpec:
-    """The site at another key length; self-attention (M = N) grows its queries too, and the mask's
-    key (and query) dims follow."""
-    self_attention = spec.q_len == spec.kv_len
-    q_len = kv_len if self_attention else spec.q_len
-    mask_shape = spec.mask_shape
-    if mask_shape is not None:
-        b, h, m, n = mask_shape
-        mask_shape = (b, h, q_len if m == spec.q_len and m > 1 else m, kv_len if n == spec.kv_len and n > 1 else n)
-    window = spec.window
-    return replace(spec, kv_len=kv_len, q_len=q_len, mask_shape=mask_shape, window=window)
+    """The site at another key length; self-attention (M = N) grows its queries too."""
+    return spec.resized(q_len=kv_len if spec.q_len == spec.kv_len else None, kv_len=kv_len)
 
 
 def memory_crossover(spec: AttentionSpec, budget: float) -> Crossover:

@@ -15,8 +15,8 @@ from .algorithms import ALGORITHMS
 from .catalog import CATALOG
 from .crossovers import crossovers
 from .hardware import HardwareProfile
-from .passes import analyze
-from .profiles import resolve_target
+from .pass_count import analyze
+from .targets import resolve_target
 from .select import Option, select
 from . import symbols as sym
 from .spec import AttentionSpec, Causal, MaskInput

@@ -3,14 +3,15 @@
 Each runnable option is priced by its algorithm's cascade on the target profile (`timing.predict`);
 options that would exceed `memory_budget` (bytes of intermediates) stay in the ranking, flagged, but
 cannot win. `why` says in one line why the winner won, against the runner-up and against eager.
+`choose()` adds attnfx's policy for sites whose lengths are only known at run time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .algorithms import ALGORITHMS
 from .hardware import HardwareProfile
-from .profiles import resolve_target
+from .targets import resolve_target
 from .spec import AttentionSpec
 from .timing import Prediction, predict
 
@@ -140,3 +141,30 @@ def select(options: list[Option], target: str | HardwareProfile = "cpu",
         return Selection(tuple(ranked), tuple(refused), None, why, profile.name)
     winner = fitting[0]
     return Selection(tuple(ranked), tuple(refused), winner, _why(winner, ranked, memory_budget), profile.name)
+
+
+LONG_LENGTH = 2048  # where dynamic-length sites are also priced before eager may win
+
+
+def choose(options: list[Option], target: str | HardwareProfile = "cpu",
+           memory_budget: float | None = None) -> Selection:
+    """`select()`, except that eager wins a site whose lengths are dynamic only if it is also
+    predicted fastest at LONG_LENGTH: example inputs are usually shorter than real ones."""
+    selection = select(options, target, memory_budget)
+    winner = selection.winner
+    lengths = {"q_len", "kv_len"} & (winner.option.spec.dynamic if winner is not None else frozenset())
+    if winner is None or winner.option.variant != "eager" or not lengths:
+        return selection
+    long_options = [replace(o, spec=_at_long_length(o.spec, lengths)) for o in options]
+    long_winner = select(long_options, target, memory_budget).winner
+    if long_winner is None or long_winner.option.variant == "eager":
+        return selection
+    key = (long_winner.option.variant, long_winner.option.lowering)
+    chosen = next(c for c in selection.ranked if (c.option.variant, c.option.lowering) == key)
+    why = (f"eager is predicted faster at the example length, but the length is dynamic and "
+           f"{long_winner.option.variant} is predicted fastest at {LONG_LENGTH}")
+    return replace(selection, winner=chosen, why=why)
+
+
+def _at_long_length(spec: AttentionSpec, lengths: set[str]) -> AttentionSpec:
+    return spec.resized(**{name: max(getattr(spec, name), LONG_LENGTH) for name in lengths})

@@ -30,7 +30,7 @@ V_k = sp.Symbol("V_k", positive=True)  # share of the pairs a padding-free path 
 G = H / Hkv  # query heads per K/V head
 
 def pairs_expr(spec: AttentionSpec) -> sp.Expr:
-    """Closed form of the live pairs per head (design note §2), for display and solving."""
+    """Closed form of the live pairs per head , for display and solving."""
     if spec.causal is Causal.NONE:
         return M * N
     if spec.window is not None:

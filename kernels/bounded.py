@@ -208,6 +208,8 @@ class BoundedVariant:
     description = "attnfx::bounded_attention: fixed per-row softmax offset, exp2, row sums in the PV product"
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        if spec.dropout_p:
+            return "attnfx::bounded_attention has no dropout (sdpa fuses training dropout)"
         if device != "cpu":
             return f"attnfx_bounded is a CPU kernel; on {device} attnfx::attention runs its Triton kernels"
         if spec.mask is not MaskInput.NONE or spec.key_padding:

@@ -207,6 +207,8 @@ class FlexVariant:
     description = "attnfx::flex_attention: FlexAttention compiled by Inductor, block mask from the proof"
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        if spec.dropout_p:
+            return "attnfx::flex_attention has no dropout (sdpa fuses training dropout)"
         if spec.mask is MaskInput.BOOL:
             return "a bool mask tensor gives FlexAttention no block structure to skip (SDPA and attnfx_chunked take it)"
         reason = runtime_refusal(spec.torch_dtype, device)

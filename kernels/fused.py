@@ -31,11 +31,16 @@ def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
     return Call(torch.ops.attnfx.attention.default, args, {}, output_index=0)
 
 
+DROPOUT_REFUSAL = "attnfx::attention has no dropout (sdpa fuses training dropout)"
+
+
 def _shape_name(spec: AttentionSpec) -> str:
     return f"M={spec.q_len} N={spec.kv_len}"
 
 
 def _triton_refusal(spec: AttentionSpec, device: str) -> str | None:
+    if spec.dropout_p:
+        return DROPOUT_REFUSAL
     if device != "cuda":
         return f"Triton kernels run on cuda only; on {device} interpreted Triton is never chosen for speed"
     return triton_refusal(spec.torch_dtype, spec.head_dim, spec.value_dim)
@@ -48,6 +53,8 @@ class ChunkedVariant:
     description = "attnfx::attention's pure-torch chunked 1-pass kernel (memory-bounded, fp32 accumulation)"
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        if spec.dropout_p:
+            return DROPOUT_REFUSAL
         if device != "cpu":
             return f"attnfx_chunked is attnfx's CPU kernel; on {device} attnfx::attention runs its Triton kernels"
         return None

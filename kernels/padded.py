@@ -327,6 +327,8 @@ class PaddedVariant:
                    "dense)")
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        if spec.dropout_p:
+            return "attnfx::padded_attention has no dropout (sdpa fuses training dropout)"
         if not is_key_mask(spec):
             return "padded_attention takes a per-key bool mask (B, 1, 1, N); this site's mask is not one"
         if spec.key_padding:

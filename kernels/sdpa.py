@@ -40,6 +40,6 @@ class SdpaVariant:
         is_causal = spec.causal is Causal.TOP_LEFT
         return Call(
             torch.ops.aten.scaled_dot_product_attention.default,
-            (operands.q, operands.k, operands.v, operands.mask, 0.0, is_causal),
+            (operands.q, operands.k, operands.v, operands.mask, spec.dropout_p, is_causal),
             kwargs,
         )

@@ -107,6 +107,52 @@ def test_verify_false_skips_the_check(monkeypatch) -> None:
     assert opt.report.entries[0].status == "REWRITTEN" and opt.report.entries[0].error is None
 
 
+class TwoSites(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = Projected(cases.matmul_div), Projected(cases.causal_tril_bool)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_an_internal_error_in_one_site_keeps_that_site_and_optimises_the_rest(monkeypatch) -> None:
+    from attnfx.passes import attention
+
+    real_lift = attention.lift
+
+    def lift(softmax, evaluator):
+        if "first" in str(softmax.meta.get("nn_module_stack", "")):
+            raise IndexError("injected bug")
+        return real_lift(softmax, evaluator)
+
+    monkeypatch.setattr("attnfx.decide.lift", lift)
+    model = TwoSites().eval()
+    opt = attnfx.optimize(model, inputs(), variants=["sdpa"])
+    first, second = opt.report.entries
+    assert (first.status, first.reason_code, first.failed_stage) == ("REFUSED", "INTERNAL_ERROR", "match")
+    assert first.reason.startswith("attnfx raised IndexError: injected bug (at test_optimize_api.py:")
+    assert second.status == "REWRITTEN"
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs()), model(*inputs()), atol=1e-5, rtol=1e-5)
+
+
+def test_an_emitter_error_keeps_that_site_without_leftover_nodes(monkeypatch) -> None:
+    def broken_call(self, spec, operands):
+        raise RuntimeError("injected emitter bug")
+
+    monkeypatch.setattr(SdpaVariant, "call", broken_call)
+    model = Projected(cases.matmul_div).eval()
+    opt = attnfx.optimize(model, inputs(), variants=["sdpa"])
+    (entry,) = opt.report.entries
+    assert (entry.status, entry.reason_code, entry.failed_stage) == ("REFUSED", "INTERNAL_ERROR", "emit")
+    assert "attnfx raised RuntimeError: injected emitter bug" in entry.reason
+    captured = attnfx.optimize(model, inputs(), variants=["eager"])  # the same graph, nothing emitted
+    assert len(opt.graph_module.graph.nodes) == len(captured.graph_module.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs()), model(*inputs()))
+
+
 def test_report_text_and_json() -> None:
     model = Projected(cases.causal_tril_bool).eval()
     opt = attnfx.optimize(model, inputs())
@@ -167,9 +213,17 @@ def test_target_and_memory_budget_reach_the_selection() -> None:
     model = Projected(cases.matmul_div).eval()
     opt = attnfx.optimize(model, inputs(), target="H100-SXM5")
     (entry,) = opt.report.entries
-    # priced for a GPU, but run where the inputs are: the CPU variants take the site
-    assert entry.variant in ("sdpa", "attnfx_chunked")
-    assert any(v == "triton_flash" and "cuda only" in why for v, _, why in entry.unavailable)
+    # planned for the GPU even on a CPU machine: the CUDA variants compete, the CPU kernel does not
+    assert entry.variant in ("sdpa", "triton_flash")
+    assert [c.variant for c in entry.candidates if c.variant.startswith("triton")] == ["triton_flash"]
+    assert ("attnfx_chunked", "none", "attnfx_chunked is attnfx's CPU kernel; on cuda attnfx::attention "
+            "runs its Triton kernels") in entry.unavailable
+    with torch.no_grad():  # and the plan still runs (and was verified) where the inputs are
+        torch.testing.assert_close(opt(*inputs(20, 3)), model(*inputs(20, 3)), atol=1e-5, rtol=1e-5)
+    triton_plan = attnfx.optimize(model, inputs(), target="H100-SXM5", variants=["triton_flash"])
+    assert [e.variant for e in triton_plan.report.entries] == ["triton_flash"]
+    with torch.no_grad():
+        torch.testing.assert_close(triton_plan(*inputs(20, 3)), model(*inputs(20, 3)), atol=1e-5, rtol=1e-5)
     tight = attnfx.optimize(model, inputs(), memory_budget=1.0)
     (entry,) = tight.report.entries
     assert entry.reason_code == "NO_VARIANT"

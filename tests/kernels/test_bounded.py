@@ -112,3 +112,14 @@ def test_the_call_computes_the_site():
                                                                             slopes=t["SLOPES"]))
     assert call.target is OP.default and call.output_index == 0
     assert_close(call.run(), reference(case, t), "float32")
+
+
+def test_dropout_is_refused_by_every_new_variant():
+    spec = replace(SPEC, dropout_p=0.1)
+    assert get_variant("attnfx_bounded").refusal(spec, "cpu") == (
+        "attnfx::bounded_attention has no dropout (sdpa fuses training dropout)")
+    assert get_variant("flex").refusal(spec, "cpu") == (
+        "attnfx::flex_attention has no dropout (sdpa fuses training dropout)")
+    keyed = replace(spec, mask=MaskInput.BOOL, mask_shape=(1, 1, 1, 128))
+    assert get_variant("padded").refusal(keyed, "cpu") == (
+        "attnfx::padded_attention has no dropout (sdpa fuses training dropout)")

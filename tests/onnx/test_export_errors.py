@@ -1,4 +1,5 @@
 """Failures raise ExportError naming the site and the difference, and leave no file behind."""
+import dataclasses
 import re
 
 import pytest
@@ -47,7 +48,7 @@ def test_external_data_is_written_beside_the_model_and_removed_on_failure(tmp_pa
 
 def test_a_reported_site_missing_from_the_graph_is_an_error(tmp_path):
     opt = stand_in(SelfAttention(), {"x": torch.randn(2, 6, 32)})
-    opt.report.entries[0].replacement = "gone"
+    opt.report.entries[0] = dataclasses.replace(opt.report.entries[0], replacement="gone")
     for node in opt.graph_module.graph.nodes:
         node.meta.pop("attnfx_site", None)
     with pytest.raises(ExportError) as err:
