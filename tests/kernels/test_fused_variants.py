@@ -22,7 +22,8 @@ def operands(t: dict[str, torch.Tensor]) -> Operands:
 def test_registered_in_order_with_their_algorithms():
     assert [(v.name, v.algorithm, v.exact) for v in VARIANTS[1:]] == [
         ("attnfx_chunked", "chunked", True), ("triton_flash", "flash", True),
-        ("triton_decode", "decode_split_kv", True), ("attnfx_sigmoid_chunked", "sigmoid_chunked", True),
+        ("triton_decode", "decode_split_kv", True), ("flex", "flex", True), ("padded", "padded", True),
+        ("attnfx_bounded", "bounded", True), ("attnfx_sigmoid_chunked", "sigmoid_chunked", True),
         ("triton_sigmoid", "sigmoid_flash", True), ("attnfx_linear", "linear_right_to_left", True),
         ("attnfx_lightning", "linear_chunked", True)]
     assert all(v.algorithm in ALGORITHMS for v in VARIANTS)
