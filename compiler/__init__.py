@@ -6,10 +6,13 @@
 from attnfx.cost_model import explain
 
 from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable, MatchError, VerificationError
+from .backend import attnfx_backend, register
+from .compiled_reports import reports
 from .module import OptimizedModule
 from .pipeline import optimize
 from .report import Report, SiteEntry
 
+register()  # torch.compile(model, backend="attnfx")
 
 
 def __getattr__(name: str):
@@ -32,7 +35,9 @@ __all__ = [
     "Report",
     "SiteEntry",
     "VerificationError",
+    "attnfx_backend",
     "explain",
     "export_onnx",
     "optimize",
+    "reports",
 ]

@@ -1,0 +1,148 @@
+"""`torch.compile(model, backend="attnfx")`: attnfx's rewrite inside PyTorch's compiler.
+
+For each graph Dynamo hands over: trace it to ATen ops before autograd (under Dynamo's fake mode,
+so shapes and guards stay Dynamo's), run the same pipeline as `optimize()` on it (rule, mask
+proofs, cost model, per-site and end-to-end verification on the real example inputs), then
+compile the result with Inductor, or with AOTAutograd alone when `options={"inductor": False}`.
+AOTAutograd differentiates through the rewritten sites, so training works either way.
+
+attnfx never breaks a user's compile: if anything inside attnfx raises, the graph is compiled as
+Dynamo captured it and its report says why.
+"""
+from __future__ import annotations
+
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from .compiled_reports import record
+from .dynamo_graph import aten_graph, verification_inputs
+from .errors import AttnfxError
+from .pipeline import Options, rewrite
+from .report import Report
+
+NAME = "attnfx"
+_ATTNFX_OPTIONS = ("verify", "target", "memory_budget", "variants", "inductor")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """`torch.compile(..., options=...)`: optimize()'s options, `inductor`, and (with Inductor)
+    any other key as an Inductor config patch, like torch.compile's own options."""
+
+    rewrite: Options = Options()
+    inductor: bool = True
+    inductor_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None, mode: str | None = None) -> BackendOptions:
+        options = dict(options or {})
+        ours = {k: options.pop(k) for k in _ATTNFX_OPTIONS if k in options}
+        inductor = bool(ours.pop("inductor", True))
+        if not inductor and (options or mode):
+            extra = sorted(options) + ([f"mode={mode!r}"] if mode else [])
+            raise AttnfxError(f"backend 'attnfx' got {extra} with inductor=False; without Inductor it takes "
+                              f"only {list(_ATTNFX_OPTIONS)}")
+        config = dict(options)
+        if mode:
+            from torch._inductor import list_mode_options
+
+            config = {**list_mode_options(mode), **config}
+        return cls(Options(**ours), inductor, config)
+
+
+def attnfx_backend(gm: GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None,
+                   mode: str | None = None) -> Callable[..., Any]:
+    """The `torch.compile` backend registered as "attnfx" (see the module docstring)."""
+    settings = BackendOptions.parse(options, mode)
+    started = time.perf_counter()
+    code, name = _compiled_frame()
+    report = Report(model=name, capture=f"torch.compile ({_graph_name()})")
+    try:
+        graph = _rewrite(gm, example_inputs, settings.rewrite, report)
+    except Exception as exc:  # noqa: BLE001 - attnfx must never break the user's compile
+        report.entries.clear()
+        report.notes.append(f"attnfx raised {_describe(exc)}; the graph is compiled unrewritten")
+        graph = gm
+    report.optimize_seconds = time.perf_counter() - started
+    compiled = _compile_or_fall_back(graph, gm, example_inputs, settings, report)
+    record(report, code, example_inputs)
+    return compiled
+
+
+def _rewrite(gm: GraphModule, example_inputs: Sequence[Any], options: Options, report: Report) -> GraphModule:
+    aten = aten_graph(gm, example_inputs)
+    inputs = verification_inputs(aten, example_inputs)
+    result = rewrite(aten, inputs, {}, options, report, _device_of(example_inputs))
+    return result if report.rewritten else gm
+
+
+def _compile_or_fall_back(graph: GraphModule, original: GraphModule, example_inputs: Sequence[Any],
+                          settings: BackendOptions, report: Report) -> Callable[..., Any]:
+    if graph is original:
+        return _compile(original, example_inputs, settings)
+    try:
+        return _compile(graph, example_inputs, settings)
+    except Exception as exc:  # noqa: BLE001 - e.g. a compiler that cannot take a rewritten site
+        report.notes.append(f"compiling the rewritten graph raised {_describe(exc)}; the graph is compiled "
+                            "unrewritten")
+        report.entries.clear()
+        return _compile(original, example_inputs, settings)
+
+
+def _compile(gm: GraphModule, example_inputs: Sequence[Any], settings: BackendOptions) -> Callable[..., Any]:
+    if settings.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs), config_patches=settings.inductor_config)
+    from torch._dynamo.backends.debugging import aot_eager
+
+    return aot_eager(gm, list(example_inputs))
+
+
+def _device_of(example_inputs: Sequence[Any]) -> str:
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+def _compiled_frame() -> tuple[types.CodeType | None, str]:
+    """The code Dynamo is compiling (`reports()` finds a function's graphs by it) and a name for
+    the report: the module's class for a method ("LlamaForCausalLM.forward")."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        tx = InstructionTranslator.current_tx()
+    except AttributeError:  # not inside a Dynamo compilation (the backend called by hand)
+        return None, "graph"
+    owner = tx.f_locals.get("self")
+    name = tx.f_code.co_name if owner is None else f"{type(owner).__name__}.{tx.f_code.co_name}"
+    return tx.f_code, name
+
+
+def _graph_name() -> str:
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return f"Dynamo graph {compile_id}" if compile_id is not None else "Dynamo graph"
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+def register() -> None:
+    """Make backend="attnfx" available after `import attnfx`. When torch already found the
+    `torch_dynamo_backends` entry point, torch registers it itself on first use (registering it
+    here too would be a duplicate)."""
+    from torch._dynamo.backends import registry
+
+    if NAME in registry._COMPILER_FNS or registry._BACKENDS.get(NAME) is not None:
+        return
+    registry.register_backend(attnfx_backend, name=NAME)
