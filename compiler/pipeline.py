@@ -48,10 +48,11 @@ class Options:
     def planning(self, example_device: str) -> Planning:
         """Variants must run on the target's device (a CUDA plan made on a CPU machine is still
         verified here: attnfx::attention runs everywhere); by default, where the inputs are."""
+        eager = self.variants is None or "eager" in self.variants  # variants=["sdpa"]: never eager
         if self.target is None:
-            return Planning(example_device, example_device, self.memory_budget, _variants(self.variants))
+            return Planning(example_device, example_device, self.memory_budget, _variants(self.variants), eager)
         device = resolve_target(self.target).device
-        return Planning(self.target, device, self.memory_budget, _variants(self.variants))
+        return Planning(self.target, device, self.memory_budget, _variants(self.variants), eager)
 
 
 @dataclass

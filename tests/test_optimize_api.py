@@ -255,3 +255,14 @@ def test_symbolic_trace_fallback_rewrites_torch_level_graphs() -> None:
     assert [e.status for e in opt.report.entries] == ["REWRITTEN"]
     with torch.no_grad():
         torch.testing.assert_close(opt(*inputs()), model(*inputs()), atol=1e-5, rtol=1e-5)
+
+
+def test_variants_without_eager_rule_out_the_models_own_code() -> None:
+    model = Projected(cases.matmul_div).eval()
+    x = inputs(4, 1)  # static and tiny: eager is predicted fastest
+    kept = attnfx.optimize(model, x, dynamic_shapes={"x": None}, variants=["sdpa", "eager"]).report.entries[0]
+    assert (kept.status, kept.reason_code) == ("KEPT", "EAGER_FASTEST")
+    forced = attnfx.optimize(model, x, dynamic_shapes={"x": None}, variants=["sdpa"])
+    assert (forced.report.entries[0].status, forced.report.entries[0].variant) == ("REWRITTEN", "sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(forced(*x), model(*x), atol=1e-5, rtol=1e-5)
