@@ -3,8 +3,9 @@
 For each graph Dynamo hands over: trace it to ATen ops before autograd (under Dynamo's fake mode,
 so shapes and guards stay Dynamo's), run the same pipeline as `optimize()` on it (rule, mask
 proofs, cost model, per-site and end-to-end verification on the real example inputs), then
-compile the result with Inductor, or with AOTAutograd alone when `options={"inductor": False}`.
-AOTAutograd differentiates through the rewritten sites, so training works either way.
+compile the result with Inductor, whose AOTAutograd differentiates through the rewritten sites, or
+with `options={"inductor": False}` run the rewritten ATen graph as it is (autograd records it like
+eager code), for inspection and debugging. Training works either way.
 
 attnfx never breaks a user's compile: if anything inside attnfx raises, the graph is compiled as
 Dynamo captured it and its report says why.
@@ -17,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from .compiled_reports import record
-from .dynamo_graph import aten_graph, verification_inputs
+from .dynamo_graph import aten_graph, specialize_score_floats, verification_inputs
 from .errors import AttnfxError
 from .pipeline import Options, rewrite
 from .report import Report
@@ -64,6 +66,8 @@ def attnfx_backend(gm: GraphModule, example_inputs: Sequence[Any], *, options: d
     report = Report(model=name, capture=f"torch.compile ({_graph_name()})")
     try:
         graph = _rewrite(gm, example_inputs, settings.rewrite, report)
+    except RestartAnalysis:
+        raise  # Dynamo's own control flow (e.g. re-tracing with a float specialised)
     except Exception as exc:  # noqa: BLE001 - attnfx must never break the user's compile
         report.entries.clear()
         report.notes.append(f"attnfx raised {_describe(exc)}; the graph is compiled unrewritten")
@@ -75,6 +79,7 @@ def attnfx_backend(gm: GraphModule, example_inputs: Sequence[Any], *, options: d
 
 
 def _rewrite(gm: GraphModule, example_inputs: Sequence[Any], options: Options, report: Report) -> GraphModule:
+    specialize_score_floats(gm)
     aten = aten_graph(gm, example_inputs)
     inputs = verification_inputs(aten, example_inputs)
     result = rewrite(aten, inputs, {}, options, report, _device_of(example_inputs))
@@ -87,6 +92,8 @@ def _compile_or_fall_back(graph: GraphModule, original: GraphModule, example_inp
         return _compile(original, example_inputs, settings)
     try:
         return _compile(graph, example_inputs, settings)
+    except RestartAnalysis:
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. a compiler that cannot take a rewritten site
         report.notes.append(f"compiling the rewritten graph raised {_describe(exc)}; the graph is compiled "
                             "unrewritten")
@@ -95,13 +102,13 @@ def _compile_or_fall_back(graph: GraphModule, original: GraphModule, example_inp
 
 
 def _compile(gm: GraphModule, example_inputs: Sequence[Any], settings: BackendOptions) -> Callable[..., Any]:
-    if settings.inductor:
-        from torch._inductor.compile_fx import compile_fx
+    """Inductor (which runs AOTAutograd); without it the graph runs as it is: its ATen ops sit
+    above autograd, so running them records gradients like any eager code."""
+    if not settings.inductor:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs), config_patches=settings.inductor_config)
-    from torch._dynamo.backends.debugging import aot_eager
-
-    return aot_eager(gm, list(example_inputs))
+    return compile_fx(gm, list(example_inputs), config_patches=settings.inductor_config)
 
 
 def _device_of(example_inputs: Sequence[Any]) -> str:

@@ -13,10 +13,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx.traceback as fx_traceback
-from torch._guards import detect_fake_mode
+from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+from attnfx.passes import ops
 
 from .errors import AttnfxError
 
@@ -25,15 +28,20 @@ def aten_graph(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
     """`gm` traced to ATen ops before autograd, with the same flat inputs in the same order."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes = [_fake_value(n) for n in placeholders]
-    fake_mode = detect_fake_mode(example_inputs) or detect_fake_mode(fakes)
+    # NOTE: the fake mode of Dynamo's example values, not the fresh one (same ShapeEnv) Dynamo
+    # installs for backends: only the former knows the values of scalars Dynamo made inputs.
+    fake_mode = next((v.fake_mode for v in fakes if isinstance(v, FakeTensor)), None)
     if fake_mode is None:
-        raise AttnfxError("Dynamo's graph carries no fake values to trace it with")
+        raise AttnfxError("Dynamo's graph carries no fake tensors to trace it with")
 
     def run(*args: Any) -> Any:
+        for traced_input, fake in zip(args, fakes):
+            if isinstance(fake, FakeTensor) and fake.item_memo is not None:
+                traced_input.item_memo = fake.item_memo  # make_fx re-fakes inputs and drops it
         with fx_traceback.preserve_node_meta():
-            return Interpreter(gm).run(*args)
+            return _SpecializingFloats(gm).run(*args)
 
-    with fake_mode:
+    with tracing(TracingContext(fake_mode)), fake_mode:
         traced = make_fx(run, tracing_mode="symbolic", pre_dispatch=True, record_module_stack=True)(*fakes)
     for dynamo_input, aten_input in zip(placeholders, _placeholders(traced)):
         aten_input._rename(dynamo_input.name)  # reports read "l_kwargs_attention_mask_", not "arg3_1"
@@ -41,6 +49,66 @@ def aten_graph(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule:
     traced.graph.lint()
     traced.recompile()
     return traced
+
+
+_CONTRACTIONS = ("matmul", "einsum", "baddbmm")
+
+
+def score_floats(gm: GraphModule) -> list[Node]:
+    """The `item()` reads of Python floats Dynamo made graph inputs (it does with `dynamic=True`)
+    that act on attention scores (a module's `scaling`, a softcap): the score ops a softmax reads,
+    back to the Q.K^T contraction. A scale must be a known number for attnfx to prove the site."""
+    found, seen = [], set()
+    stack = [n for n in gm.graph.nodes if ops.kind(n) in ("softmax", "log_softmax")]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_method" and node.target == "item":
+            found.append(node)
+            continue
+        if ops.kind(node) is None or ops.kind(node) in _CONTRACTIONS:
+            continue  # only the elementwise and layout ops between the scores and the softmax
+        stack.extend(node.all_input_nodes)
+    return [n for n in found if _float_symbol(n) is not None]
+
+
+def _float_symbol(item: Node) -> str | None:
+    """The name of the SymFloat Dynamo reads a float input's value as (e.g. "zf3")."""
+    source = item.args[0] if item.args else None
+    value = source.meta.get("example_value") if isinstance(source, Node) else None
+    memo = value.item_memo if isinstance(value, FakeTensor) and value.dtype.is_floating_point else None
+    expr = getattr(getattr(memo, "node", None), "expr", None)
+    return str(expr) if expr is not None and expr.is_symbol else None
+
+
+def specialize_score_floats(gm: GraphModule) -> None:
+    """Have Dynamo re-trace with the score floats as constants (guarded on their values), as it
+    does itself for floats its compiler cannot take; a no-op once they are."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    names = [_float_symbol(n) for n in score_floats(gm)]
+    pending = [name for name in names if not TensorifyState.should_specialize(name)]
+    if pending:
+        for name in pending:
+            TensorifyState.specialize(name)
+        raise TensorifyScalarRestartAnalysis
+
+
+class _SpecializingFloats(Interpreter):
+    """Reads the score floats Dynamo still passes as inputs (see `specialize_score_floats`) as
+    their values, guarded like constants."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__(gm)
+        self.score_floats = set(score_floats(gm))
+
+    def run_node(self, n: Node) -> Any:
+        if n in self.score_floats:
+            return guard_scalar(self.env[n.args[0]].item_memo)
+        return super().run_node(n)
 
 
 def _fake_value(node: Node) -> Any:
