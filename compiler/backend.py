@@ -22,7 +22,8 @@ from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from .compiled_reports import record
-from .dynamo_graph import aten_graph, specialize_score_floats, verification_inputs
+from .dynamo_graph import (aten_graph, copy_written_inputs, drop_input_copies, specialize_score_floats,
+                           verification_inputs)
 from .errors import AttnfxError
 from .pipeline import Options, rewrite
 from .report import Report
@@ -81,9 +82,12 @@ def attnfx_backend(gm: GraphModule, example_inputs: Sequence[Any], *, options: d
 def _rewrite(gm: GraphModule, example_inputs: Sequence[Any], options: Options, report: Report) -> GraphModule:
     specialize_score_floats(gm)
     aten = aten_graph(gm, example_inputs)
-    inputs = verification_inputs(aten, example_inputs)
-    result = rewrite(aten, inputs, {}, options, report, _device_of(example_inputs))
-    return result if report.rewritten else gm
+    copy_written_inputs(aten)
+    result = rewrite(aten, verification_inputs(example_inputs), {}, options, report, _device_of(example_inputs))
+    if not report.rewritten:
+        return gm
+    drop_input_copies(result)
+    return result
 
 
 def _compile_or_fall_back(graph: GraphModule, original: GraphModule, example_inputs: Sequence[Any],

@@ -122,20 +122,13 @@ def _placeholders(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def verification_inputs(gm: GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """Real values to run `gm` on while verifying: SymInts at their example values, and a copy of
-    every input the graph writes to (a static KV cache's `index_copy_`), so that verification
-    never changes the user's state."""
-    written = mutated_inputs(gm)
+def verification_inputs(example_inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Real values to run the graph on while verifying: SymInts at their example values."""
     values = []
-    for index, value in enumerate(example_inputs):
+    for value in example_inputs:
         if isinstance(value, FakeTensor):
             raise AttnfxError("Dynamo passed fake example inputs; nothing could be verified on them")
-        if isinstance(value, torch.SymInt):
-            value = _example_int(value)
-        elif isinstance(value, torch.Tensor) and index in written:
-            value = value.detach().clone()
-        values.append(value)
+        values.append(_example_int(value) if isinstance(value, torch.SymInt) else value)
     return tuple(values)
 
 
@@ -144,6 +137,31 @@ def _example_int(value: torch.SymInt) -> int:
     if hint is None:
         raise AttnfxError(f"the size {value} has no example value (data-dependent)")
     return int(hint)
+
+
+_INPUT_COPY = "attnfx_input_copy"
+
+
+def copy_written_inputs(gm: GraphModule) -> None:
+    """Make every input the graph writes to (a static KV cache's `index_copy_`, its length
+    counter's `add_`) a copy at the top of the graph, so that verification runs never change the
+    user's state and each run starts from the same one. `drop_input_copies` undoes it."""
+    placeholders = _placeholders(gm)
+    for index in sorted(mutated_inputs(gm)):
+        placeholder = placeholders[index]
+        with gm.graph.inserting_after(placeholders[-1]):
+            copy_ = gm.graph.call_function(torch.ops.aten.clone.default, (placeholder,))
+        placeholder.replace_all_uses_with(copy_, delete_user_cb=lambda user: user is not copy_)
+        copy_.meta.update(val=placeholder.meta.get("val"), **{_INPUT_COPY: True})
+    gm.recompile()
+
+
+def drop_input_copies(gm: GraphModule) -> None:
+    """The graph writing to its inputs again, as Dynamo captured it."""
+    for node in [n for n in gm.graph.nodes if n.meta.get(_INPUT_COPY)]:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def mutated_inputs(gm: GraphModule) -> set[int]:
