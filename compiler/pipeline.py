@@ -7,6 +7,7 @@ what the model computes silently.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -23,9 +24,11 @@ from attnfx.passes.emit import Emitted, emit
 from attnfx.passes.mask_proof import MaskEvaluator
 from attnfx.passes.site import Reason, Refusal
 
+from .call_signature import bind_call
 from .capture import capture
 from .decide import Decision, Planning, decide_all, internal_error
 from .errors import AttnfxError
+from .generation import optimize_generative, uses_cache
 from .module import OptimizedModule
 from .report import Outcome, Report, entry
 from .verify import compare, external_inputs, record, run_emitted
@@ -63,7 +66,7 @@ class _Plan:
 
 def optimize(
     model: nn.Module,
-    example_args: Any = (),
+    example_inputs: Any = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
     dynamic_shapes: Any = None,
@@ -71,19 +74,31 @@ def optimize(
     target: str | HardwareProfile | None = None,
     memory_budget: float | None = None,
     variants: Sequence[str] | None = None,
-) -> OptimizedModule:
+    example_args: Any = None,
+) -> nn.Module:
     """Rewrite every attention in `model` to the variant predicted fastest; see the README.
 
-    `example_args`/`example_kwargs` are what the model is called with (batch and sequence dims are
-    captured dynamic unless `dynamic_shapes` says otherwise). `verify=False` skips the numerical
-    check of each site. `target` prices the variants for "cpu" (this host, calibrated once and
-    cached), "cuda" or a `HardwareProfile`; by default, the device of the example inputs.
-    `memory_budget` (bytes) excludes variants whose intermediates would exceed it. `variants`
-    restricts the implementations considered, by name.
+    The example inputs are what the model is called with: `model(*example_inputs,
+    **example_kwargs)` (batch and sequence dims are captured dynamic unless `dynamic_shapes` says
+    otherwise). `verify=False` skips the numerical check of each site. `target` prices the
+    variants for "cpu" (this host, calibrated once and cached), "cuda" or a `HardwareProfile`; by
+    default, the device of the example inputs. `memory_budget` (bytes) excludes variants whose
+    intermediates would exceed it. `variants` restricts the implementations considered, by name.
+    A Hugging Face model that returns its KV cache gets a shallow copy whose forward is compiled
+    with the attnfx backend (see `attnfx.generation`), so that `.generate()` works.
+    `example_args` is the former name of `example_inputs`.
     """
     started = time.perf_counter()
+    if example_args is not None:
+        warnings.warn("optimize(example_args=...) is now optimize(example_inputs=...)", DeprecationWarning,
+                      stacklevel=2)
+        example_inputs = example_args
     options = Options(verify, target, memory_budget, None if variants is None else tuple(variants))
-    args, kwargs = _normalise_inputs(model, example_args, example_kwargs)
+    args, kwargs = _normalise_inputs(model, example_inputs, example_kwargs)
+    if uses_cache(model, kwargs):
+        return optimize_generative(model, args, kwargs, options, dynamic_shapes)
+    call = bind_call(model.forward, args, kwargs)
+    args, kwargs = call.args, call.kwargs
     captured = capture(model, args, kwargs, dynamic_shapes)
     graph_kwargs = {k: v for k, v in kwargs.items() if k not in captured.constants}
     report = Report(model=type(model).__name__, capture=captured.method, notes=list(captured.notes))
@@ -93,7 +108,7 @@ def optimize(
     respecialize = partial(optimize, model, verify=verify, target=target, memory_budget=memory_budget,
                            variants=variants)
     return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
-                           respecialize if dynamic_shapes is None else None)
+                           respecialize if dynamic_shapes is None else None, model.forward)
 
 
 def rewrite(original: GraphModule, args: tuple, kwargs: dict, options: Options, report: Report,
