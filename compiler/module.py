@@ -1,6 +1,7 @@
 """The module `optimize()` returns: called like the model, backed by the rewritten graph."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 from torch import nn
@@ -17,13 +18,14 @@ class OptimizedModule(nn.Module):
     was rewritten and why, and the example inputs are kept for export and re-verification. Calls
     are read against the model's signature (`call_signature`): a call the graph was not captured
     for (another structure, or shapes outside the captured ranges) gets its own capture and
-    rewrite, kept in `specializations` for later calls, like a recompilation.
+    rewrite, kept in `specializations` for later calls, like a recompilation. Its `state_dict()`
+    has the model's keys, and `load_state_dict()` takes the model's.
     """
 
     def __init__(self, graph_module: GraphModule, report: Report, example_args: tuple,
                  example_kwargs: dict, dynamic_shapes: Any, constants: dict[str, Any] | None = None,
                  respecialize: Callable[[tuple, dict], nn.Module] | None = None,
-                 model_forward: Callable[..., Any] | None = None) -> None:
+                 model_forward: Callable[..., Any] | None = None, module_prefix: str = "") -> None:
         super().__init__()
         self.graph_module = graph_module
         self.report = report
@@ -36,6 +38,9 @@ class OptimizedModule(nn.Module):
         self._model_forward = model_forward
         self._calls: list[BoundCall] = []  # the call each specialization was captured for
         self._captured_call = bind_call(model_forward, example_args, example_kwargs) if model_forward else None
+        self._state_prefix = "graph_module." + module_prefix  # where the model's state sits in ours
+        self.register_state_dict_post_hook(_model_keys)
+        self.register_load_state_dict_pre_hook(_own_keys)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._model_forward is None:
@@ -51,8 +56,8 @@ class OptimizedModule(nn.Module):
         return self._specialized(call, "a call with other arguments than the captured one")
 
     def _run(self, call: BoundCall) -> Any:
-        named = {name: call.value(name) for name in self.example_kwargs if name not in self.constants}
-        return self.graph_module(*call.args, **named)
+        args, kwargs = call.in_form_of(self._captured_call)
+        return self.graph_module(*args, **{k: v for k, v in kwargs.items() if k not in self.constants})
 
     def _specialized(self, call: BoundCall, why: str) -> Any:
         for captured, module in zip(self._calls, self.specializations):
@@ -73,8 +78,34 @@ class OptimizedModule(nn.Module):
         self.report.notes.append(f"re-optimised for {why}: {outcome}")
         return _call(module, call)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self.report.capture == "torch.export":
+            raise TypeError("an attnfx OptimizedModule cannot be pickled (torch.save): its graph is a torch.export "
+                            "module. Save `torch.export.export(opt, example_inputs)` with torch.export.save, or "
+                            "save the model's state_dict and call attnfx.optimize() again after loading it")
+        return super().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
+        """A copy whose graph, model and specializations use the same copied parameters."""
+        copy_ = type(self).__new__(type(self))
+        memo[id(self)] = copy_
+        copy_.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copy_
+
     def __repr__(self) -> str:
         return f"OptimizedModule({self.report.model}: {self.report.rewritten} of {len(self.report.entries)} site(s) rewritten)"
+
+
+def _model_keys(module: OptimizedModule, state_dict: dict[str, Any], prefix: str, metadata: Any) -> None:
+    inner = prefix + module._state_prefix
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _own_keys(module: OptimizedModule, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    inner = prefix + module._state_prefix
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
 def _call(module: nn.Module, call: BoundCall) -> Any:

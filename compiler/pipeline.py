@@ -94,11 +94,10 @@ def optimize(
                       stacklevel=2)
         example_inputs = example_args
     options = Options(verify, target, memory_budget, None if variants is None else tuple(variants))
-    args, kwargs = _normalise_inputs(model, example_inputs, example_kwargs)
+    model, args, kwargs = _normalise_inputs(model, example_inputs, example_kwargs)
     if uses_cache(model, kwargs):
         return optimize_generative(model, args, kwargs, options, dynamic_shapes)
-    call = bind_call(model.forward, args, kwargs)
-    args, kwargs = call.args, call.kwargs
+    bind_call(model.forward, args, kwargs)  # a call the model would reject gets its own error
     captured = capture(model, args, kwargs, dynamic_shapes)
     graph_kwargs = {k: v for k, v in kwargs.items() if k not in captured.constants}
     report = Report(model=type(model).__name__, capture=captured.method, notes=list(captured.notes))
@@ -108,7 +107,7 @@ def optimize(
     respecialize = partial(optimize, model, verify=verify, target=target, memory_budget=memory_budget,
                            variants=variants)
     return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
-                           respecialize if dynamic_shapes is None else None, model.forward)
+                           respecialize if dynamic_shapes is None else None, model.forward, captured.module_prefix)
 
 
 def rewrite(original: GraphModule, args: tuple, kwargs: dict, options: Options, report: Report,
@@ -163,14 +162,30 @@ def _wire(work: GraphModule, plans: list[_Plan]) -> None:
     work.recompile()
 
 
-def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[tuple, dict]:
+def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[nn.Module, tuple, dict]:
+    """The module to capture (what a torch.compile wrapper wraps) and its example inputs as a
+    tuple and a dict; a module whose weights are not real values yet is refused, naming them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attnfx.optimize() takes an nn.Module, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): optimize the model itself
+    _check_materialised(model)
     if isinstance(args, torch.Tensor):
         args = (args,)
     if not isinstance(args, tuple):
         args = tuple(args) if isinstance(args, list) else (args,)
-    return args, dict(kwargs or {})
+    return model, args, dict(kwargs or {})
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """attnfx verifies every rewrite on real values: meta tensors and lazy modules have none."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
+            raise AttnfxError(f"{type(model).__name__}.{name} is not initialised yet (a lazy module): call the "
+                              "model once on real inputs before attnfx.optimize()")
+        if tensor.device.type == "meta":
+            raise AttnfxError(f"{type(model).__name__}.{name} is on the meta device: load the weights (e.g. "
+                              "model.to_empty(device='cpu') then load_state_dict) before attnfx.optimize(), which "
+                              "verifies every rewrite on real values")
 
 
 def _device_of(args: tuple, kwargs: dict, model: nn.Module) -> str:
