@@ -1,7 +1,10 @@
 """attnfx: find every attention in a PyTorch model and replace it with the fastest exact kernel.
 
-    opt = attnfx.optimize(model, example_args, example_kwargs)
+    opt = attnfx.optimize(model, example_inputs, example_kwargs)
     print(opt.report)
+
+    compiled = torch.compile(model, backend="attnfx")   # registered on import
+    print(*attnfx.reports(compiled))
 """
 from attnfx.cost_model import explain
 

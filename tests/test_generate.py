@@ -77,6 +77,31 @@ def test_static_cache_generates_eagers_tokens(name: str) -> None:
     assert_every_site_rewritten(model, graphs=2)  # prefill, decode (the cache's shape never changes)
 
 
+def _two_turns(model: torch.nn.Module) -> torch.Tensor:
+    """A second prompt continues the first conversation over its cache: that prefill's queries sit
+    at the bottom right of a longer key range (with left padding and, for Mistral, a window)."""
+    inputs = prompt()
+    first = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    more = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(7))
+    ids = torch.cat([first.sequences, more], 1)
+    mask = torch.nn.functional.pad(inputs["attention_mask"], (0, ids.shape[1] - inputs["attention_mask"].shape[1]), value=1)
+    return model.generate(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values, max_new_tokens=4,
+                          do_sample=False)
+
+
+@pytest.mark.slow
+def test_a_prompt_over_an_existing_cache_generates_eagers_tokens() -> None:
+    model = CASES["mistral"].build()
+    expected = _two_turns(model)
+    compile_for_generation(model, options=OPTIONS)
+    with AtenOps() as ops:
+        tokens = _two_turns(model)
+    assert torch.equal(tokens, expected) and ops.softmaxes() == 0
+    reports = attnfx.reports(model)
+    over_cache = [e.spec for r in reports for e in r.entries if e.spec.q_len > 1 and e.spec.kv_len > e.spec.q_len]
+    assert over_cache and all(e.status == "REWRITTEN" for r in reports for e in r.entries)
+
+
 @pytest.mark.slow
 def test_inductor_and_dynamic_shapes_generate_eagers_tokens() -> None:
     model, inputs = CASES["qwen2"].build(), prompt()
@@ -84,5 +109,5 @@ def test_inductor_and_dynamic_shapes_generate_eagers_tokens() -> None:
     model.forward = torch.compile(model.forward, backend="attnfx", dynamic=True)
     assert torch.equal(greedy(model, inputs), expected)
     reports = attnfx.reports(model)
-    assert len(reports) == 2 and all(r.rewritten == 2 for r in reports)  # prefill, decode
-    assert all(r.notes == [] for r in reports)
+    # prefill and decode (Inductor's cache layout after prefill may cost one more decode graph)
+    assert len(reports) in (2, 3) and all(r.rewritten == 2 and r.notes == [] for r in reports)
