@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens per generate")
     parser.add_argument("--repeats", type=int, default=2)
     ns = parser.parse_args()
+    # The compiled contenders share one code object (HF's forward wrapper), whose compiled entries
+    # Dynamo caps at 8 by default: past it, a contender would silently run eager.
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for name in ns.models:
         print(f"{name}:")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
 from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
+
+from attnfx.passes.site import Reason, Refusal
 
 from .compiled_reports import record
 from .dynamo_graph import (aten_graph, copy_written_inputs, drop_input_copies, specialize_score_floats,
@@ -70,8 +72,7 @@ def attnfx_backend(gm: GraphModule, example_inputs: Sequence[Any], *, options: d
     except RestartAnalysis:
         raise  # Dynamo's own control flow (e.g. re-tracing with a float specialised)
     except Exception as exc:  # noqa: BLE001 - attnfx must never break the user's compile
-        report.entries.clear()
-        report.notes.append(f"attnfx raised {_describe(exc)}; the graph is compiled unrewritten")
+        _unrewritten(report, f"attnfx raised {_describe(exc)}", "rewrite")
         graph = gm
     report.optimize_seconds = time.perf_counter() - started
     compiled = _compile_or_fall_back(graph, gm, example_inputs, settings, report)
@@ -99,10 +100,17 @@ def _compile_or_fall_back(graph: GraphModule, original: GraphModule, example_inp
     except RestartAnalysis:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a compiler that cannot take a rewritten site
-        report.notes.append(f"compiling the rewritten graph raised {_describe(exc)}; the graph is compiled "
-                            "unrewritten")
-        report.entries.clear()
+        _unrewritten(report, f"compiling the rewritten graph raised {_describe(exc)}", "compile")
         return _compile(original, example_inputs, settings)
+
+
+def _unrewritten(report: Report, why: str, stage: str) -> None:
+    """Say in the report that the graph runs as Dynamo captured it: a site already decided
+    REWRITTEN is RESTORED with the reason."""
+    restored = Refusal(Reason.INTERNAL_ERROR, f"{why}; the site was left as written (please report this)", stage)
+    report.entries[:] = [replace(e, status="RESTORED", reason_code=restored.code.value, reason=restored.message,
+                                 failed_stage=stage) if e.status == "REWRITTEN" else e for e in report.entries]
+    report.notes.append(f"{why}; the graph is compiled unrewritten")
 
 
 def _compile(gm: GraphModule, example_inputs: Sequence[Any], settings: BackendOptions) -> Callable[..., Any]:

@@ -172,7 +172,8 @@ def mutated_inputs(gm: GraphModule) -> set[int]:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
             continue
-        for argument, value in zip(target._schema.arguments, node.args):
+        for position, argument in enumerate(target._schema.arguments):
+            value = node.args[position] if position < len(node.args) else node.kwargs.get(argument.name)
             if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, Node):
                 base = _view_base(value)
                 if base in placeholders:

@@ -237,9 +237,11 @@ def test_a_rewritten_graph_that_does_not_compile_falls_back_to_the_original(monk
     with torch.no_grad():
         torch.testing.assert_close(compiled(model, options=NO_INDUCTOR)(*x), model(*x))
     (report,) = attnfx.reports(model)
-    assert report.entries == [] and report.notes == [
-        "compiling the rewritten graph raised NotImplementedError: no lowering for the rewritten site; the "
-        "graph is compiled unrewritten"]
+    (entry,) = report.entries
+    why = "compiling the rewritten graph raised NotImplementedError: no lowering for the rewritten site"
+    assert (entry.status, entry.reason_code, entry.failed_stage) == ("RESTORED", "INTERNAL_ERROR", "compile")
+    assert entry.reason == f"{why}; the site was left as written (please report this)"
+    assert report.notes == [f"{why}; the graph is compiled unrewritten"] and report.rewritten == 0
 
 
 def test_reports_are_found_by_function_and_logged(caplog) -> None:
