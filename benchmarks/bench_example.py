@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import attnfx  # noqa: E402
 import nanogpt  # noqa: E402
-from attnfx.timing import time_interleaved  # noqa: E402
+from attnfx.benchmark import time_interleaved  # noqa: E402
 
 
 def bench(seq_len: int, repeats: int) -> dict[str, float]:

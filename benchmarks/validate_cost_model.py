@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from attnfx.cost_model import AttentionSpec, Causal, MaskInput
-from attnfx.cost_model.profiles import host_profile
+from attnfx.cost_model.targets import host_profile
 from attnfx.cost_model.select import Option, select
+from attnfx.cost_model.tiles import chunk_sizes
 from attnfx.kernels import VARIANTS, Operands
 
 Runner = Callable[[], torch.Tensor]
@@ -57,7 +58,7 @@ def _spec(b: int, h: int, g: int, m: int, n: int, e: int, causal: bool = False, 
 
 
 def grid(quick: bool = False) -> list[Point]:
-    """The design note's sweep (§6) cut to what a 2-core CPU runs in minutes: eager's score tensor
+    """A validation sweep cut to what a 2-core CPU runs in minutes: eager's score tensor
     stays <= 64 MiB and decode's K/V <= 512 MiB."""
     points = []
     for b, h in ((1, 8), (8, 8), (1, 32), (8, 32)):
@@ -112,13 +113,6 @@ def eager(spec: AttentionSpec, ops: Operands, causal_bias: torch.Tensor | None) 
         s = s + causal_bias
     p = torch.softmax(s, dim=-1)
     return p @ v  # (b, h, m, f)
-
-
-def chunk_sizes(spec: AttentionSpec, budget: int = 1 << 20, key_chunk: int = 512) -> tuple[int, int]:
-    """Query block and key chunk so that one score chunk holds at most max(budget, B*H) elements."""
-    rows = spec.batch * spec.heads
-    nc = max(1, min(spec.kv_len, key_chunk, budget // rows))
-    return max(1, min(spec.q_len, budget // (rows * nc))), nc
 
 
 def chunked(spec: AttentionSpec, ops: Operands) -> torch.Tensor:

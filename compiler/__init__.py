@@ -8,7 +8,7 @@
 """
 from attnfx.cost_model import explain
 
-from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable, MatchError, VerificationError
+from .errors import AttnfxError, CaptureError, ExportError, KernelUnavailable
 from .backend import attnfx_backend, register
 from .compiled_reports import reports
 from .module import OptimizedModule
@@ -33,11 +33,9 @@ __all__ = [
     "ExportError",
     "ExportSummary",
     "KernelUnavailable",
-    "MatchError",
     "OptimizedModule",
     "Report",
     "SiteEntry",
-    "VerificationError",
     "attnfx_backend",
     "explain",
     "export_onnx",

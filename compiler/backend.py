@@ -31,7 +31,7 @@ from .pipeline import Options, rewrite
 from .report import Report
 
 NAME = "attnfx"
-_ATTNFX_OPTIONS = ("verify", "target", "memory_budget", "variants", "inductor")
+_ATTNFX_OPTIONS = ("verify", "target", "memory_budget", "variants", "exact_dropout", "inductor")
 
 
 @dataclass(frozen=True)

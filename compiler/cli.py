@@ -14,7 +14,7 @@ from typing import Any, Callable
 from .errors import AttnfxError
 from .pipeline import optimize
 from .report import format_report
-from .timing import time_interleaved
+from .benchmark import time_interleaved
 
 
 def _load_factory(spec: str) -> Callable[..., tuple]:

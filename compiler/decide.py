@@ -19,7 +19,7 @@ from attnfx.cost_model.spec import AttentionSpec
 from attnfx.kernels import Variant
 from attnfx.passes import ops
 from attnfx.passes.attention import RULE, lift
-from attnfx.passes.mask_proof import MaskEvaluator
+from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
 
@@ -32,7 +32,8 @@ class Planning:
     device: str
     memory_budget: float | None
     candidates: tuple[Variant, ...]
-    eager: bool = True
+    exact_dropout: bool = False  # keep eager's random dropout stream: never fuse training dropout
+    eager: bool = True  # whether the model's own code may win
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,18 @@ class Decision:
         return None if spec is None else str(canonical_cascade(spec, tuple(n.name for n in self.site.nodes)))
 
 
-def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning) -> list[Decision]:
-    """A decision for every softmax and every existing SDPA call, in graph order."""
+def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning,
+               escaped: dict[Node, str] | None = None) -> list[Decision]:
+    """A decision for every softmax and every existing SDPA call, in graph order; `escaped` are
+    hand-written softmaxes (their probabilities) that are listed and refused with the reason given."""
     decisions: list[Decision] = []
+    escaped = escaped or {}
     for node in list(graph.nodes):
         k = ops.kind(node)
-        if k == "sdpa":
+        if node in escaped:
+            decisions.append(Decision(len(decisions), node, "REFUSED",
+                                      Refusal(Reason.PROBS_ESCAPE, escaped[node], "softmax")))
+        elif k == "sdpa":
             decisions.append(Decision(len(decisions), node, "ALREADY_FUSED"))
         elif k in ("softmax", "log_softmax"):
             decisions.append(guarded(len(decisions), node, "match",
@@ -94,6 +101,10 @@ def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning
     site = lift(node, evaluator)
     if isinstance(site, Refusal):
         return Decision(index, node, "REFUSED", site)
+    if site.dropout_p and planning.exact_dropout:
+        return Decision(index, node, "REFUSED", Refusal(
+            Reason.DROPOUT_TRAINING, f"dropout (p={site.dropout_p:g}) on the attention probabilities in training "
+            "mode, and exact_dropout=True keeps eager's random stream, which a fused variant does not draw", "A"))
     options, by_key = _options(site, planning)
     selection = choose(options, planning.target, planning.memory_budget)
     winner = selection.winner

@@ -10,14 +10,6 @@ class CaptureError(AttnfxError):
     """The model could not be captured as an fx graph (nothing was rewritten)."""
 
 
-class MatchError(AttnfxError):
-    """A site was matched but could not be lifted into the cascade IR."""
-
-
-class VerificationError(AttnfxError):
-    """A rewritten module did not reproduce the original's outputs."""
-
-
 class KernelUnavailable(AttnfxError):
     """A kernel was asked for a site it cannot take (device, dtype, shape or feature)."""
 

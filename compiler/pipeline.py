@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Sequence
 
@@ -18,11 +18,12 @@ from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from attnfx.cost_model.hardware import HardwareProfile
-from attnfx.cost_model.profiles import resolve_target
+from attnfx.cost_model.targets import resolve_target
 from attnfx.kernels import VARIANTS, Variant
 from attnfx.passes.emit import Emitted, emit
-from attnfx.passes.mask_proof import MaskEvaluator
+from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Reason, Refusal
+from attnfx.passes.softmax_forms import canonicalize_softmaxes
 
 from .call_signature import bind_call
 from .capture import capture
@@ -42,6 +43,7 @@ class Options:
     target: str | HardwareProfile | None = None
     memory_budget: float | None = None
     variants: tuple[str, ...] | None = None
+    exact_dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.variants is not None:
@@ -51,11 +53,13 @@ class Options:
     def planning(self, example_device: str) -> Planning:
         """Variants must run on the target's device (a CUDA plan made on a CPU machine is still
         verified here: attnfx::attention runs everywhere); by default, where the inputs are."""
+        target = example_device if self.target is None else self.target
+        device = example_device if self.target is None else resolve_target(self.target).device
         eager = self.variants is None or "eager" in self.variants  # variants=["sdpa"]: never eager
-        if self.target is None:
-            return Planning(example_device, example_device, self.memory_budget, _variants(self.variants), eager)
-        device = resolve_target(self.target).device
-        return Planning(self.target, device, self.memory_budget, _variants(self.variants), eager)
+        return Planning(target, device, self.memory_budget, _variants(self.variants), self.exact_dropout, eager)
+
+
+_KEPT = Outcome("KEPT")
 
 
 @dataclass
@@ -74,6 +78,7 @@ def optimize(
     target: str | HardwareProfile | None = None,
     memory_budget: float | None = None,
     variants: Sequence[str] | None = None,
+    exact_dropout: bool = False,
     example_args: Any = None,
 ) -> nn.Module:
     """Rewrite every attention in `model` to the variant predicted fastest; see the README.
@@ -84,6 +89,8 @@ def optimize(
     variants for "cpu" (this host, calibrated once and cached), "cuda" or a `HardwareProfile`; by
     default, the device of the example inputs. `memory_budget` (bytes) excludes variants whose
     intermediates would exceed it. `variants` restricts the implementations considered, by name.
+    Training-mode attention dropout goes to a fused variant (SDPA's dropout_p: its own random
+    stream, verified with dropout off); `exact_dropout=True` leaves those sites as written instead.
     A Hugging Face model that returns its KV cache gets a shallow copy whose forward is compiled
     with the attnfx backend (see `attnfx.generation`), so that `.generate()` works.
     `example_args` is the former name of `example_inputs`.
@@ -93,7 +100,7 @@ def optimize(
         warnings.warn("optimize(example_args=...) is now optimize(example_inputs=...)", DeprecationWarning,
                       stacklevel=2)
         example_inputs = example_args
-    options = Options(verify, target, memory_budget, None if variants is None else tuple(variants))
+    options = Options(verify, target, memory_budget, None if variants is None else tuple(variants), exact_dropout)
     model, args, kwargs = _normalise_inputs(model, example_inputs, example_kwargs)
     if uses_cache(model, kwargs):
         return optimize_generative(model, args, kwargs, options, dynamic_shapes)
@@ -105,7 +112,7 @@ def optimize(
                      _device_of(args, kwargs, model), captured.module_prefix)
     report.optimize_seconds = time.perf_counter() - started
     respecialize = partial(optimize, model, verify=verify, target=target, memory_budget=memory_budget,
-                           variants=variants)
+                           variants=variants, exact_dropout=exact_dropout)
     return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
                            respecialize if dynamic_shapes is None else None, model.forward, captured.module_prefix)
 
@@ -118,19 +125,27 @@ def rewrite(original: GraphModule, args: tuple, kwargs: dict, options: Options, 
     work = GraphModule(original, _copy_graph(original.graph))
     work.meta.update(original.meta)
     _remove_dead_nodes(work.graph)
-    decisions = decide_all(work.graph, MaskEvaluator(work), options.planning(device))
+    canonical = canonicalize_softmaxes(work.graph)
+    decisions = decide_all(work.graph, MaskEvaluator(work), options.planning(device), canonical.escaped)
     plans, emit_failures = _emit(work, decisions)
     outcomes: dict[int, Outcome] = dict(emit_failures)
     if options.verify and plans:
         plans, verdicts, expected = _verify(work, plans, args, kwargs)
         outcomes.update(verdicts)
+        if canonical.replaced:  # the end-to-end reference is the model as written
+            expected = record(original, args, kwargs)[1]
     else:
         outcomes.update({p.decision.index: Outcome("REWRITTEN") for p in plans})
         expected = None
+    for decision in decisions:  # a hand-written softmax that was not rewritten keeps its spelling
+        if decision.node in canonical.replaced and outcomes.get(decision.index, _KEPT).status != "REWRITTEN":
+            canonical.restore(decision.node)
     _wire(work, plans)
     result = work
     if plans and options.verify:
         result = _check_end_to_end(work, original, report, args, kwargs, expected, outcomes)
+    if result is work and any(p.decision.lowering.spec.dropout_p for p in plans):
+        _arm_dropout(work, plans)
     report.entries.extend(entry(d, outcomes.get(d.index), module_prefix) for d in decisions)
     return result
 
@@ -142,14 +157,32 @@ def _emit(work: GraphModule, decisions: list[Decision]) -> tuple[list[_Plan], di
         if decision.status != "CHOSEN":
             continue
         before = set(work.graph.nodes)
+        # emitted without dropout: verification compares the deterministic part, then it is armed
+        deterministic = replace(decision.lowering, spec=replace(decision.lowering.spec, dropout_p=0.0))
         try:
-            emitted = emit(work.graph, decision.site, decision.lowering, decision.variant, decision.index)
+            emitted = emit(work.graph, decision.site, deterministic, decision.variant, decision.index)
         except Exception as exc:  # noqa: BLE001 - an emitter bug leaves that one site as written
             _erase_unused(work.graph, [n for n in work.graph.nodes if n not in before])
             failures[decision.index] = Outcome("REFUSED", refusal=internal_error(exc, "emit"))
             continue
         plans.append(_Plan(decision, emitted))
     return plans, failures
+
+
+def _arm_dropout(work: GraphModule, plans: list[_Plan]) -> None:
+    """Give each verified site with training dropout its variant's call with the dropout on."""
+    for plan in plans:
+        spec = plan.decision.lowering.spec
+        if not spec.dropout_p:
+            continue
+        call = plan.decision.variant.call(spec, plan.emitted.operands)
+        old = plan.emitted.call
+        with work.graph.inserting_before(old):
+            armed = work.graph.call_function(call.target, call.args, call.kwargs)
+        armed.meta = dict(old.meta)
+        old.replace_all_uses_with(armed)
+        work.graph.erase_node(old)
+    work.recompile()
 
 
 def _wire(work: GraphModule, plans: list[_Plan]) -> None:

@@ -2,7 +2,8 @@
 
 One run of the unrewritten graph on the example inputs records the tensors each replacement reads
 and the output it must reproduce; each replacement then runs alone on those tensors. What is
-compared is exactly what will run.
+compared is exactly what will run, with dropout off (a training graph's random masks cannot be
+compared).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from torch.fx import Graph, GraphModule, Interpreter, Node
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
+
+from attnfx.passes import ops
 
 TOLERANCES = {  # (atol, rtol) per dtype: fp32 to the issue's 1e-5 on activations of O(1)
     torch.float64: (1e-9, 1e-7),
@@ -42,7 +45,11 @@ class _Recorder(Interpreter):
     def run_node(self, n: Node) -> Any:
         if self.skip_emitted and "attnfx_site" in n.meta and n.op == "call_function":
             return None
-        value = super().run_node(n)
+        if ops.kind(n) == "dropout":  # what is compared is the deterministic part: dropout off
+            x = self.env[n.args[0]]
+            value = (x, torch.ones_like(x, dtype=torch.bool)) if ops.target_name(n) == "native_dropout" else x
+        else:
+            value = super().run_node(n)
         if n in self.wanted:
             self.values[n] = value
         return value

@@ -5,7 +5,7 @@ from .catalog import CATALOG
 from .einsums import Einsum, EinsumCascade
 from .explain import explain
 from .hardware import GPU_PROFILES, HardwareProfile
-from .passes import PassAnalysis, analyze
+from .pass_count import PassAnalysis, analyze
 from .select import Candidate, Option, Selection, select
 from .spec import AttentionSpec, Causal, MaskInput
 from .timing import Prediction, predict

@@ -6,7 +6,7 @@ kernel computes and moves. A kernel's `when` names a feature of the site it exis
 `causal`, `bool_mask`, ...). Adding an algorithm (linear, sigmoid, window, ...) is adding an entry to
 `ALGORITHMS`: the time model, the selection and `explain()` pick it up.
 
-Conventions (design note §4): counts are totals over the whole call. Traffic comes in three kinds:
+Conventions: counts are totals over the whole call. Traffic comes in three kinds:
 `inputs` (the site's Q, K, V and mask: cold unless all of them fit in cache), `read`/`write` of
 intermediates (hot when one launch's traffic fits in cache), and `reread` of inputs (K/V once per
 query tile), which hits in a cache that holds `reuse` bytes. `fresh` is the size of each newly
@@ -22,8 +22,9 @@ from typing import Callable
 
 import sympy as sp
 
-from .spec import AttentionSpec, Causal, MaskInput
+from .spec import AttentionSpec, Causal, Kind, MaskInput
 from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
+from .tiles import DECODE_BLOCK_N, LINEAR_CHUNK, chunk_sizes, flash_blocks, sdpa_cpu_tiles
 
 Expr = sp.Expr | int
 
@@ -63,6 +64,7 @@ class Algorithm:
     kernels: tuple[Kernel, ...]
     peak: Expr  # intermediate bytes alive at once, beyond inputs and output
     exact: bool = True
+    kind: Kind = Kind.SOFTMAX  # the weights it computes: a site is priced with its own kind's algorithms
     tiles: Callable[[AttentionSpec, str], dict[str, int]] = field(default=lambda spec, device: {})
     # split counts worth trying (the fastest is used); candidates must not depend on N, so that
     # the best time stays monotone in N
@@ -81,6 +83,8 @@ FEATURES: dict[str, Callable[[AttentionSpec], bool]] = {
     "bool_mask": lambda spec: spec.mask is MaskInput.BOOL or spec.key_padding,
     "mask": lambda spec: spec.mask is not MaskInput.NONE,
     "causal": lambda spec: spec.causal is not Causal.NONE,
+    "normalize": lambda spec: spec.normalize,
+    "decay": lambda spec: spec.decay,
 }
 
 BHMN = B * H * M * N  # materialised score elements
@@ -96,35 +100,41 @@ def _ew(name: str, when: str | None, inputs: Expr = 0, unit: str = "ew") -> Kern
     return Kernel(name, unit, when, ew=BHMN, inputs=inputs, read=SCORES, write=SCORES, fresh=SCORES)
 
 
+# the scores as an eager graph computes them, up to the weights, and the product with V
+_EAGER_SCORES = (
+    Kernel("repeat_kv", "copy", "gqa", launches=2, inputs=KV, write=s * B * H * N * (E + F),
+           fresh=s * B * H * N * E),
+    # with GQA the products read the repeated copies (hot) instead of K and V
+    Kernel("QK", "gemm", rows=M, flops_mm=2 * BHMN * E, inputs=Q_IN + s * B * Hkv * N * E,
+           read=s * B * (H - Hkv) * N * E, write=SCORES, fresh=SCORES, refaults=0),
+    _ew("scale", "scale"),
+    Kernel("softcap", "ew", "softcap", launches=3, ew=2 * BHMN, exps=BHMN, read=3 * SCORES,
+           write=3 * SCORES, fresh=SCORES),
+    _ew("add bias", "bias", inputs=MASK),
+    _ew("where mask", "bool_mask", inputs=MASK, unit="select"),
+    _ew("causal mask", "causal", inputs=s_a * M * N),
+)
+_EAGER_AV = Kernel("AV", "gemm", rows=M, flops_mm=2 * BHMN * F, inputs=s * B * Hkv * N * F,
+                   read=SCORES + s * B * (H - Hkv) * N * F, write=O_OUT)
+# NOTE: the scores and the weights are alive together, and so are GQA's repeated K/V
+_EAGER_PEAK = 2 * SCORES + s * B * (H - Hkv) * N * (E + F)
+
 EAGER = Algorithm(
     "eager", "3-pass", frozenset({"cpu", "cuda"}),
     description="the model's own graph: matmul, one kernel per elementwise op, softmax, matmul",
     kernels=(
-        Kernel("repeat_kv", "copy", "gqa", launches=2, inputs=KV, write=s * B * H * N * (E + F),
-               fresh=s * B * H * N * E),
-        # with GQA the products read the repeated copies (hot) instead of K and V
-        Kernel("QK", "gemm", rows=M, flops_mm=2 * BHMN * E, inputs=Q_IN + s * B * Hkv * N * E,
-               read=s * B * (H - Hkv) * N * E, write=SCORES, fresh=SCORES, refaults=0),
-        _ew("scale", "scale"),
-        Kernel("softcap", "ew", "softcap", launches=3, ew=2 * BHMN, exps=BHMN, read=3 * SCORES,
-               write=3 * SCORES, fresh=SCORES),
-        _ew("add bias", "bias", inputs=MASK),
-        _ew("where mask", "bool_mask", inputs=MASK, unit="select"),
-        _ew("causal mask", "causal", inputs=s_a * M * N),
+        *_EAGER_SCORES,
         Kernel("softmax", "softmax", exps=BHMN, ew=3 * BHMN, divides=BHMN, read=SCORES, write=SCORES,
                fresh=SCORES),
-        Kernel("AV", "gemm", rows=M, flops_mm=2 * BHMN * F, inputs=s * B * Hkv * N * F,
-               read=SCORES + s * B * (H - Hkv) * N * F, write=O_OUT),
+        _EAGER_AV,
     ),
-    # NOTE: the scores and the probabilities are alive together, and so are GQA's repeated K/V
-    peak=2 * SCORES + s * B * (H - Hkv) * N * (E + F),
+    peak=_EAGER_PEAK,
 )
 
 
 def _cpu_sdpa_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
-    """ATen's CPU flash kernel: 32/64/256-row query blocks (M < 192 / < 768 / more), 512 keys."""
     if device == "cpu":
-        return {"Br": 256 if spec.q_len >= 768 else 64 if spec.q_len >= 192 else 32, "Bc": 512}
+        return dict(zip(("Br", "Bc"), sdpa_cpu_tiles(spec.q_len)))
     return {"Br": 128, "Bc": 128}
 
 
@@ -150,16 +160,23 @@ SDPA = Algorithm(
 
 
 def _chunk_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
-    """kernels/chunked.py's rule: 512-key chunks and query blocks so that one (B, H, mc, nc) score
-    chunk holds at most 2^20 elements; causal loops stop at the last visible key."""
-    rows = spec.batch * spec.heads
-    nc = max(1, min(spec.kv_len, 512, (1 << 20) // rows))
-    return {"Br": max(1, min(spec.q_len, (1 << 20) // (rows * nc))), "Bc": nc, "clip": 1}
+    """The chunked kernel's blocks; causal loops stop at the last visible key."""
+    mc, nc = chunk_sizes(spec)
+    return {"Br": mc, "Bc": nc, "clip": 1}
 
 
 _TILES = s_a * B * H * P_t  # bytes of every score chunk the loop materialises, summed
 _CHUNK = s_a * B * H * Br * Bc  # bytes of one score chunk
 _ROWS = B * H * T * Br  # running statistics updated per chunk
+_CHUNK_MASKS = (
+    Kernel("chunk bias", "ew", "bias", launches=2 * T, ew=B * H * P_t, inputs=MASK, read=_TILES, write=_TILES,
+           footprint=2 * _CHUNK),
+    Kernel("chunk keep-mask", "select", "bool_mask", launches=3 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
+           write=_TILES, footprint=2 * _CHUNK),
+    Kernel("chunk causal band", "select", "causal", launches=4 * T, ew=B * H * P_t, read=_TILES, write=_TILES,
+           footprint=2 * _CHUNK),
+)
+_CHUNK_KV_REREAD = s * B * Hkv * (K_t - N) * (E + F)  # K/V read again by every query block after the first
 
 CHUNKED = Algorithm(
     "chunked", "1-pass", frozenset({"cpu", "cuda"}), tiles=_chunk_tiles,
@@ -168,19 +185,14 @@ CHUNKED = Algorithm(
         # the chunk's matmul allocates it; every later score op works on it in place
         Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F),
                inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * _ROWS * F,
-               reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV, footprint=2 * _CHUNK, fresh=_CHUNK,
+               reread=_CHUNK_KV_REREAD, reuse=KV, footprint=2 * _CHUNK, fresh=_CHUNK,
                allocs=T, refaults=0),
         # scale, amax, sub, exp in place, sum; the running max, sum and output on (B, H, mc, 1|F);
         # index ranges and views
         Kernel("chunk softmax", "ew", launches=22 * T, exps=B * H * P_t + _ROWS, masked_exps=B * H * (P_t - P),
                ew=4 * B * H * P_t + 4 * _ROWS * F, read=5 * _TILES + 8 * _ROWS * F, write=3 * _TILES + 4 * _ROWS * F,
                footprint=2 * _CHUNK),
-        Kernel("chunk bias", "ew", "bias", launches=2 * T, ew=B * H * P_t, inputs=MASK, read=_TILES, write=_TILES,
-               footprint=2 * _CHUNK),
-        Kernel("chunk keep-mask", "select", "bool_mask", launches=3 * T, ew=B * H * P_t, inputs=MASK, read=_TILES,
-               write=_TILES, footprint=2 * _CHUNK),
-        Kernel("chunk causal band", "select", "causal", launches=4 * T, ew=B * H * P_t, read=_TILES, write=_TILES,
-               footprint=2 * _CHUNK),
+        *_CHUNK_MASKS,
         Kernel("query block", "ew", launches=17 * R, ew=2 * B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
                write=s * B * H * M * E + O_OUT),
     ),
@@ -188,21 +200,25 @@ CHUNKED = Algorithm(
 )
 
 
+def _flash_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
+    return dict(zip(("Br", "Bc"), flash_blocks(max(spec.head_dim, spec.value_dim))[:2]))
+
+
+# the mask a fused kernel reads per score tile: once from memory, then from cache
+_FLASH_MASK = Kernel("flash mask", "ew", "mask", launches=0, ew=B * H * P_t, inputs=MASK,
+                     reread=sp.Max(s_m * B * H * P_t - MASK, 0), reuse=MASK)
+
 FLASH = Algorithm(
-    "flash", "1-pass", frozenset({"cuda"}), tiles=lambda spec, device: {"Br": 64, "Bc": 64},
+    "flash", "1-pass", frozenset({"cuda"}), tiles=_flash_tiles,
     description="attnfx Triton 1-pass kernel (FA2 cascade, split-Q)",
     kernels=(
         Kernel("flash", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t + B * H * M * C,
                ew=3 * B * H * P_t + (2 * F + 4) * B * H * M * C, divides=B * H * M * F,
                inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV, reuse=KV, ctas=B * H * R, largest=_QUERY_TILE),
-        Kernel("flash mask", "ew", "mask", launches=0, ew=B * H * P_t, inputs=MASK,
-               reread=sp.Max(s_m * B * H * P_t - MASK, 0), reuse=MASK),
+        _FLASH_MASK,
     ),
     peak=4 * B * H * M,
 )
-
-
-_DECODE_BLOCK = 64
 
 
 def _decode_splits(spec: AttentionSpec, workers: int) -> tuple[int, ...]:
@@ -216,7 +232,7 @@ _PARTIALS = _SPLIT * 4 * B * H * M * S * (F + 2)  # fp32 (O_s, m_s, l_s) per spl
 
 DECODE_SPLIT_KV = Algorithm(
     "decode_split_kv", "split-KV", frozenset({"cuda"}), splits=_decode_splits,
-    tiles=lambda spec, device: {"Br": spec.q_len, "Bc": _DECODE_BLOCK},
+    tiles=lambda spec, device: {"Br": spec.q_len, "Bc": DECODE_BLOCK_N},
     description="attnfx Triton split-KV decode (Flash-Decoding): grouped heads, one heavy pass + combine",
     kernels=(
         # the busiest split loads ceil(T/S) key blocks for the G query heads of its KV head
@@ -228,6 +244,118 @@ DECODE_SPLIT_KV = Algorithm(
                exps=_SPLIT * B * H * M * S, divides=B * H * M * F, read=_PARTIALS, write=_SPLIT * O_OUT),
     ),
     peak=_PARTIALS,
+)
+
+# Sigmoid attention: weights sigmoid(s + logit_bias), no row statistics (FlashSigmoid).
+SIGMOID_EAGER = Algorithm(
+    "sigmoid_eager", "sigmoid", frozenset({"cpu", "cuda"}), kind=Kind.SIGMOID,
+    description="the model's own sigmoid-attention graph: matmul, elementwise ops, sigmoid, matmul",
+    kernels=(
+        *_EAGER_SCORES,
+        Kernel("sigmoid", "ew", launches=2, exps=BHMN, ew=2 * BHMN, read=2 * SCORES, write=2 * SCORES, fresh=SCORES),
+        _EAGER_AV,
+    ),
+    peak=_EAGER_PEAK,
+)
+
+SIGMOID_CHUNKED = Algorithm(
+    "sigmoid_chunked", "sigmoid", frozenset({"cpu", "cuda"}), kind=Kind.SIGMOID, tiles=_chunk_tiles,
+    description="attnfx::sigmoid_attention's pure-torch loop over query blocks x key chunks",
+    kernels=(
+        Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F),
+               inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * _ROWS * F, reread=_CHUNK_KV_REREAD, reuse=KV,
+               footprint=2 * _CHUNK, fresh=_CHUNK, allocs=T, refaults=0),
+        # scale, + logit_bias, sigmoid in place; the output rows += the chunk's product; index ranges
+        Kernel("chunk sigmoid", "ew", launches=7 * T, exps=B * H * P_t, masked_exps=B * H * (P_t - P),
+               ew=3 * B * H * P_t + _ROWS * F, read=3 * _TILES + 8 * _ROWS * F, write=3 * _TILES + 4 * _ROWS * F,
+               footprint=2 * _CHUNK),
+        *_CHUNK_MASKS,
+        Kernel("query block", "ew", launches=6 * R, ew=B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
+               write=s * B * H * M * E + O_OUT),
+    ),
+    peak=_CHUNK + 4 * B * H * Br * F,
+)
+
+SIGMOID_FLASH = Algorithm(
+    "sigmoid_flash", "sigmoid", frozenset({"cuda"}), kind=Kind.SIGMOID, tiles=_flash_tiles,
+    description="attnfx Triton flash kernel with sigmoid weights: no running max, sum or division",
+    kernels=(
+        # an exp and a reciprocal per pair on the special-function units
+        Kernel("flash sigmoid", "flash", flops_mm=2 * B * H * P_t * (E + F), exps=2 * B * H * P_t,
+               ew=3 * B * H * P_t, inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV, reuse=KV, ctas=B * H * R,
+               largest=_QUERY_TILE),
+        _FLASH_MASK,
+    ),
+    peak=0,
+)
+
+# Linear attention: q, k feature-mapped; weights <q, k> x causal band x decay^(m - n), optionally
+# normalised by their row sums. attnfx computes the normaliser as the numerator of a column of ones
+# appended to V (FV = F + 1 columns; priced so whether or not the site normalises).
+FV = F + 1
+_NUM = 4 * B * H * M * FV  # the fp32 numerator, normaliser column included
+_ONES = Kernel("ones column", "copy", "normalize", inputs=s * B * Hkv * N * F, write=4 * B * Hkv * N * FV,
+               fresh=4 * B * Hkv * N * FV)
+_NORMALISE = Kernel("normalise", "ew", "normalize", launches=3, ew=B * H * M, divides=B * H * M * F, read=_NUM,
+                    write=O_OUT + 4 * B * H * M)
+
+LINEAR_EAGER = Algorithm(
+    "linear_eager", "linear as written", frozenset({"cpu", "cuda"}), kind=Kind.LINEAR,
+    description="linear attention as written: (phi(Q) phi(K)^T * band * decay) V, O(M N (E + F))",
+    kernels=(
+        *_EAGER_SCORES,
+        _ew("decay weights", "decay", inputs=s_a * H * M * N),
+        Kernel("row sums", "ew", "normalize", ew=BHMN, read=SCORES, write=s_a * B * H * M),
+        _EAGER_AV,
+        Kernel("normalise", "ew", "normalize", divides=B * H * M * F, read=O_OUT, write=O_OUT, fresh=O_OUT),
+    ),
+    peak=_EAGER_PEAK,
+)
+
+LINEAR_RIGHT_TO_LEFT = Algorithm(
+    "linear_right_to_left", "linear", frozenset({"cpu", "cuda"}), kind=Kind.LINEAR,
+    description="attnfx::linear_attention right to left: the state K^T V per K/V head, then Q times it, O(N E F)",
+    kernels=(
+        _ONES,
+        Kernel("state K^T V", "gemm", rows=E, flops_mm=2 * B * Hkv * N * E * FV, inputs=s * B * Hkv * N * (E + F),
+               write=4 * B * Hkv * E * FV),
+        Kernel("readout Q state", "gemm", launches=2, rows=G * M, flops_mm=2 * B * H * M * E * FV, ew=B * H * M * FV,
+               inputs=Q_IN, read=4 * B * Hkv * E * FV + _NUM, write=2 * _NUM, fresh=_NUM),
+        _NORMALISE,
+    ),
+    peak=4 * B * Hkv * E * FV + _NUM + 4 * B * Hkv * N * FV,
+)
+
+
+def _linear_chunk_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
+    """Lightning's chunk: C query rows against the C keys the state does not hold yet."""
+    return {"Br": LINEAR_CHUNK, "Bc": LINEAR_CHUNK}
+
+
+_INTRA = 4 * B * H * R * Br * Bc  # fp32 intra-chunk weights, all chunks
+
+LINEAR_CHUNKED = Algorithm(
+    "linear_chunked", "lightning", frozenset({"cpu", "cuda"}), kind=Kind.LINEAR, tiles=_linear_chunk_tiles,
+    description="attnfx::linear_attention chunked (Lightning): per chunk of C rows a masked C x C product "
+                "and a read of the running E x F state, which then takes in the chunk's keys; O(N E F + N C E)",
+    kernels=(
+        _ONES,
+        # Q_c K_c^T, times the band (and decay) weights, times V_c; the weights' index arithmetic
+        Kernel("intra-chunk", "gemm", launches=9 * R, rows=Br, flops_mm=2 * B * H * R * Br * Bc * (E + FV),
+               ew=2 * B * H * R * Br * Bc, inputs=Q_IN + s * B * Hkv * N * (E + F), read=2 * _INTRA,
+               write=2 * _INTRA + _NUM, footprint=2 * 4 * B * H * Br * Bc),
+        Kernel("state readout", "gemm", launches=3 * R, rows=Br, flops_mm=2 * B * H * M * E * FV,
+               ew=B * H * M * FV, read=4 * B * H * R * E * FV + _NUM, write=2 * _NUM, footprint=4 * B * H * E * FV),
+        Kernel("state update", "gemm", launches=4 * R, rows=E, flops_mm=2 * B * Hkv * N * E * FV,
+               ew=B * Hkv * R * E * FV, read=8 * B * Hkv * R * E * FV, write=8 * B * Hkv * R * E * FV,
+               footprint=4 * B * Hkv * E * FV),
+        # with a decay the state is per query head, the keys and rows are weighted decay^age
+        Kernel("decay", "gemm", "decay", launches=7 * R, rows=E, flops_mm=2 * B * (H - Hkv) * N * E * FV,
+               exps=B * H * (2 * R + R * Br * Bc), ew=B * H * (M * E + N * E + R * E * FV + R * Br * Bc),
+               read=4 * B * H * (M * E + N * E), write=4 * B * H * (M * E + N * E), footprint=4 * B * H * E * FV),
+        _NORMALISE,
+    ),
+    peak=4 * B * H * E * FV + 4 * B * H * Br * Bc + _NUM + 4 * B * Hkv * N * FV,
 )
 
 # Approximate algorithms: no variant declares them yet; priced for explain() and crossovers.
@@ -246,4 +374,6 @@ LINEAR = Algorithm(
     peak=4 * B * Hkv * E * (F + 1),
 )
 
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (EAGER, SDPA, CHUNKED, FLASH, DECODE_SPLIT_KV, LINEAR)}
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    EAGER, SDPA, CHUNKED, FLASH, DECODE_SPLIT_KV, SIGMOID_EAGER, SIGMOID_CHUNKED, SIGMOID_FLASH, LINEAR_EAGER,
+    LINEAR_RIGHT_TO_LEFT, LINEAR_CHUNKED, LINEAR)}

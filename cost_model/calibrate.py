@@ -1,4 +1,4 @@
-"""Measure this CPU's rates for the time model in a few seconds (design note §6, step 1).
+"""Measure this CPU's rates for the time model in a few seconds.
 
 GEMMs at attention shapes, one-row products (decode streams K and V through GEMM micro-kernels),
 copies sized for each cache level and for DRAM, a fused softmax and torch.exp (finite and -inf
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .hardware import SANDBOX_CPU, HardwareProfile
+from .profiles import cache_path, machine_id, save_profile
 from .spec import AttentionSpec
 
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps allocations above this fresh on every call
@@ -127,7 +128,6 @@ def _rate(elements: int, seconds: float, launch: float) -> float:
 
 def _one_thread(quick: bool) -> HardwareProfile:
     """Every rate on one thread, timed by its CPU clock (other jobs on the machine do not count)."""
-    from .profiles import machine_id
     from .timing import predict
 
     reps = 1 if quick else 7
@@ -228,8 +228,6 @@ def calibrate(threads: int | None = None, quick: bool = False) -> HardwareProfil
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .profiles import cache_path, save_profile
-
     parser = argparse.ArgumentParser(description="Measure this CPU for attnfx's cost model and cache it.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-save", action="store_true", help="print only, do not write the cache")
@@ -239,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     print(profile.describe())
     print(f"levels: {[(f'{c / 2**20:.1f} MiB', f'{bw / 1e9:.1f} GB/s') for c, bw in profile.levels]}; "
           f"fault {profile.fault_bw / 1e9:.2f} GB/s; sdpa call {profile.call_s['sdpa'] * 1e6:.1f} us "
-          f"(design note: {SANDBOX_CPU.mm_flops['fp32'] / 1e9:.0f} GFLOP/s GEMM on 2 threads)")
+          f"(the sandbox profile: {SANDBOX_CPU.mm_flops['fp32'] / 1e9:.0f} GFLOP/s GEMM on 2 threads)")
     if profile.notes:
         print(profile.notes)
     if not args.no_save:

@@ -1,7 +1,8 @@
 """The einsum cascade: attention as a short list of named-index stages.
 
-Every site attnfx lifts is printed, priced and checked in this one form (FuseMax's Cascade 4, the
-3-pass softmax as eager PyTorch computes it). Dims: b batch, h K/V head, g query head within its
+Every site attnfx lifts is printed, priced and checked in this one form (for softmax FuseMax's
+Cascade 4, the 3-pass softmax as eager PyTorch computes it; sigmoid and linear weights likewise as
+written). Dims: b batch, h K/V head, g query head within its
 group, m query, n key, e q/k feature, f v feature; query head = h * G + g.
 
 `evaluate()` runs a cascade stage by stage in plain torch: it is the oracle that every rule and
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import AttentionSpec, Causal, MaskInput
+from .spec import AttentionSpec, Causal, Kind, MaskInput
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class Cascade:
 
 
 def canonical_cascade(spec: AttentionSpec, sources: tuple[str, ...] = ()) -> Cascade:
-    """The 3-pass cascade that computes `spec` exactly as the spec's docstring orders it."""
+    """The cascade that computes `spec` exactly as the spec's docstring orders it: the 3-pass
+    softmax, sigmoid weights, or linear attention's weights as written (O(M N))."""
     st: list[Stage] = [Stage("QK", "contract", "bhgme,bhne->bhgmn", ("Q", "K"))]
     score = "QK"
 
@@ -85,14 +87,24 @@ def canonical_cascade(spec: AttentionSpec, sources: tuple[str, ...] = ()) -> Cas
         rule = "n <= m" if spec.causal is Causal.TOP_LEFT else "n <= m + N - M"
         if spec.window is not None:
             rule += f" and n > m{'' if spec.causal is Causal.TOP_LEFT else ' + N - M'} - {spec.window}"
-        add("SF", "map", f"filter {rule}")
+        add("SF", "map", f"{'zero outside' if spec.kind is Kind.LINEAR else 'filter'} {rule}")
     if spec.key_padding:
         add("SP", "map", "filter n < kv_lengths[b]", "KV_LENGTHS")
-    st.append(Stage("GM", "reduce", "max over n", (score,)))
-    st.append(Stage("SN", "map", "exp(s - GM)", (score, "GM")))
-    st.append(Stage("SD", "reduce", "sum over n", ("SN",)))
-    st.append(Stage("A", "map", "div", ("SN", "SD")))
-    st.append(Stage("AV", "contract", "bhgmn,bhnf->bhgmf", ("A", "V")))
+    if spec.kind is Kind.SOFTMAX:
+        st.append(Stage("GM", "reduce", "max over n", (score,)))
+        st.append(Stage("SN", "map", "exp(s - GM)", (score, "GM")))
+        st.append(Stage("SD", "reduce", "sum over n", ("SN",)))
+        st.append(Stage("A", "map", "div", ("SN", "SD")))
+        score = "A"
+    elif spec.kind is Kind.SIGMOID:
+        add("SG", "map", f"sigmoid(s + {spec.logit_bias:.6g}), 0 where excluded")
+    else:
+        if spec.decay:
+            add("SW", "map", "mul decay[h,g]^(m + offset - n)", "DECAY")
+        if spec.normalize:
+            st.append(Stage("RS", "reduce", f"sum over n + {spec.norm_eps:g}", (score,)))
+            add("AN", "map", "div", "RS")
+    st.append(Stage("AV", "contract", "bhgmn,bhnf->bhgmf", (score, "V")))
     return Cascade(spec=spec, stages=tuple(st), sources=sources)
 
 
@@ -111,64 +123,96 @@ def alibi_slopes(heads: int) -> torch.Tensor:
 
 
 def evaluate(cascade: Cascade, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Run `cascade` on `tensors` (Q, K, V and BIAS/MASK/SLOPES/KV_LENGTHS as its stages name them).
+    """Run `cascade` on `tensors` (Q, K, V and BIAS/MASK/SLOPES/KV_LENGTHS/DECAY as its stages name them).
 
     Computes in `compute_dtype` (float64 by default: an oracle should not share the kernels'
-    rounding) and returns (B, H, M, F) in the spec's dtype. Fully masked rows give 0.
+    rounding) and returns (B, H, M, F) in the spec's dtype. Rows with no visible key give 0 for
+    softmax and sigmoid; linear attention follows its formula (0 / norm_eps).
     """
-    s = cascade.spec
-    b, hk, g, m, n = s.batch, s.kv_heads, s.groups, s.q_len, s.kv_len
-    q = tensors["Q"].to(compute_dtype).reshape(b, hk, g, m, s.head_dim)  # (b, h, g, m, e)
-    k = tensors["K"].to(compute_dtype)  # (b, h, n, e)
-    v = tensors["V"].to(compute_dtype)  # (b, h, n, f)
-    m_idx = torch.arange(m).view(m, 1)
-    n_idx = torch.arange(n).view(1, n)
-    keep = torch.ones(b, hk, g, m, n, dtype=torch.bool)
-    values: dict[str, torch.Tensor] = {}
+    run = _Run(cascade.spec, tensors, compute_dtype)
     for stage in cascade.stages:
-        x = values.get(stage.inputs[0]) if stage.inputs else None
-        if stage.output == "QK":
-            out = torch.einsum("bhgme,bhne->bhgmn", q, k)
-        elif stage.op.startswith("mul "):
-            out = x * s.scale
-        elif stage.op.startswith("softcap"):
-            out = s.softcap * torch.tanh(x / s.softcap)
-        elif stage.output == "SB":
-            bias = tensors["BIAS"].to(compute_dtype).expand(b, s.heads, m, n)
-            out = x + bias.reshape(b, hk, g, m, n)
-        elif stage.output == "SA":
-            slopes = tensors["SLOPES"].to(compute_dtype).view(1, hk, g, 1, 1)
-            out = x + slopes * (n_idx - m_idx).to(compute_dtype)
-        elif stage.output == "SM":
-            mask = tensors["MASK"].to(torch.bool).expand(b, s.heads, m, n)
-            keep = keep & mask.reshape(b, hk, g, m, n)
-            out = x
-        elif stage.output == "SF":
-            offset = s.causal.offset(m, n)
-            band = n_idx <= m_idx + offset
-            if s.window is not None:
-                band = band & (n_idx > m_idx + offset - s.window)
-            keep = keep & band
-            out = x
-        elif stage.output == "SP":
-            lengths = tensors["KV_LENGTHS"].view(b, 1, 1, 1, 1)
-            keep = keep & (n_idx < lengths)
-            out = x
-        elif stage.output == "GM":
-            x = x.masked_fill(~keep, -math.inf)
-            values[stage.inputs[0]] = x
-            out = x.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(compute_dtype).min)
-        elif stage.output == "SN":
-            out = torch.exp(x - values["GM"])
-        elif stage.output == "SD":
-            out = x.sum(dim=-1, keepdim=True)
-        elif stage.output == "A":
-            den = values["SD"]
-            out = torch.where(den > 0, x / den.clamp_min(torch.finfo(compute_dtype).tiny), 0.0)
-        elif stage.output == "AV":
-            out = torch.einsum("bhgmn,bhnf->bhgmf", x, v)
-        else:
+        x = run.values.get(stage.inputs[0]) if stage.inputs else None
+        handler = _STAGES.get(stage.output)
+        if handler is None:
             raise ValueError(f"evaluate() does not know stage {stage}")
-        values[stage.output] = out
-    result = values["AV"].reshape(b, s.heads, m, s.value_dim)
-    return result.to(getattr(torch, s.dtype))
+        run.values[stage.output] = handler(run, x)
+    s = cascade.spec
+    return run.values["AV"].reshape(s.batch, s.heads, s.q_len, s.value_dim).to(s.torch_dtype)
+
+
+class _Run:
+    """One evaluation: the spec, its tensors in the compute dtype, the excluded pairs so far, the
+    stage values."""
+
+    def __init__(self, spec: AttentionSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.spec, self.tensors, self.dtype = spec, tensors, dtype
+        self.shape5 = (spec.batch, spec.kv_heads, spec.groups, spec.q_len, spec.kv_len)  # (b, h, g, m, n)
+        self.m_idx = torch.arange(spec.q_len).view(-1, 1)
+        self.n_idx = torch.arange(spec.kv_len).view(1, -1)
+        self.keep = torch.ones(self.shape5, dtype=torch.bool)
+        self.values: dict[str, torch.Tensor] = {}
+        self.masked: torch.Tensor | None = None
+
+    def per_pair(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A (B|1, H|1, M|1, N|1) input as (b, h, g, m, n)."""
+        b, hk, g, m, n = self.shape5
+        return self.tensors[name].to(dtype).expand(b, hk * g, m, n).reshape(self.shape5)
+
+    def per_head(self, name: str) -> torch.Tensor:
+        """An (H,) input as (1, h, g, 1, 1)."""
+        return self.tensors[name].to(self.dtype).view(1, self.shape5[1], self.shape5[2], 1, 1)
+
+    def band(self) -> torch.Tensor:
+        s = self.spec
+        offset = s.causal.offset(s.q_len, s.kv_len)
+        band = self.n_idx <= self.m_idx + offset
+        if s.window is not None:
+            band = band & (self.n_idx > self.m_idx + offset - s.window)
+        return band
+
+    def exclude(self, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.keep = self.keep & keep
+        return x
+
+    def qk(self, _) -> torch.Tensor:
+        s = self.spec
+        q = self.tensors["Q"].to(self.dtype).reshape(*self.shape5[:4], s.head_dim)  # (b, h, g, m, e)
+        return torch.einsum("bhgme,bhne->bhgmn", q, self.tensors["K"].to(self.dtype))
+
+    def filter(self, x: torch.Tensor) -> torch.Tensor:
+        band = self.band()
+        return self.exclude(band, x.masked_fill(~band, 0.0) if self.spec.kind is Kind.LINEAR else x)
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        self.masked = x.masked_fill(~self.keep, -math.inf)  # the scores SN exponentiates
+        return self.masked.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(self.dtype).min)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        den = self.values["SD"]
+        return torch.where(den > 0, x / den.clamp_min(torch.finfo(self.dtype).tiny), 0.0)
+
+    def decay(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        power = self.per_head("DECAY") ** (self.m_idx + s.causal.offset(s.q_len, s.kv_len) - self.n_idx).to(self.dtype)
+        return torch.where(self.keep, x * power, x)  # NOTE: outside the band power can be inf where x is 0
+
+
+_STAGES = {
+    "QK": _Run.qk,
+    "S": lambda r, x: x * r.spec.scale,
+    "SC": lambda r, x: r.spec.softcap * torch.tanh(x / r.spec.softcap),
+    "SB": lambda r, x: x + r.per_pair("BIAS", r.dtype),
+    "SA": lambda r, x: x + r.per_head("SLOPES") * (r.n_idx - r.m_idx).to(r.dtype),
+    "SM": lambda r, x: r.exclude(r.per_pair("MASK", torch.bool), x),
+    "SF": _Run.filter,
+    "SP": lambda r, x: r.exclude(r.n_idx < r.tensors["KV_LENGTHS"].view(-1, 1, 1, 1, 1), x),
+    "GM": _Run.max,
+    "SN": lambda r, x: torch.exp(r.masked - r.values["GM"]),
+    "SD": lambda r, x: x.sum(dim=-1, keepdim=True),
+    "A": _Run.normalise,
+    "SG": lambda r, x: torch.sigmoid(x.masked_fill(~r.keep, -math.inf) + r.spec.logit_bias),
+    "SW": _Run.decay,
+    "RS": lambda r, x: x.sum(dim=-1, keepdim=True) + r.spec.norm_eps,
+    "AN": lambda r, x: x / r.values["RS"],
+    "AV": lambda r, x: torch.einsum("bhgmn,bhnf->bhgmf", x, r.tensors["V"].to(r.dtype)),
+}

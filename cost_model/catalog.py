@@ -1,7 +1,7 @@
-"""The einsum cascades of design note §2, as data (b and h implicit; n1/n0 = key chunk/offset).
+"""The einsum cascades of attention algorithms (FuseMax's notation), as data (b and h implicit; n1/n0 = key chunk/offset).
 
 Algorithms name one of these (`attnfx.cost_model.algorithms`); tests check each against the
-expected pass counts of §3. Adding a cascade is adding an entry here.
+expected pass counts. Adding a cascade is adding an entry here.
 """
 from __future__ import annotations
 
@@ -94,6 +94,21 @@ LINEAR = _C("linear",
             "DEN[m] = PQ[m,e] * KS[e]",
             "AV[m,f] = NUM[m,f] / DEN[m]", note="Katharopoulos et al., non-causal, phi = elu + 1")
 
+LINEAR_AS_WRITTEN = _C("linear as written",
+                       "QK[m,n] = Q[m,e] * K[n,e]",
+                       "W[m,n] = QK[m,n] * D[m,n]",
+                       "DEN[m] = W[m,n]",
+                       "NUM[m,f] = W[m,n] * V[n,f]",
+                       "AV[m,f] = NUM[m,f] / DEN[m]", note="(phi(Q) phi(K)^T * band * decay) V: O(M N)")
+
+LIGHTNING = _C("lightning",
+               "BKV[e,f,n1] = K[n1,n0,e] * DK[n0] * V[n1,n0,f]",
+               "RKV[e,f,n1+1] = RKV[e,f,n1] * L[] + BKV[e,f,n1]",
+               "INTER[n1,m0,f] = Q[n1,m0,e] * DQ[m0] * RKV[e,f,n1]",
+               "INTRA[n1,m0,f] = Q[n1,m0,e] * K[n1,n0,e] * D[m0,n0] * V[n1,n0,f]",
+               "AV[n1,m0,f] = INTER[n1,m0,f] + INTRA[n1,m0,f]",
+               note="Lightning: causal linear attention by chunks, a decayed running state between them")
+
 LINFORMER = _C("linformer",
                "KP[k,e] = PE[k,n] * K[n,e]",
                "VP[k,f] = PF[k,n] * V[n,f]",
@@ -105,4 +120,4 @@ LINFORMER = _C("linformer",
 
 CATALOG: dict[str, EinsumCascade] = {c.name: c for c in (
     FUSEMAX_1, FUSEMAX_2, FUSEMAX_3, THREE_PASS, DEFERRED, LOCAL_MAX, ONLINE_SOFTMAX, UNSAFE_SOFTMAX,
-    ONE_PASS, SPLIT_KV, SIGMOID, LINEAR, LINFORMER)}
+    ONE_PASS, SPLIT_KV, SIGMOID, LINEAR, LINEAR_AS_WRITTEN, LIGHTNING, LINFORMER)}

@@ -1,4 +1,4 @@
-"""Where one way of computing attention starts to beat another (design note §4, crossovers).
+"""Where one way of computing attention starts to beat another.
 
 Two are solved symbolically with sympy: the key length above which materialising the scores no longer
 fits a memory budget (so a memory-bounded variant wins by default), and the compute-bound N* above

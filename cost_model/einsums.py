@@ -1,6 +1,6 @@
 """Cascades as data: each Einsum is one line of EDGE-style text, parsed into ranks and edges.
 
-Writing a cascade as the strings of the design note (`SN[m,n] = exp(QK[m,n] - GM[m])`) keeps the
+Writing a cascade as EDGE-style strings (`SN[m,n] = exp(QK[m,n] - GM[m])`) keeps the
 table readable and makes adding an algorithm a matter of data. The notation:
 
 - `T[i,j]` names a tensor and its ranks; `T[]` is a scalar.

@@ -3,7 +3,7 @@
 Sections: the site, the target profile, each algorithm's einsum cascade with its pass analysis, the
 cost formulas with their values at the shape, the ranked variants with why the winner won, and the
 crossovers. The compiler exposes it as `attnfx.explain`; it passes the real variants' options, and
-without them every exact algorithm that runs on the target is priced.
+without them every exact algorithm of the site's kind that runs on the target is priced.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from .algorithms import ALGORITHMS
 from .catalog import CATALOG
 from .crossovers import crossovers
 from .hardware import HardwareProfile
-from .passes import analyze
-from .profiles import resolve_target
+from .pass_count import analyze
+from .targets import resolve_target
 from .select import Option, select
 from . import symbols as sym
 from .spec import AttentionSpec, Causal, MaskInput
@@ -49,7 +49,7 @@ def spec_from(shape: AttentionSpec | Mapping[str, Any]) -> AttentionSpec:
 
 def _options(spec: AttentionSpec, profile: HardwareProfile) -> list[Option]:
     return [Option(name, name, spec, "canonical") for name, alg in ALGORITHMS.items()
-            if alg.exact and profile.device in alg.devices]
+            if alg.exact and alg.kind is spec.kind and profile.device in alg.devices]
 
 
 def _fmt(x: float) -> str:

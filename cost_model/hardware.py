@@ -1,6 +1,6 @@
 """Hardware profiles: the rates the time model divides by.
 
-GPU profiles come from spec sheets (design note §5) with efficiency factors taken from the published
+GPU profiles come from vendor spec sheets with efficiency factors taken from the published
 kernel results quoted there; they are estimates until calibrated on the device. The host CPU profile
 is measured (`attnfx.cost_model.calibrate`) and cached on disk; `SANDBOX_CPU` describes the
 project's 2-core sandbox, for tests and documentation.
@@ -114,7 +114,7 @@ H200 = _gpu("H200", 132, 989e12, 67e12, 3.9e12, 4.8e12, 50e6, 227e3, 0.4, 0.35)
 GPU_PROFILES: dict[str, HardwareProfile] = {p.name: p for p in (A100, H100_SXM, H100_PCIE, H200)}
 
 # The project sandbox (2-core EPYC, 2 threads, fp32), for tests and documentation.
-# GEMM, exp and DRAM rates are the design note's; the rest is this project's one-thread calibration
+# GEMM, exp and DRAM rates were measured on the project's 2-core sandbox; the rest is this project's one-thread calibration
 # scaled to two threads. SDPA's efficiency is the calibrated one: the note's 98 ms run at B1 H8 N2048
 # d64 would give 0.72 under this time model, but SDPA ran that shape in ~52 ms on two threads here.
 SANDBOX_CPU = HardwareProfile(
@@ -124,7 +124,7 @@ SANDBOX_CPU = HardwareProfile(
     efficiency={"gemm": 1.0, "sdpa": 1.3}, half_rows=1.5, gemv_efficiency=0.35,
     gemv_cache_efficiency=0.55, call_s={"sdpa": 3e-6},
     parallel=2, overlap=0.0, fault_bw=3e9, fault_threshold=32 * 2**20,
-    source="design note + calibration", threads=2,
+    source="sandbox measurements + calibration", threads=2,
 )
 
 

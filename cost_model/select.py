@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from .algorithms import ALGORITHMS
 from .hardware import HardwareProfile
-from .profiles import resolve_target
+from .targets import resolve_target
 from .spec import AttentionSpec
 from .timing import Prediction, predict
 

@@ -145,6 +145,7 @@ class AttentionSpec:
     decay: bool = False  # LINEAR: per-head geometric decay operand
     normalize: bool = False  # LINEAR: divide by the row sum of the weights
     norm_eps: float = 0.0  # LINEAR: added to that row sum
+    dropout_p: float = 0.0  # training-mode dropout on the weights (a fused variant draws its own mask)
 
     def __post_init__(self) -> None:
         for name in ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim", "value_dim"):
@@ -159,6 +160,8 @@ class AttentionSpec:
         if self.mask_shape is not None and len(self.mask_shape) != 4:
             raise ValueError(f"mask_shape must be 4-D, got {self.mask_shape}")
         self.mods  # validates scale/causal/window/softcap together
+        if not 0.0 <= self.dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {self.dropout_p}")
         if self.kind is not Kind.SIGMOID and self.logit_bias:
             raise ValueError("logit_bias is a sigmoid-attention field (a constant cancels in a softmax)")
         if self.kind is not Kind.LINEAR and (self.decay or self.normalize or self.norm_eps):
@@ -235,6 +238,8 @@ class AttentionSpec:
             parts.append("key_padding")
         if self.logit_bias:
             parts.append(f"logit_bias={self.logit_bias:.6g}")
+        if self.dropout_p:
+            parts.append(f"dropout={self.dropout_p:g}")
         if self.decay:
             parts.append("decay")
         if self.normalize:

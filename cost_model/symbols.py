@@ -29,7 +29,7 @@ W = sp.Symbol("W", positive=True)  # sliding-window width
 G = H / Hkv  # query heads per K/V head
 
 def pairs_expr(spec: AttentionSpec) -> sp.Expr:
-    """Closed form of the live pairs per head (design note §2), for display and solving."""
+    """Closed form of the live pairs per head , for display and solving."""
     if spec.causal is Causal.NONE:
         return M * N
     if spec.window is not None:

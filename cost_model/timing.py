@@ -1,4 +1,4 @@
-"""Predicted time of an algorithm at a site on a hardware profile (design note §4, time model).
+"""Predicted time of an algorithm at a site on a hardware profile.
 
 Per kernel: T = (max(Tc, Tm) + (1 - overlap) * min(Tc, Tm)) / utilisation + faults + launches
 (utilisation: whole waves of blocks over the workers, and no less than the largest block's time),
@@ -19,7 +19,7 @@ from . import symbols as sym
 from .algorithms import ALGORITHMS, Algorithm, Kernel
 from .catalog import CATALOG
 from .hardware import HardwareProfile
-from .passes import analyze
+from .pass_count import analyze
 from .spec import AttentionSpec, MaskInput
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",

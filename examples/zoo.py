@@ -34,7 +34,7 @@ SOFTMAX_TARGETS = (
 
 
 def required() -> list[ZooModel]:
-    """The entries issue 3 names explicitly (the test suite's core)."""
+    """The architectures every release must cover (the test suite's core)."""
     return [m for m in REGISTRY.values() if m.required]
 
 

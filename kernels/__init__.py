@@ -1,9 +1,32 @@
-"""Everything an attention site can be replaced by, each with a pure-torch reference."""
-from .fused import ChunkedVariant, TritonDecodeVariant, TritonFlashVariant
+"""Everything an attention site can be replaced by, each a custom op with a pure-torch implementation.
+
+What each variant takes, and the call it emits (`variant.call(spec, operands)`; every argument is
+read from the spec, `spec.mods.op_args()` for scale/causal/window/softcap, and from `Operands`):
+
+  softmax sites (AttentionSpec.kind SOFTMAX)
+    sdpa                    aten.scaled_dot_product_attention        any device
+    attnfx_chunked          attnfx::attention(...)[0]                cpu     algorithm chunked
+    triton_flash            attnfx::attention(...)[0]                cuda    algorithm flash (M > 16 or N < 4M)
+    triton_decode           attnfx::attention(...)[0]                cuda    algorithm decode_split_kv
+  sigmoid sites (kind SIGMOID, spec.logit_bias)
+    attnfx_sigmoid_chunked  attnfx::sigmoid_attention(...)           cpu     algorithm sigmoid_chunked
+    triton_sigmoid          attnfx::sigmoid_attention(...)           cuda    algorithm sigmoid_flash
+  linear sites (kind LINEAR; q, k already feature-mapped; Operands.decay (H,) when spec.decay)
+    attnfx_linear           attnfx::linear_attention(..., "right_to_left", C)[0]   any device, no causal band
+                                                                      algorithm linear_right_to_left
+    attnfx_lightning        attnfx::linear_attention(..., "chunked", C)[0]         any device, causal band
+                                                                      algorithm linear_chunked
+
+Each variant refuses, with a sentence, the sites of another kind and the devices or shapes it does
+not take. The eager forms are priced as algorithms eager, sigmoid_eager and linear_eager.
+"""
+from .fused import CHUNKED, LIGHTNING, LINEAR, SIGMOID_CHUNKED, TRITON_DECODE, TRITON_FLASH, TRITON_SIGMOID
 from .registry import Call, Operands, Variant
 from .sdpa import SdpaVariant
 
-VARIANTS: tuple[Variant, ...] = (SdpaVariant(), ChunkedVariant(), TritonFlashVariant(), TritonDecodeVariant())
+VARIANTS: tuple[Variant, ...] = (
+    SdpaVariant(), CHUNKED, TRITON_FLASH, TRITON_DECODE, SIGMOID_CHUNKED, TRITON_SIGMOID, LINEAR, LIGHTNING,
+)
 
 
 def get_variant(name: str) -> Variant:

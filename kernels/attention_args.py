@@ -1,4 +1,7 @@
-"""The arguments of `attnfx::attention`, checked once for every implementation.
+"""The arguments of attnfx's attention ops, decoded and checked once for every implementation.
+
+Inside attnfx a call is `(q, k, v, extras, mods)`: the optional tensors bundled as `ScoreTensors`,
+the scalar modifiers as the spec's `ScoreMods`; only the custom-op schemas keep the flat list.
 
 A call whose shapes do not line up is a caller's bug (ValueError). A well-formed call that one
 kernel cannot take (dtype, head dim, no triton) is `KernelUnavailable`, which the selection reads to
@@ -12,9 +15,21 @@ from dataclasses import dataclass
 
 import torch
 
-CAUSAL_MODES = ("none", "top_left", "bottom_right")
+from attnfx.cost_model.spec import Causal, ScoreMods
+
+ATTENTION = "attnfx::attention"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class ScoreTensors:
+    """The optional tensors a call's scores read: an additive or bool mask broadcastable to
+    (B,H,M,N), ALiBi slopes (H,), and per-batch key lengths (B,)."""
+
+    bias: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    kv_lengths: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -33,61 +48,57 @@ class Dims:
     def groups(self) -> int:
         return self.heads // self.kv_heads
 
-    def causal_offset(self, causal: str) -> int:
+    def causal_offset(self, causal: Causal) -> int:
         """Diagonal offset: key n is visible from query m when n <= m + offset."""
-        return self.kv_len - self.q_len if causal == "bottom_right" else 0
+        return causal.offset(self.q_len, self.kv_len)
 
 
-def check_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-    kv_lengths: torch.Tensor | None,
-    causal: str,
-    window: int,
-    softcap: float,
-) -> Dims:
-    """Sizes of a well-formed call; ValueError naming the first argument that is not."""
+def decode_op_args(op: str, bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
+                   kv_lengths: torch.Tensor | None, scale: float, causal: str, window: int,
+                   softcap: float) -> tuple[ScoreTensors, ScoreMods]:
+    """A custom op's flat score arguments as the bundles the implementations take; ValueError
+    naming the op and the argument that is not well-formed."""
+    try:
+        mods = ScoreMods.from_op_args(scale, causal, window, softcap)
+    except ValueError as err:
+        raise ValueError(f"{op}: {err}") from None
+    return ScoreTensors(bias, alibi_slopes, kv_lengths), mods
+
+
+def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: ScoreTensors,
+               op: str = ATTENTION) -> Dims:
+    """Sizes of a call whose tensors line up; ValueError naming the op and the first that does not."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attnfx::attention wants 4-D q, k, v; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+        raise ValueError(f"{op} wants 4-D q, k, v; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     b, h, m, e = q.shape
     bk, hk, n, ek = k.shape
     if (bk, hk, n) != tuple(v.shape[:3]) or bk != b or ek != e:
-        raise ValueError(f"attnfx::attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+        raise ValueError(f"{op}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                          "do not line up as (B,H,M,E), (B,Hkv,N,E), (B,Hkv,N,F)")
     if h % hk:
-        raise ValueError(f"attnfx::attention: query heads ({h}) must be a multiple of kv heads ({hk})")
+        raise ValueError(f"{op}: query heads ({h}) must be a multiple of kv heads ({hk})")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError("attnfx::attention: q, k, v must share one floating dtype; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{op}: q, k, v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     dims = Dims(b, h, hk, m, n, e, v.shape[3])
-    if bias is not None:
-        _check_bias(bias, dims)
-    if alibi_slopes is not None and tuple(alibi_slopes.shape) != (h,):
-        raise ValueError(f"attnfx::attention: alibi_slopes must have shape ({h},), got {tuple(alibi_slopes.shape)}")
-    if kv_lengths is not None and (tuple(kv_lengths.shape) != (b,) or kv_lengths.dtype.is_floating_point):
-        raise ValueError(f"attnfx::attention: kv_lengths must be integer of shape ({b},), "
-                         f"got {kv_lengths.dtype} {tuple(kv_lengths.shape)}")
-    if causal not in CAUSAL_MODES:
-        raise ValueError(f"attnfx::attention: causal must be one of {CAUSAL_MODES}, got {causal!r}")
-    if window != -1 and (window < 1 or causal == "none"):
-        raise ValueError(f"attnfx::attention: window must be -1 (none) or >= 1 with a causal diagonal; "
-                         f"got window={window}, causal={causal!r}")
-    if softcap < 0:
-        raise ValueError(f"attnfx::attention: softcap must be 0 (none) or positive, got {softcap}")
+    if extras.bias is not None:
+        _check_bias(extras.bias, dims, op)
+    slopes, lengths = extras.alibi_slopes, extras.kv_lengths
+    if slopes is not None and tuple(slopes.shape) != (h,):
+        raise ValueError(f"{op}: alibi_slopes must have shape ({h},), got {tuple(slopes.shape)}")
+    if lengths is not None and (tuple(lengths.shape) != (b,) or lengths.dtype.is_floating_point):
+        raise ValueError(f"{op}: kv_lengths must be integer of shape ({b},), "
+                         f"got {lengths.dtype} {tuple(lengths.shape)}")
     return dims
 
 
-def _check_bias(bias: torch.Tensor, dims: Dims) -> None:
+def _check_bias(bias: torch.Tensor, dims: Dims, op: str) -> None:
     full = (dims.batch, dims.heads, dims.q_len, dims.kv_len)
     shape = tuple(bias.shape)
     fits = bias.dim() <= 4 and all(s in (1, f) for s, f in zip(shape[::-1], full[::-1]))
     if not fits:
-        raise ValueError(f"attnfx::attention: bias of shape {shape} does not broadcast to (B,H,M,N)={full}")
+        raise ValueError(f"{op}: bias of shape {shape} does not broadcast to (B,H,M,N)={full}")
     if not (bias.dtype.is_floating_point or bias.dtype == torch.bool):
-        raise ValueError("attnfx::attention: bias must be floating (additive) or bool (True attends), "
+        raise ValueError(f"{op}: bias must be floating (additive) or bool (True attends), "
                          f"got {bias.dtype}")
 
 

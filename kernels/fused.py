@@ -1,90 +1,141 @@
-"""attnfx's own kernels as rewrite targets: every one emits `attnfx::attention(...)[0]`.
+"""attnfx's own ops as rewrite targets: each variant emits one custom op, which picks its
+implementation by device, so variants of one op differ only in where they may be chosen and which
+algorithm the cost model prices them with.
 
-The op picks its implementation by device (and, on CUDA, by shape), so the three variants differ
-only in where they may be chosen and which cascade the cost model prices them with:
-  * attnfx_chunked: the pure-torch chunked 1-pass kernel, on CPU;
-  * triton_flash:   the Triton flash kernel (FuseMax cascade 5), on CUDA, for M > 16 or N < 4M;
-  * triton_decode:  the Triton split-KV decode kernel, on CUDA, for M <= 16 and N >= 4M.
-All three take every feature AttentionSpec can state (scale, softcap, additive or bool mask of any
-broadcast shape, ALiBi, causal top-left or bottom-right, window, key padding, GQA/MQA).
+  attnfx::attention(...)[0]            (softmax sites: every feature AttentionSpec can state)
+    attnfx_chunked           the pure-torch chunked 1-pass kernel, on CPU
+    triton_flash             the Triton flash kernel (FuseMax cascade 5), on CUDA, for M > 16 or N < 4M
+    triton_decode            the Triton split-KV decode kernel, on CUDA, for M <= 16 and N >= 4M
+  attnfx::sigmoid_attention(...)       (sigmoid sites: the same features, plus logit_bias)
+    attnfx_sigmoid_chunked   the pure-torch chunked kernel, on CPU
+    triton_sigmoid           the Triton flash kernel with sigmoid weights, on CUDA
+  attnfx::linear_attention(...)[0]     (linear sites: q, k feature-mapped; GQA, normalize, decay)
+    attnfx_linear            right to left, Q (K^T V): no causal band, no decay; any device
+    attnfx_lightning         chunked (Lightning, LINEAR_CHUNK rows a chunk): a causal band; any device
+Every variant refuses the sites of another kind, and training dropout (none of the ops has any).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, MaskInput
+from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, Causal, Kind, MaskInput
+from attnfx.cost_model.tiles import LINEAR_CHUNK
 
-from . import ops  # noqa: F401  (registers torch.ops.attnfx.*)
+from . import linear_ops, ops, sigmoid_ops  # noqa: F401  (register torch.ops.attnfx.*)
 from .attention_args import triton_refusal
-from .registry import Call, Operands
+from .registry import Call, Operands, OpVariant, kind_refusal
+
+Refusal = Callable[[AttentionSpec, str], "str | None"]
 
 
-def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
-    """`attnfx::attention(...)[0]` for `spec` on canonical operands."""
-    args = (
+def score_operands(spec: AttentionSpec, operands: Operands) -> tuple:
+    """(q, k, v, bias?, alibi_slopes?, kv_lengths?, scale, causal, window, softcap): the leading
+    arguments of attnfx::attention and attnfx::sigmoid_attention, with only what the spec uses."""
+    return (
         operands.q, operands.k, operands.v,
         operands.mask if spec.mask is not MaskInput.NONE else None,
         operands.slopes if spec.alibi else None,
         operands.kv_lengths if spec.key_padding else None,
         *spec.mods.op_args(),
     )
-    return Call(torch.ops.attnfx.attention.default, args, {}, output_index=0)
 
 
-def _shape_name(spec: AttentionSpec) -> str:
-    return f"M={spec.q_len} N={spec.kv_len}"
+def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
+    """`attnfx::attention(...)[0]` for `spec` on canonical operands."""
+    return Call(torch.ops.attnfx.attention.default, score_operands(spec, operands), {}, output_index=0)
 
 
-def _triton_refusal(spec: AttentionSpec, device: str) -> str | None:
-    if device != "cuda":
-        return f"Triton kernels run on cuda only; on {device} interpreted Triton is never chosen for speed"
-    return triton_refusal(spec.torch_dtype, spec.head_dim, spec.value_dim)
+def sigmoid_call(spec: AttentionSpec, operands: Operands) -> Call:
+    """`attnfx::sigmoid_attention(...)` for `spec` on canonical operands."""
+    return Call(torch.ops.attnfx.sigmoid_attention.default, (*score_operands(spec, operands), spec.logit_bias), {})
 
 
-class ChunkedVariant:
-    name = "attnfx_chunked"
-    algorithm = "chunked"
-    exact = True
-    description = "attnfx::attention's pure-torch chunked 1-pass kernel (memory-bounded, fp32 accumulation)"
+def linear_call(algorithm: str) -> Callable[[AttentionSpec, Operands], Call]:
+    """`attnfx::linear_attention(...)[0]` for `spec` on canonical operands, contracted in `algorithm`'s order."""
+    def call(spec: AttentionSpec, operands: Operands) -> Call:
+        args = (operands.q, operands.k, operands.v, operands.decay if spec.decay else None, spec.scale,
+                spec.causal.value, spec.normalize, spec.norm_eps, algorithm, LINEAR_CHUNK)
+        return Call(torch.ops.attnfx.linear_attention.default, args, {}, output_index=0)
+    return call
 
-    def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+
+def cpu_kernel(name: str, kind: Kind, elsewhere: str) -> Refusal:
+    """Refusal of a chunked CPU kernel for `kind` sites; `elsewhere` says what other devices run."""
+    def refusal(spec: AttentionSpec, device: str) -> str | None:
         if device != "cpu":
-            return f"attnfx_chunked is attnfx's CPU kernel; on {device} attnfx::attention runs its Triton kernels"
-        return None
-
-    def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        return attention_call(spec, operands)
+            return f"{name} is attnfx's CPU kernel; on {device} {elsewhere}"
+        return kind_refusal(name, kind, spec)
+    return refusal
 
 
-class TritonFlashVariant:
-    name = "triton_flash"
-    algorithm = "flash"
-    exact = True
-    description = "attnfx::attention's Triton flash kernel (1-pass online softmax, causal block skipping)"
-
-    def refusal(self, spec: AttentionSpec, device: str) -> str | None:
-        reason = _triton_refusal(spec, device)
-        if reason is None and spec.is_decode:
-            return (f"{_shape_name(spec)} is decode-shaped (M <= {DECODE_MAX_Q}, N >= {DECODE_MIN_RATIO}M): "
-                    "attnfx::attention runs its split-KV kernel there (triton_decode)")
-        return reason
-
-    def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        return attention_call(spec, operands)
+def triton_kernel(name: str, kind: Kind, shapes: Refusal | None = None) -> Refusal:
+    """Refusal of a Triton kernel for `kind` sites (and the shapes `shapes` refuses)."""
+    def refusal(spec: AttentionSpec, device: str) -> str | None:
+        if device != "cuda":
+            return f"Triton kernels run on cuda only; on {device} interpreted Triton is never chosen for speed"
+        reason = triton_refusal(spec.torch_dtype, spec.head_dim, spec.value_dim) or kind_refusal(name, kind, spec)
+        return reason or (shapes(spec, device) if shapes else None)
+    return refusal
 
 
-class TritonDecodeVariant:
-    name = "triton_decode"
-    algorithm = "decode_split_kv"
-    exact = True
-    description = "attnfx::attention's Triton split-KV decode kernel (Flash-Decoding merge)"
+def _flash_shapes(spec: AttentionSpec, device: str) -> str | None:
+    if spec.is_decode:
+        return (f"M={spec.q_len} N={spec.kv_len} is decode-shaped (M <= {DECODE_MAX_Q}, N >= {DECODE_MIN_RATIO}M): "
+                "attnfx::attention runs its split-KV kernel there (triton_decode)")
+    return None
 
-    def refusal(self, spec: AttentionSpec, device: str) -> str | None:
-        reason = _triton_refusal(spec, device)
-        if reason is None and not spec.is_decode:
-            return (f"{_shape_name(spec)} is not decode-shaped (needs M <= {DECODE_MAX_Q} and "
-                    f"N >= {DECODE_MIN_RATIO}M): attnfx::attention runs its flash kernel there (triton_flash)")
-        return reason
 
-    def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        return attention_call(spec, operands)
+def _decode_shapes(spec: AttentionSpec, device: str) -> str | None:
+    if not spec.is_decode:
+        return (f"M={spec.q_len} N={spec.kv_len} is not decode-shaped (needs M <= {DECODE_MAX_Q} and "
+                f"N >= {DECODE_MIN_RATIO}M): attnfx::attention runs its flash kernel there (triton_flash)")
+    return None
+
+
+def _right_to_left(spec: AttentionSpec, device: str) -> str | None:
+    reason = kind_refusal("attnfx_linear", Kind.LINEAR, spec)
+    if reason is None and spec.causal is not Causal.NONE:
+        return "a causal band needs the chunked order (attnfx_lightning): K^T V would sum keys a query cannot see"
+    if reason is None and spec.decay:
+        return "no attnfx linear algorithm takes a decay without a causal band"
+    return reason
+
+
+def _chunked_linear(spec: AttentionSpec, device: str) -> str | None:
+    reason = kind_refusal("attnfx_lightning", Kind.LINEAR, spec)
+    if reason is None and spec.causal is Causal.NONE:
+        return "no causal band: the right-to-left order (attnfx_linear) computes this site in one state"
+    return reason
+
+
+CHUNKED = OpVariant(
+    "attnfx_chunked", "chunked", "attnfx::attention",
+    "attnfx::attention's pure-torch chunked 1-pass kernel (memory-bounded, fp32 accumulation)",
+    cpu_kernel("attnfx_chunked", Kind.SOFTMAX, "attnfx::attention runs its Triton kernels"), attention_call)
+TRITON_FLASH = OpVariant(
+    "triton_flash", "flash", "attnfx::attention",
+    "attnfx::attention's Triton flash kernel (1-pass online softmax, causal block skipping)",
+    triton_kernel("triton_flash", Kind.SOFTMAX, _flash_shapes), attention_call)
+TRITON_DECODE = OpVariant(
+    "triton_decode", "decode_split_kv", "attnfx::attention",
+    "attnfx::attention's Triton split-KV decode kernel (Flash-Decoding merge)",
+    triton_kernel("triton_decode", Kind.SOFTMAX, _decode_shapes), attention_call)
+SIGMOID_CHUNKED = OpVariant(
+    "attnfx_sigmoid_chunked", "sigmoid_chunked", "attnfx::sigmoid_attention",
+    "attnfx::sigmoid_attention's pure-torch chunked kernel (memory-bounded, fp32 accumulation)",
+    cpu_kernel("attnfx_sigmoid_chunked", Kind.SIGMOID, "attnfx::sigmoid_attention runs its Triton kernel"),
+    sigmoid_call)
+TRITON_SIGMOID = OpVariant(
+    "triton_sigmoid", "sigmoid_flash", "attnfx::sigmoid_attention",
+    "attnfx::sigmoid_attention's Triton flash kernel (sigmoid weights, no row statistics)",
+    triton_kernel("triton_sigmoid", Kind.SIGMOID), sigmoid_call)
+LINEAR = OpVariant(
+    "attnfx_linear", "linear_right_to_left", "attnfx::linear_attention",
+    "attnfx::linear_attention right to left: Q (K^T V), O(N E F)",
+    _right_to_left, linear_call("right_to_left"))
+LIGHTNING = OpVariant(
+    "attnfx_lightning", "linear_chunked", "attnfx::linear_attention",
+    f"attnfx::linear_attention chunked (Lightning, {LINEAR_CHUNK} rows a chunk): intra-chunk product + decayed "
+    "running state", _chunked_linear, linear_call("chunked"))

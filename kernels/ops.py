@@ -32,14 +32,14 @@ from attnfx.errors import KernelUnavailable
 
 from attnfx.cost_model.spec import is_decode_shape
 
-from .attention_args import accumulation_dtype, check_args, triton_importable
+from .attention_args import ATTENTION, accumulation_dtype, check_args, decode_op_args, triton_importable
 from .chunked import chunked_backward, chunked_forward
 
 
-def _triton_module(name: str) -> ModuleType:
+def triton_module(name: str, op: str = ATTENTION) -> ModuleType:
     """One of attnfx's Triton kernel modules, imported on first use (never at import time)."""
     if not triton_importable():
-        raise KernelUnavailable("attnfx::attention on cuda: triton is not importable")
+        raise KernelUnavailable(f"{op} on cuda: triton is not importable")
     return importlib.import_module(f"{__package__}.{name}")
 
 
@@ -62,21 +62,21 @@ def attention(
     softcap: float,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention with AttentionSpec's semantics: (out, lse)."""
-    return chunked_forward(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+    return chunked_forward(q, k, v, *decode_op_args(ATTENTION, bias, alibi_slopes, kv_lengths, scale, causal,
+                                                    window, softcap))
 
 
 @attention.register_kernel("cuda")
-def _attention_cuda(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
+def _attention_cuda(q, k, v, *score_args):
+    extras, mods = decode_op_args(ATTENTION, *score_args)
     if is_decode_shape(q.shape[2], k.shape[2]):
-        launch = _triton_module("triton_decode").decode_forward
-    else:
-        launch = _triton_module("triton_flash_fwd").flash_forward
-    return launch(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+        return triton_module("triton_decode").decode_forward(q, k, v, extras, mods)
+    return triton_module("triton_flash_fwd").flash_forward(q, k, v, extras, mods)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
-    d = check_args(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
+def _attention_fake(q, k, v, *score_args):
+    d = check_args(q, k, v, decode_op_args(ATTENTION, *score_args)[0])
     out = q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
     lse = q.new_empty(d.batch, d.heads, d.q_len, dtype=accumulation_dtype(q.dtype))
     return out, lse
@@ -107,31 +107,30 @@ def attention_backward(
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of attnfx::attention recomputed from its lse: (dq, dk, dv, dbias)."""
-    return chunked_backward(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
-                            scale, causal, window, softcap, bias_grad)
+    extras, mods = decode_op_args(ATTENTION, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+    return chunked_backward(grad_out, grad_lse, q, k, v, extras, mods, out, lse, bias_grad)
 
 
 @attention_backward.register_kernel("cuda")
-def _attention_backward_cuda(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
-                             scale, causal, window, softcap, bias_grad):
-    launch = _triton_module("triton_flash_bwd").flash_backward
-    return launch(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
-                  scale, causal, window, softcap, bias_grad)
+def _attention_backward_cuda(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse, *rest):
+    *score_args, bias_grad = rest
+    extras, mods = decode_op_args(ATTENTION, bias, alibi_slopes, kv_lengths, *score_args)
+    launch = triton_module("triton_flash_bwd").flash_backward
+    return launch(grad_out, grad_lse, q, k, v, extras, mods, out, lse, bias_grad)
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse,
-                             scale, causal, window, softcap, bias_grad):
-    check_args(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, bias, alibi_slopes, kv_lengths, out, lse, *rest):
+    *score_args, bias_grad = rest
+    check_args(q, k, v, decode_op_args(ATTENTION, bias, alibi_slopes, kv_lengths, *score_args)[0])
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap = inputs
+    q, k, v, bias, alibi_slopes, kv_lengths, *ctx.params = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, alibi_slopes, kv_lengths, out, lse)
-    ctx.params = (scale, causal, window, softcap)
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):

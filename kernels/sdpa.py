@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from attnfx.cost_model.spec import AttentionSpec, Causal, MaskInput
+from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput
 
-from .registry import Call, Operands
+from .registry import Call, Operands, kind_refusal
 
 
 class SdpaVariant:
@@ -19,6 +19,8 @@ class SdpaVariant:
     description = "torch.nn.functional.scaled_dot_product_attention"
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
+        if spec.kind is not Kind.SOFTMAX:
+            return kind_refusal(self.name, Kind.SOFTMAX, spec)
         if spec.softcap is not None:
             return "SDPA has no softcap"
         if spec.alibi:
@@ -40,6 +42,6 @@ class SdpaVariant:
         is_causal = spec.causal is Causal.TOP_LEFT
         return Call(
             torch.ops.aten.scaled_dot_product_attention.default,
-            (operands.q, operands.k, operands.v, operands.mask, 0.0, is_causal),
+            (operands.q, operands.k, operands.v, operands.mask, spec.dropout_p, is_causal),
             kwargs,
         )

@@ -13,26 +13,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_args import Dims
-from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import dot_kwargs, mma, modify_scores
+from attnfx.cost_model.spec import ScoreMods
+from attnfx.cost_model.tiles import DECODE_BLOCK_N, MIN_SPLIT_BLOCKS
 
-BLOCK_N = 64
-MIN_SPLIT_BLOCKS = 4  # a split shorter than this many key blocks costs more to merge than it saves
+from .attention_args import Dims, ScoreTensors
+from .triton_launch import checked_dims, head_blocks, score_kwargs
+from .triton_scores import dot_kwargs, load_tile, mma, modify_scores, score_rows, tile_t
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, OPart, MPart, LPart,
-    stride_qb, stride_qh, stride_qm, stride_qe,
-    stride_kb, stride_kh, stride_kn, stride_ke,
-    stride_vb, stride_vh, stride_vn, stride_vf,
-    Bias, Slopes, KvLen, stride_bb, stride_bh, stride_bm, stride_bn,
-    H, G, M, N, E, F, R, S, split_len, scale, softcap, window, offset,
+    Q, K, V, OPart, MPart, LPart, QS, KS, VS, SC, H, G, M, N, E, F, R, S, split_len,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    MODS: tl.constexpr, DOTS: tl.constexpr,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
@@ -45,47 +38,35 @@ def _decode_split_kernel(
     h = kvh * G + rows // M
     offs_e = tl.arange(0, BLOCK_E)
     offs_f = tl.arange(0, BLOCK_F)
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + pos_m[:, None] * stride_qm + offs_e[None, :] * stride_qe,
+    q = tl.load(Q + b * QS[0] + h[:, None] * QS[1] + pos_m[:, None] * QS[2] + offs_e[None, :] * QS[3],
                 mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0)  # (r, e)
-    bias_rows = Bias + b * stride_bb + h * stride_bh + pos_m * stride_bm
-    slope = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if HAS_ALIBI:
-        slope += tl.load(Slopes + h, mask=row_ok, other=0.0)
-    kv_len = N
-    if HAS_LENGTHS:
-        kv_len = tl.load(KvLen + b)
+    score_row, kv_len = score_rows(SC, MODS, b, h, pos_m, row_ok, N)
 
     lo = split * split_len
     stop = tl.minimum(lo + split_len, N)  # this split's keys are [lo, stop)
     hi = stop
-    if CAUSAL:
-        hi = tl.minimum(hi, M + offset)  # the last query position sees keys n <= M - 1 + offset
-    if HAS_LENGTHS:
+    if MODS.CAUSAL:
+        hi = tl.minimum(hi, M + SC.offset)  # the last query position sees keys n <= M - 1 + offset
+    if MODS.HAS_LENGTHS:
         hi = tl.minimum(hi, kv_len)
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, offset - window + 1)  # the first query position's window start
+    if MODS.HAS_WINDOW:
+        lo = tl.maximum(lo, SC.offset - SC.window + 1)  # the first query position's window start
 
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_F], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke,
-                     mask=(offs_n < stop)[None, :] & (offs_e < E)[:, None], other=0.0)  # (e, n)
-        qk = mma(q, kt, DOT_PRECISION, UPCAST_DOTS)  # (r, n)
-        s = modify_scores(qk, pos_m, row_ok, offs_n, stop, bias_rows, stride_bn, slope, kv_len,
-                          scale, softcap, window, offset, HAS_BIAS, BIAS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
-                          CAUSAL, HAS_WINDOW, HAS_LENGTHS)
+        kt = tl.load(tile_t(K, KS, b, kvh, offs_n, offs_e), mask=(offs_n < stop)[None, :] & (offs_e < E)[:, None],
+                     other=0.0)  # (e, n)
+        s = modify_scores(mma(q, kt, DOTS), pos_m, row_ok, offs_n, stop, score_row, kv_len, SC, MODS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_f[None, :] * stride_vf,
-                    mask=(offs_n < stop)[:, None] & (offs_f < F)[None, :], other=0.0)  # (n, f)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOTS)
+        v = load_tile(V, VS, b, kvh, offs_n, offs_f, offs_n < stop, F)  # (n, f)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOTS)
         m_i = m_new
 
     part = (bk.to(tl.int64) * S + split) * R + rows  # workspace row of (bk, split, row)
@@ -96,9 +77,7 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    OPart, MPart, LPart, Out, Lse,
-    stride_ob, stride_oh, stride_om, stride_of,
-    H, G, M, F, R, S,
+    OPart, MPart, LPart, Out, Lse, OS, H, G, M, F, R, S,
     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     bk = tl.program_id(0)
@@ -128,13 +107,13 @@ def _decode_merge_kernel(
         m_run = m_new
     empty = l_run == 0.0
     l_safe = tl.where(empty, 1.0, l_run)
-    tl.store(Out + b * stride_ob + h[:, None] * stride_oh + pos_m[:, None] * stride_om + offs_f[None, :] * stride_of,
+    tl.store(Out + b * OS[0] + h[:, None] * OS[1] + pos_m[:, None] * OS[2] + offs_f[None, :] * OS[3],
              (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=f_ok)
     lse = tl.where(empty, float("-inf"), m_run + tl.log(l_safe))
     tl.store(Lse + (b * H + h) * M + pos_m, lse, mask=row_ok)
 
 
-def split_count(programs: int, kv_len: int, sm_count: int, block_n: int = BLOCK_N) -> int:
+def split_count(programs: int, kv_len: int, sm_count: int, block_n: int = DECODE_BLOCK_N) -> int:
     """Splits per (batch * K/V head, row block): enough for about two programs per SM, but no
     split shorter than MIN_SPLIT_BLOCKS key blocks."""
     wanted = triton.cdiv(2 * sm_count, programs)
@@ -154,44 +133,33 @@ def row_block(dims: Dims) -> int:
 
 
 def decode_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-    kv_lengths: torch.Tensor | None,
-    scale: float,
-    causal: str,
-    window: int,
-    softcap: float,
-    *,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: ScoreTensors, mods: ScoreMods, *,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """attnfx::attention's forward by split-KV: (out (B,H,M,F), lse (B,H,M) fp32)."""
-    d = checked_dims(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap, kernel="split-KV decode")
+    d = checked_dims(q, k, v, extras, kernel="split-KV decode")
     rows = d.groups * d.q_len
     br = row_block(d)
     be, bf = head_blocks(d)
     row_blocks = triton.cdiv(rows, br)
     programs = d.batch * d.kv_heads * row_blocks
     splits = num_splits or split_count(programs, d.kv_len, _sm_count(q.device))
-    split_len = triton.cdiv(triton.cdiv(d.kv_len, splits), BLOCK_N) * BLOCK_N
+    split_len = triton.cdiv(triton.cdiv(d.kv_len, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
     splits = triton.cdiv(d.kv_len, split_len)
     work = (d.batch * d.kv_heads, splits, rows)
     o_part = torch.empty(*work, d.value_dim, dtype=torch.float32, device=q.device)  # (bk, s, r, f)
     m_part = torch.empty(work, dtype=torch.float32, device=q.device)  # (bk, s, r)
     l_part = torch.empty(work, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(splits, d.batch * d.kv_heads, row_blocks)](
-        q, k, v, o_part, m_part, l_part, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, o_part, m_part, l_part, q.stride(), k.stride(), v.stride(),
         H=d.heads, G=d.groups, M=d.q_len, N=d.kv_len, E=d.head_dim, F=d.value_dim, R=rows, S=splits,
-        split_len=split_len, BLOCK_R=br, BLOCK_N=BLOCK_N, BLOCK_E=be, BLOCK_F=bf,
-        **dot_kwargs(q.dtype), num_warps=4, num_stages=2,
-        **score_kwargs(q, d, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap),
+        split_len=split_len, BLOCK_R=br, BLOCK_N=DECODE_BLOCK_N, BLOCK_E=be, BLOCK_F=bf,
+        **dot_kwargs(q.dtype), **score_kwargs(q, d, extras, mods), num_warps=4, num_stages=2,
     )
     out = q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
     lse = torch.empty(d.batch, d.heads, d.q_len, dtype=torch.float32, device=q.device)
     _decode_merge_kernel[(d.batch * d.kv_heads, row_blocks)](
-        o_part, m_part, l_part, out, lse, *out.stride(),
+        o_part, m_part, l_part, out, lse, out.stride(),
         H=d.heads, G=d.groups, M=d.q_len, F=d.value_dim, R=rows, S=splits, BLOCK_R=br, BLOCK_F=bf,
         num_warps=4,
     )

@@ -1,16 +1,25 @@
-"""The score modifications every attnfx Triton kernel applies, in AttentionSpec's order.
+"""The score modifications every attnfx Triton kernel applies, in AttentionSpec's order, and the
+small helpers the kernels share (tile pointers, dots, loop bounds, weights).
 
-One jitted function, shared by the forward, backward and decode kernels, so the three can never
-disagree on what a mask means. Imported only by the Triton launchers (never by `attnfx.kernels`).
+One jitted function, shared by the forward, backward and decode kernels, so none can disagree on
+what a mask means. Imported only by the Triton launchers (never by `attnfx.kernels`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+
+class DotFlags(NamedTuple):
+    """`mma`'s compile-time flags (a tl.constexpr)."""
+
+    PRECISION: str
+    UPCAST: bool
+
 
 @triton.jit
 def tanh(x):
@@ -19,61 +28,138 @@ def tanh(x):
 
 
 @triton.jit
-def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot with fp32 accumulation. UPCAST widens bf16 operands to fp32 first: Triton's
+def mma(a, b, DOTS: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOTS.UPCAST widens bf16 operands to fp32 first: Triton's
     interpreter multiplies bf16 bit patterns (triton-lang/triton#11584), and bf16 products are
     exact in fp32, so the numbers are those of a bf16 MMA."""
-    if UPCAST:
+    if DOTS.UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+    return tl.dot(a, b, input_precision=DOTS.PRECISION)
 
 
 @triton.jit
-def modify_scores(
-    qk, pos_m, row_ok, offs_n, stop_n, bias_rows, stride_bn, slope, kv_len,
-    scale, softcap, window, offset,
-    HAS_BIAS: tl.constexpr, BIAS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-):
+def query_block(H, G, M, BLOCK_M: tl.constexpr):
+    """(b, h, K/V head, first row, rows, rows that exist) of a program over (query block, batch * query head)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return b, h, h // G, start_m, offs_m, offs_m < M
+
+
+@triton.jit
+def tile(base, strides, b, h, rows, cols):
+    """Pointers to x[b, h, rows, cols] (rows down, cols across) of a 4-D tensor with `strides`."""
+    return base + b * strides[0] + h * strides[1] + rows[:, None] * strides[2] + cols[None, :] * strides[3]
+
+
+@triton.jit
+def load_tile(base, strides, b, h, rows, cols, rows_ok, n_cols):
+    """x[b, h, rows, cols], 0 in rows that do not exist and at cols >= n_cols (head-dim padding)."""
+    return tl.load(tile(base, strides, b, h, rows, cols), mask=rows_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def tile_t(base, strides, b, h, rows, cols):
+    """Pointers to x[b, h, rows, cols] transposed: cols down, rows across."""
+    return base + b * strides[0] + h * strides[1] + rows[None, :] * strides[2] + cols[:, None] * strides[3]
+
+
+@triton.jit
+def score_rows(SC, MODS: tl.constexpr, b, h, pos_m, row_ok, N):
+    """What modify_scores reads per query row: (bias row pointers, ALiBi slope), and the batch's key count."""
+    bias_rows = SC.bias + b * SC.bias_strides[0] + h * SC.bias_strides[1] + pos_m * SC.bias_strides[2]
+    slope = tl.zeros(pos_m.shape, dtype=tl.float32)
+    if MODS.HAS_ALIBI:
+        slope += tl.load(SC.slopes + h + 0 * pos_m, mask=row_ok, other=0.0)
+    kv_len = N
+    if MODS.HAS_LENGTHS:
+        kv_len = tl.load(SC.kv_lengths + b)
+    return (bias_rows, slope), kv_len
+
+
+@triton.jit
+def key_bounds(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N, kv_len, SC, MODS: tl.constexpr):
+    """Keys [lo, hi) the query block at start_m can see: blocks above the causal diagonal, before
+    the window or past the key length are skipped (lo is rounded down to a key block)."""
+    hi = N
+    if MODS.CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M + SC.offset)
+    if MODS.HAS_LENGTHS:
+        hi = tl.minimum(hi, kv_len)
+    lo = 0
+    if MODS.HAS_WINDOW:
+        lo = (tl.maximum(0, start_m + SC.offset - SC.window + 1) // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def modify_scores(qk, pos_m, row_ok, offs_n, stop_n, rows, kv_len, SC, MODS: tl.constexpr):
     """Scores (rows, cols) in natural units from raw dots `qk`, -inf wherever a key is not visible.
 
     pos_m: query position per row; row_ok: rows that exist; offs_n: key positions; keys at or past
-    stop_n do not exist; bias_rows: per-row bias pointers (column stride stride_bn); slope: per-row
-    ALiBi slope.
+    stop_n do not exist; rows: score_rows' per-row (bias pointers, ALiBi slope).
     """
-    s = qk * scale
-    if HAS_SOFTCAP:
-        s = softcap * tanh(s / softcap)
+    bias_rows, slope = rows
+    s = qk * SC.scale
+    if MODS.HAS_SOFTCAP:
+        s = SC.softcap * tanh(s / SC.softcap)
     keep = row_ok[:, None] & (offs_n < stop_n)[None, :]
-    if HAS_BIAS:
-        b = tl.load(bias_rows[:, None] + offs_n[None, :] * stride_bn, mask=keep, other=0)
-        if BIAS_BOOL:
+    if MODS.HAS_BIAS:
+        b = tl.load(bias_rows[:, None] + offs_n[None, :] * SC.bias_strides[3], mask=keep, other=0)
+        if MODS.BIAS_BOOL:
             keep = keep & (b != 0)
         else:
             s = s + b.to(tl.float32)
-    if HAS_ALIBI:
+    if MODS.HAS_ALIBI:
         s = s + slope[:, None] * (offs_n[None, :] - pos_m[:, None]).to(tl.float32)
-    if CAUSAL:
-        keep = keep & (offs_n[None, :] <= pos_m[:, None] + offset)
-        if HAS_WINDOW:
-            keep = keep & (offs_n[None, :] > pos_m[:, None] + offset - window)
-    if HAS_LENGTHS:
+    if MODS.CAUSAL:
+        keep = keep & (offs_n[None, :] <= pos_m[:, None] + SC.offset)
+        if MODS.HAS_WINDOW:
+            keep = keep & (offs_n[None, :] > pos_m[:, None] + SC.offset - SC.window)
+    if MODS.HAS_LENGTHS:
         keep = keep & (offs_n[None, :] < kv_len)
     return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
-def softcap_grad(qk, scale, softcap):
+def softcap_grad(qk, SC):
     """d(softcap * tanh(x / softcap)) / dx at x = scale * qk."""
-    t = tanh(qk * scale / softcap)
+    t = tanh(qk * SC.scale / SC.softcap)
     return 1.0 - t * t
+
+
+@triton.jit
+def row_stats(Lse, Delta, base, offs_m, row_ok, SIGMOID: tl.constexpr):
+    """The softmax backward's per-row (lse, delta) (+inf lse past the last row: p = 0); sigmoid
+    weights read none."""
+    if SIGMOID:
+        lse = tl.zeros(offs_m.shape, dtype=tl.float32)
+        delta = lse
+    else:
+        lse = tl.load(Lse + base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + base + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def weights_and_grad(s, dp, lse, delta, SC, SIGMOID: tl.constexpr):
+    """Recomputed weights p and d loss / d scores from d loss / d weights `dp`: sigmoid(s + logit_bias)
+    with ds = dp p (1 - p), or exp(s - lse) with ds = p (dp - delta), delta = rowsum(dO O) - dLSE."""
+    if SIGMOID:
+        p = tl.sigmoid(s + SC.logit_bias)
+        ds = dp * p * (1.0 - p)
+    else:
+        p = tl.exp(s - lse[:, None])
+        ds = p * (dp - delta[:, None])
+    return p, ds
 
 
 INTERPRETED = isinstance(mma, InterpretedFunction)
 
 
 def dot_kwargs(dtype: torch.dtype) -> dict[str, Any]:
-    """`mma`'s flags for a kernel whose dots take `dtype` operands: fp32 gets IEEE dots (an fp32
+    """The kernel keyword argument DOTS for dots of `dtype` operands: fp32 gets IEEE dots (an fp32
     model must not silently drop to TF32); bf16 is widened only under the interpreter."""
-    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                UPCAST_DOTS=INTERPRETED and dtype == torch.bfloat16)
+    return dict(DOTS=DotFlags("ieee" if dtype == torch.float32 else "tf32", INTERPRETED and dtype == torch.bfloat16))

@@ -2,7 +2,7 @@
 
 Matches: a softmax over the key axis of scores produced by a two-operand contraction (matmul, bmm,
 baddbmm, einsum) of queries with keys, through scalar scales, a tanh softcap, additive bias tensors
-and exclusion masks, whose probabilities (through casts, eval-mode dropout and transposes) are
+and exclusion masks, whose probabilities (through casts, dropout and transposes) are
 contracted with values over that same key axis.
 Rewrites to: any variant that can take one of the site's lowerings (see `Lowering`).
 Refuses (with a `Reason`): everything else — probabilities used elsewhere, softmax over another
@@ -11,7 +11,7 @@ axis, masks or scales after the softmax, non-scalar scales, score-dependent mask
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -22,10 +22,11 @@ from attnfx.cost_model.spec import AttentionSpec, MaskInput, dtype_name
 from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
                      look_through_permutes, read_contraction, unflatten_sizes)
-from .mask_proof import MaskEvaluator, MaskFacts, additive_keep, classify, conjunction, keep_predicate
+from .mask_eval import MaskEvaluator
+from .mask_proof import additive_keep, classify, conjunction, keep_predicate
 from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
-from .site import BiasTerm, Lowering, MaskTerm, Reason, Refusal, Site
+from .site import BiasTerm, Lowering, MaskFacts, MaskTerm, Reason, Refusal, Site
 
 RULE = "attention.softmax"
 
@@ -77,34 +78,43 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     probs = _follow_probs(softmax, roles, score_path.structures, algebra)
     if isinstance(probs, Refusal):
         return probs
-    av, prob_node, prob_roles, prob_path = probs
-    values = _value_roles(av, prob_node, prob_roles)
+    algebra.masks = [replace(t, fill=-math.inf) if t in probs.zeroed else t for t in algebra.masks]
+    values = _value_roles(probs.av, probs.probs, probs.roles)
     if isinstance(values, Refusal):
         return values
     v, out_roles = values
-    return _build_site(softmax, score_path, algebra, av, v, out_roles, prob_path, evaluator)
+    return _build_site(softmax, score_path, algebra, probs, v, out_roles, evaluator)
 
 
-def _zeroes_excluded(node: Node, algebra: ScoreAlgebra) -> bool:
-    """A probability mask that zeroes exactly what a score mask already excluded changes only rows
-    with no key left (uniform -> 0): those masks then get a -inf fill, whose empty rows are 0."""
+def _zeroed_masks(node: Node, algebra: ScoreAlgebra) -> list[MaskTerm]:
+    """The score masks a probability mask zeroes exactly again (none: it is not such a mask). It
+    changes only rows with no key left (uniform -> 0), so those masks get a -inf fill, whose empty
+    rows are 0."""
     if ops.kind(node) == "masked_fill":
         mask, value, keep_when = ops.arg(node, "mask", 1), ops.arg(node, "value", 2), False
     else:
         cond, a, b = node.args[:3]
         mask, value, keep_when = cond, (b if ops.scalar_value(a) is None else a), ops.scalar_value(a) is None
     if ops.scalar_value(value) != 0.0:
-        return False
-    matching = [t for t in algebra.masks if t.node is mask and t.keep_when == keep_when]
-    if not matching:
-        return False
-    algebra.masks = [replace(t, fill=-math.inf) if t in matching else t for t in algebra.masks]
-    return True
+        return []
+    return [t for t in algebra.masks if t.node is mask and t.keep_when == keep_when]
+
+
+@dataclass(frozen=True)
+class _ProbPath:
+    """From the softmax to the AV contraction."""
+
+    av: Contraction
+    probs: Node  # what the contraction reads
+    roles: Roles  # of `probs`
+    path: list[Node]
+    zeroed: list[MaskTerm]  # score masks the path zeroes again
+    dropout_p: float  # training-mode dropout on the way
 
 
 def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], algebra: ScoreAlgebra
-                  ) -> tuple[Contraction, Node, Roles, list[Node]] | Refusal:
-    node, path = softmax, []
+                  ) -> _ProbPath | Refusal:
+    node, path, zeroed, dropout_p = softmax, [], [], 0.0
     while True:
         users = ops.users(node)
         if len(users) != 1 or users[0].op == "output":
@@ -115,16 +125,20 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], a
         user = users[0]
         contraction = read_contraction(user)
         if contraction is not None:
-            return contraction, node, roles, path
+            return _ProbPath(contraction, node, roles, path, zeroed, dropout_p)
         k = ops.kind(user)
         if k == "dropout":
             p = ops.scalar_value(ops.arg(user, "p", 1, 0.5)) or 0.0
             train = ops.arg(user, "train", 2, ops.arg(user, "training", 2, True))
             if train and p > 0:
-                return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention probabilities in training "
-                               "mode; the rewrite could not reproduce its random mask", "A")
+                if dropout_p:
+                    return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention probabilities a second "
+                                   "time", "A")
+                dropout_p = p
         elif k in ("masked_fill", "where"):
-            if not _zeroes_excluded(user, algebra):
+            again = _zeroed_masks(user, algebra)
+            zeroed += again
+            if not again:
                 return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the probabilities after the "
                                "softmax, so rows no longer sum to one", "A")
         elif k in ("mul", "div", "add", "sub", "neg"):
@@ -181,8 +195,9 @@ def _is_number(x: object) -> bool:
     return ops.scalar_value(x) is not None
 
 
-def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contraction, v: Arranged,
-                out_roles: Roles, prob_path: list[Node], evaluator: MaskEvaluator) -> Site | Refusal:
+def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, probs: _ProbPath, v: Arranged,
+                out_roles: Roles, evaluator: MaskEvaluator) -> Site | Refusal:
+    av, prob_path = probs.av, probs.path
     c = sp.contraction
     label_roles = dict(zip(c.out_labels, sp.roles))
     label_roles[c.contracted()[0]] = "e"
@@ -229,7 +244,7 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, av: Contrac
         softmax=softmax, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
-        structures=structures, batch_sizes=batch_sizes,
+        structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p,
         nodes=_with_checks((c.node, *sp.path, softmax, *prob_path, av.node)),
     )
     site.lowerings = _lowerings(site, [t for t, keep in zip(site.bias, bias_keeps) if keep is None])
@@ -355,7 +370,7 @@ def _base_spec(site: Site) -> AttentionSpec:
     return AttentionSpec(
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
         head_dim=sizes["e"], value_dim=sizes["f"], dtype=dtype_name(ops.dtype(site.q.node)),
-        scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic),
+        scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic), dropout_p=site.dropout_p,
     )
 
 

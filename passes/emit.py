@@ -24,6 +24,8 @@ aten = torch.ops.aten
 class Emitted:
     nodes: tuple[Node, ...]  # every node added, in order
     output: Node  # replaces the site's AV contraction
+    call: Node  # the variant's call
+    operands: Operands  # what the call reads, in canonical layout
 
 
 def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_index: int) -> Emitted:
@@ -38,8 +40,9 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
         v = builder.operand(site.v, ("n", "f"))
         k, v = builder.broadcast_batch(site, site.k, k), builder.broadcast_batch(site, site.v, v)
         mask = builder.mask(lowering, ops.dtype(site.q.node))
-        call = variant.call(lowering.spec, Operands(q=q, k=k, v=v, mask=mask))
-        out = graph.call_function(call.target, call.args, call.kwargs)
+        operands = Operands(q=q, k=k, v=v, mask=mask)
+        call = variant.call(lowering.spec, operands)
+        out = call_node = graph.call_function(call.target, call.args, call.kwargs)
         if call.output_index is not None:
             out = graph.call_function(operator.getitem, (out, call.output_index))
         out = builder.restore(out, site)
@@ -55,7 +58,7 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
         new.meta["stack_trace"] = av.meta.get("stack_trace", "")
         new.meta["attnfx_site"] = site_index
         _propagate_fake(new)
-    return Emitted(tuple(nodes), out)
+    return Emitted(tuple(nodes), out, call_node, operands)
 
 
 class _Builder:

@@ -7,7 +7,6 @@ matcher never looks at a target directly: it asks `kind(node)` and reads argumen
 """
 from __future__ import annotations
 
-import inspect
 import math
 import operator
 from typing import Any
@@ -47,6 +46,34 @@ _KIND_NAMES: dict[str, tuple[str, ...]] = {
     "flatten": ("flatten",),
     "slice": ("slice",),
     "sdpa": ("scaled_dot_product_attention",),
+    # what masks are built from (the mask proof evaluates these kinds)
+    "arange": ("arange",),
+    "fill": ("full", "ones", "zeros", "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like",
+             "full_like", "scalar_tensor"),
+    "rsub": ("rsub",),
+    "abs": ("abs",),
+    "le": ("le", "less_equal"),
+    "lt": ("lt", "less"),
+    "ge": ("ge", "greater_equal"),
+    "gt": ("gt", "greater"),
+    "eq": ("eq",),
+    "ne": ("ne", "not_equal"),
+    "and": ("__and__", "bitwise_and", "logical_and", "and"),
+    "or": ("__or__", "bitwise_or", "logical_or", "or"),
+    "not": ("bitwise_not", "logical_not", "invert", "__invert__"),
+    "tril": ("tril",),
+    "triu": ("triu",),
+    "select": ("select",),
+    "index": ("index",),
+    "diff": ("diff",),
+    "cumsum": ("cumsum",),
+    "repeat": ("repeat",),
+    # what a softmax written out by hand is made of
+    "exp": ("exp",),
+    "sum": ("sum",),
+    "reduce_max": ("amax",),
+    "logsumexp": ("logsumexp",),
+    "reciprocal": ("reciprocal",),
 }
 _NAME_TO_KIND = {name: kind for kind, names in _KIND_NAMES.items() for name in names}
 _OPERATORS = {
@@ -56,6 +83,15 @@ _OPERATORS = {
     operator.add: "add",
     operator.sub: "sub",
     operator.neg: "neg",
+    operator.le: "le",
+    operator.lt: "lt",
+    operator.ge: "ge",
+    operator.gt: "gt",
+    operator.eq: "eq",
+    operator.ne: "ne",
+    operator.and_: "and",
+    operator.or_: "or",
+    operator.invert: "not",
 }
 _INPLACE_SUFFIX = "_"
 
@@ -81,55 +117,16 @@ def kind(node: Node) -> str | None:
     name = target_name(node)
     if name.endswith(_INPLACE_SUFFIX) and not name.startswith("_"):
         name = name[:-1]
-    if name == "max" and len(node.args) == 2 and isinstance(node.args[1], Node):
-        return "clamp_min"  # elementwise max(a, b), not the reduction over a dim
+    if name == "max":  # elementwise max(a, b), or the reduction over a dim
+        return "clamp_min" if len(node.args) == 2 and isinstance(node.args[1], Node) else "reduce_max"
     return _NAME_TO_KIND.get(name)
 
 
-def _schema_names(node: Node) -> list[str]:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return [a.name for a in target._schema.arguments]
-    if node.op == "call_method":
-        fn = getattr(torch.Tensor, str(target), None) or getattr(torch, str(target), None)
-        return _python_params(fn, method=True)
-    return _python_params(target, method=False)
-
-
-_METHOD_SIGNATURES: dict[str, list[str]] = {
-    # Python-level signatures the schema of a call_method / torch function does not spell out.
-    "softmax": ["self", "dim", "_stacklevel", "dtype"],
-    "log_softmax": ["self", "dim", "_stacklevel", "dtype"],
-    "transpose": ["self", "dim0", "dim1"],
-    "masked_fill": ["self", "mask", "value"],
-    "dropout": ["input", "p", "training", "inplace"],
-    "einsum": ["equation", "*operands"],
-    "baddbmm": ["self", "batch1", "batch2", "beta", "alpha"],
-    "repeat_interleave": ["self", "repeats", "dim", "output_size"],
-    "unsqueeze": ["self", "dim"],
-    "squeeze": ["self", "dim"],
-    "where": ["condition", "self", "other"],
-    "add": ["self", "other", "alpha"],
-    "sub": ["self", "other", "alpha"],
-    "mul": ["self", "other"],
-    "div": ["self", "other", "rounding_mode"],
-    "matmul": ["self", "other"],
-    "bmm": ["self", "mat2"],
-    "mm": ["self", "mat2"],
-}
-
-
-def _python_params(fn: Any, method: bool) -> list[str]:
-    name = getattr(fn, "__name__", "")
-    if name in _METHOD_SIGNATURES:
-        return _METHOD_SIGNATURES[name]
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        return []
-    if method and params and params[0] != "self":
-        params = ["self", *params[1:]]
-    return params
+def is_inplace(node: Node) -> bool:
+    """An op that writes into its first argument (`masked_fill_`, `add_`, ...)."""
+    name = target_name(node)
+    return node.op in ("call_function", "call_method") and name.endswith(_INPLACE_SUFFIX) \
+        and not name.startswith("_") and node.target not in _OPERATORS
 
 
 def arg(node: Node, name: str, index: int, default: Any = None) -> Any:

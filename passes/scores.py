@@ -139,7 +139,7 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
         if outside:
             return Refusal(Reason.SCORES_ESCAPE, f"the scores at {node.name} are also used by {outside[0].name}", "S")
     contraction_roles = roles
-    structures = {_batch(roles): tuple(ops.shape(chain[0])[:-2])}
+    structures = {_batch(roles): tuple(size for size, r in zip(ops.shape(chain[0]), roles) if is_batch_role(r))}
     roles_after: list[Roles] = []
     for index, node in enumerate(chain[1:]):
         permuted = _permute_source(node)

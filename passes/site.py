@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec
+from attnfx.cost_model.spec import AttentionSpec, Causal
 
 from .layout import Arranged, Contraction, Roles
-from .mask_proof import MaskFacts
 
 
 class Reason(str, enum.Enum):
@@ -53,6 +52,22 @@ class Refusal:
 
     def __str__(self) -> str:
         return f"{self.code.value} at {self.stage}: {self.message}"
+
+
+@dataclass(frozen=True)
+class MaskFacts:
+    """What a site's keep-predicate was proven to be."""
+
+    causal: Causal = Causal.NONE
+    window: int | None = None
+    key_padding: bool = False  # some conjunct reads data at (b, n) only
+    unproven: tuple[str, ...] = ()  # conjuncts the proof could not place
+    text: str = ""
+
+    @property
+    def structural(self) -> bool:
+        """The whole mask is a causal/window band: a kernel flag can replace the tensor."""
+        return not self.key_padding and not self.unproven and self.causal is not Causal.NONE
 
 
 @dataclass(frozen=True)
@@ -106,5 +121,6 @@ class Site:
     facts: MaskFacts
     structures: dict[Roles, tuple] = field(default_factory=dict)  # batch layouts -> sizes
     batch_sizes: tuple[int, ...] = ()  # canonical batch sizes at the example inputs
+    dropout_p: float = 0.0  # training-mode dropout on the probabilities
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attnfx.cost_model import AttentionSpec, Causal, MaskInput, alibi_slopes, canonical_cascade, evaluate
+from attnfx.cost_model.spec import Kind, ScoreMods
 
 
 def qkv(b=2, h=4, hkv=2, m=5, n=7, e=8, f=6, seed=0):
@@ -89,13 +91,36 @@ def test_cascade_prints_its_stages() -> None:
     (dict(q_len=0), "AttentionSpec.q_len must be >= 1, got 0"),
     (dict(dtype="int8"), "AttentionSpec.dtype must be one of"),
     (dict(mask=MaskInput.BOOL), "mask_shape must be given exactly when a mask tensor is"),
-    (dict(window=4), "window needs a causal diagonal and a width >= 1"),
+    (dict(window=4), "window must be >= 1 with a causal diagonal; got window=4, causal='none'"),
     (dict(softcap=-1.0), "softcap must be positive, got -1.0"),
+    (dict(logit_bias=-2.0), "logit_bias is a sigmoid-attention field (a constant cancels in a softmax)"),
+    (dict(normalize=True), "decay/normalize/norm_eps are linear-attention fields"),
+    (dict(kind=Kind.LINEAR, softcap=2.0), "linear attention takes a causal band and a decay, no masks"),
 ])
 def test_spec_validates_itself(kwargs, message) -> None:
     base = dict(batch=1, heads=4, kv_heads=4, q_len=8, kv_len=8, head_dim=16, value_dim=16)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         AttentionSpec(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("mods,args", [
+    (ScoreMods(), (1.0, "none", -1, 0.0)),
+    (ScoreMods(0.125, Causal.BOTTOM_RIGHT, 4, 30.0), (0.125, "bottom_right", 4, 30.0)),
+])
+def test_score_mods_have_one_op_argument_encoding(mods, args) -> None:
+    assert mods.op_args() == args
+    assert ScoreMods.from_op_args(*args) == mods
+
+
+@pytest.mark.parametrize("args,message", [
+    ((1.0, "diagonal", -1, 0.0), "causal must be one of ['none', 'top_left', 'bottom_right'], got 'diagonal'"),
+    ((1.0, "top_left", 0, 0.0), "window must be -1 (none) or >= 1, got 0"),
+    ((1.0, "none", 3, 0.0), "window must be >= 1 with a causal diagonal; got window=3, causal='none'"),
+    ((1.0, "none", -1, -2.0), "softcap must be 0 (none) or positive, got -2.0"),
+])
+def test_malformed_op_arguments_name_the_argument(args, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ScoreMods.from_op_args(*args)
 
 
 def test_live_pairs_count_causal_and_window() -> None:

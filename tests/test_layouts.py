@@ -41,3 +41,36 @@ def test_decode_step_with_bottom_right_causal_mask() -> None:
         x = decode_inputs(m, n_past)
         with torch.no_grad():
             torch.testing.assert_close(opt(*x), model(*x), atol=1e-5, rtol=1e-5)
+
+
+class QueryHeadKeyScores(torch.nn.Module):
+    """Scores laid out (batch, query, head, key), K/V grouped: the query axis is not a head axis."""
+
+    def __init__(self, heads: int = 6, kv_heads: int = 2, dim: int = 8) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
+        self.q = torch.nn.Linear(heads * dim, heads * dim)
+        self.kv = torch.nn.Linear(heads * dim, 2 * kv_heads * dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.dim)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.dim).unbind(2)
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        p = torch.einsum("txhi,tphi->txhp", q, k).mul(self.dim ** -0.5).softmax(-1)
+        return torch.einsum("txhp,tphi->txhi", p, v).reshape(b, t, -1)
+
+
+def test_query_head_key_score_layout_with_gqa_is_rewritten() -> None:
+    torch.manual_seed(0)
+    model = QueryHeadKeyScores().eval()
+    x = torch.randn(2, 5, 48)
+    opt = attnfx.optimize(model, (x,), variants=["sdpa"])
+    (entry,) = opt.report.entries
+    assert entry.status == "REWRITTEN", opt.report
+    assert (entry.spec.heads, entry.spec.kv_heads, entry.spec.q_len) == (6, 2, 5)
+    for shape in ((2, 5), (3, 11), (1, 1)):  # (1, 1) is re-captured: length 1 was specialised
+        x = torch.randn(*shape, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)

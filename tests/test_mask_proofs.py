@@ -78,3 +78,43 @@ def test_causal_and_padding_are_both_named_and_the_mask_is_kept() -> None:
     assert entry.lowering == "tensor" and entry.spec.mask.value == "additive"
     with torch.no_grad():  # fully masked rows keep eager's finfo.min semantics (uniform), exactly
         torch.testing.assert_close(opt(inputs()[0], mask), model(inputs()[0], mask), atol=1e-5, rtol=1e-5)
+
+
+class SymbolicDiagonal(torch.nn.Module):
+    """KV-cache code: new queries over past + new keys, the diagonal offset computed from the sizes."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.proj = torch.nn.Linear(cases.C, 3 * cases.C)
+
+    def forward(self, x, past_k, past_v):
+        b, m, _ = x.shape
+        q, k, v = (z.view(b, m, cases.H, cases.D).transpose(1, 2) for z in self.proj(x).split(cases.C, -1))
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        n = k.size(2)
+        if self.spelling == "triu":
+            excluded = torch.ones(m, n, dtype=torch.bool, device=x.device).triu(n - m + 1)
+        else:
+            excluded = ~torch.ones(m, n, dtype=torch.bool, device=x.device).tril(diagonal=n - m)
+        s = (q @ k.transpose(-1, -2) * cases.SCALE).masked_fill(excluded, float("-inf"))
+        return (F.softmax(s, -1) @ v).transpose(1, 2).reshape(b, m, cases.C)
+
+
+@pytest.mark.parametrize("spelling", ["triu", "tril"])
+def test_symbolic_diagonal_is_proven_bottom_right(spelling: str) -> None:
+    def step(m, past, b=2):
+        g = torch.Generator().manual_seed(m + past)
+        return (torch.randn(b, m, cases.C, generator=g), torch.randn(b, cases.H, past, cases.D, generator=g),
+                torch.randn(b, cases.H, past, cases.D, generator=g))
+
+    model = SymbolicDiagonal(spelling).eval()
+    opt = attnfx.optimize(model, step(4, 12))
+    (entry,) = opt.report.entries
+    assert entry.status == "REWRITTEN", opt.report
+    assert entry.mask == "causal bottom-right (n <= m + N - M)"
+    # the proof offers the flag lowering (no mask tensor) to the variants that take a bottom-right diagonal
+    assert [(c.variant, c.lowering) for c in entry.candidates if c.lowering == "flag"] == [("attnfx_chunked", "flag")]
+    for m, past in ((4, 12), (7, 30), (1, 9)):
+        with torch.no_grad():
+            torch.testing.assert_close(opt(*step(m, past)), model(*step(m, past)), atol=1e-5, rtol=1e-5)

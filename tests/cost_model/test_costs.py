@@ -1,4 +1,4 @@
-"""Cost formulas: counts scale as design note §4 says, fused 1-pass never moves more bytes than the
+"""Cost formulas: counts scale as the formulas say, fused 1-pass never moves more bytes than the
 3-pass eager graph, predicted time grows with N."""
 from dataclasses import replace
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from attnfx.cost_model import profiles
+from attnfx.cost_model import profiles, targets
 from attnfx.cost_model.crossovers import linear_crossover
 from attnfx.cost_model.hardware import A100, SANDBOX_CPU, H100_PCIE, H100_SXM, H200, gpu_profile_for
 
@@ -30,8 +30,8 @@ def test_cache_is_ignored_when_stale_or_corrupt(tmp_path):
 def test_host_profile_reads_the_cache_without_measuring(tmp_path, monkeypatch):
     monkeypatch.setenv(profiles.CACHE_ENV, str(tmp_path))
     profiles.save_profile(SANDBOX_CPU, profiles.cache_path())
-    monkeypatch.setattr("attnfx.cost_model.calibrate.calibrate", lambda *a, **k: pytest.fail("calibrated"))
-    assert profiles.host_profile() == SANDBOX_CPU
+    monkeypatch.setattr("attnfx.cost_model.targets.calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    assert targets.host_profile() == SANDBOX_CPU
     assert profiles.cache_path().name == f"profile-{profiles.machine_id()}-t{torch.get_num_threads()}.json"
 
 

@@ -9,8 +9,11 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnfx.cost_model import AttentionSpec, Causal, MaskInput, alibi_slopes, canonical_cascade, evaluate
+from attnfx.cost_model.spec import Kind
+from attnfx.kernels.attention_args import ScoreTensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # max |error| / max(1, max |expected|): 16-bit inputs round q/k/v and p before the dots.
@@ -38,6 +41,8 @@ class Case:
     softcap: float | None = None
     alibi: bool = False
     key_padding: bool = False
+    kind: str = "softmax"
+    logit_bias: float = 0.0  # sigmoid only
 
     def with_(self, **changes) -> "Case":
         return replace(self, **changes)
@@ -59,6 +64,7 @@ class Case:
             self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.f,
             dtype=dtype, scale=self.scale_value, causal=Causal(self.causal), window=self.window, mask=mask,
             mask_shape=self.bias_shape, softcap=self.softcap, alibi=self.alibi, key_padding=self.key_padding,
+            kind=Kind(self.kind), logit_bias=self.logit_bias,
         )
 
     @property
@@ -87,20 +93,27 @@ class Case:
         return t
 
     def op_args(self, t: dict[str, torch.Tensor]) -> tuple:
-        """Positional arguments of attnfx::attention (and of the Triton launchers)."""
-        return (t["Q"], t["K"], t["V"], t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"),
-                self.scale_value, self.causal, self.window or -1, self.softcap or 0.0)
+        """Positional arguments of attnfx::attention, or of attnfx::sigmoid_attention (+ logit_bias)."""
+        args = (t["Q"], t["K"], t["V"], t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"),
+                *self.spec().mods.op_args())
+        return args + (self.logit_bias,) if self.kind == "sigmoid" else args
+
+    def launch_args(self, t: dict[str, torch.Tensor]) -> tuple:
+        """(q, k, v, extras, mods), as the implementations and the Triton launchers take them."""
+        extras = ScoreTensors(t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"))
+        return t["Q"], t["K"], t["V"], extras, self.spec().mods
 
     def __str__(self) -> str:
         return self.spec(self.dtype).describe().replace(" ", ",")
 
 
-def reference(case: Case, t: dict[str, torch.Tensor]) -> torch.Tensor:
+def reference(case: Case | LinearCase, t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The float64 oracle's output (B, H, M, F)."""
     return evaluate(canonical_cascade(case.spec()), t)
 
 
-def reference_grads(case: Case, t: dict[str, torch.Tensor], grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+def reference_grads(case: Case | LinearCase, t: dict[str, torch.Tensor],
+                    grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
     """d(sum(out * grad_out)) / d{Q, K, V, BIAS} by autograd through the float64 oracle."""
     leaves = {n: x.detach().double().requires_grad_() for n, x in t.items() if n in ("Q", "K", "V", "BIAS")}
     out = evaluate(canonical_cascade(case.spec()), {**t, **leaves})
@@ -163,3 +176,71 @@ def finfo_min_mask_case() -> tuple[Case, dict[str, torch.Tensor]]:
     keep[:, :, :4] = False
     t["BIAS"] = torch.zeros(case.bias_shape).masked_fill(~keep, torch.finfo(torch.float32).min)
     return case, t
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    """One linear-attention site: q and k feature-mapped (elu + 1, so the normaliser stays positive)."""
+
+    batch: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    q_len: int = 37
+    kv_len: int = 37
+    head_dim: int = 8
+    value_dim: int = 12
+    dtype: str = "float32"
+    scale: float = 0.5
+    causal: str = "top_left"
+    decay: bool = False
+    normalize: bool = False
+    norm_eps: float = 0.0
+
+    def with_(self, **changes) -> "LinearCase":
+        return replace(self, **changes)
+
+    def spec(self, dtype: str = "float64") -> AttentionSpec:
+        return AttentionSpec(self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim,
+                             self.value_dim, dtype=dtype, scale=self.scale, causal=Causal(self.causal),
+                             kind=Kind.LINEAR, decay=self.decay, normalize=self.normalize, norm_eps=self.norm_eps)
+
+    @property
+    def algorithm(self) -> str:
+        return "right_to_left" if self.causal == "none" else "chunked"
+
+    def tensors(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Q, K, V in the case's dtype, and DECAY (H,) in (0.5, 0.99] when the case decays."""
+        g = torch.Generator().manual_seed(seed)
+        dt = DTYPES[self.dtype]
+        phi = lambda x: torch.nn.functional.elu(x) + 1  # noqa: E731
+        t = {
+            "Q": phi(torch.randn(self.batch, self.heads, self.q_len, self.head_dim, generator=g)).to(dt),
+            "K": phi(torch.randn(self.batch, self.kv_heads, self.kv_len, self.head_dim, generator=g)).to(dt),
+            "V": torch.randn(self.batch, self.kv_heads, self.kv_len, self.value_dim, generator=g).to(dt),
+        }
+        if self.decay:
+            t["DECAY"] = torch.linspace(0.5, 0.99, self.heads).to(dt)
+        return t
+
+    def op_args(self, t: dict[str, torch.Tensor], chunk: int = 16) -> tuple:
+        """Positional arguments of attnfx::linear_attention."""
+        return (t["Q"], t["K"], t["V"], t.get("DECAY"), self.scale, self.causal, self.normalize, self.norm_eps,
+                self.algorithm, chunk)
+
+    def __str__(self) -> str:
+        return self.spec(self.dtype).describe().replace(" ", ",")
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest tensor (in elements) any aten op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out

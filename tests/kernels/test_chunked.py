@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnfx.kernels  # noqa: F401  (registers torch.ops.attnfx)
-from kernel_cases import COMBINED, FEATURES, Case, assert_close, finfo_min_mask_case, reference, reference_grads
+from kernel_cases import (COMBINED, FEATURES, Case, LargestOutput, assert_close, finfo_min_mask_case, reference,
+                          reference_grads)
 from attnfx.kernels.attention_args import Dims
 from attnfx.kernels.chunked import chunk_sizes, chunked_backward, chunked_forward
 
@@ -119,11 +119,11 @@ def test_bias_of_fewer_dims_broadcasts_and_gets_its_own_shape_back():
 def test_small_budgets_give_the_same_result(budget):
     case = COMBINED["all_additive_gqa"]
     t = case.tensors()
-    args = case.op_args(t)
+    args = case.launch_args(t)
     out, lse = chunked_forward(*args, budget=budget)
     assert_close(out, reference(case, t), "float32")
     grad_out = torch.randn_like(out)
-    dq, dk, dv, dbias = chunked_backward(grad_out, None, *args[:6], out, lse, *args[6:], True, budget=budget)
+    dq, dk, dv, dbias = chunked_backward(grad_out, None, *args, out, lse, True, budget=budget)
     expected = reference_grads(case, t, grad_out)
     for name, grad in zip(("Q", "K", "V", "BIAS"), (dq, dk, dv, dbias)):
         assert_close(grad, expected[name], "float32", what=f"d{name}")
@@ -141,33 +141,18 @@ def test_rows_covered_by_a_finfo_min_mask_average_like_the_oracle():
     assert_close(q.grad, reference_grads(case, t, grad_out)["Q"], "float32")
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest tensor any aten op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.largest = max(self.largest, x.numel())
-        return out
-
-
 def test_no_intermediate_exceeds_the_score_budget():
     case = Case(batch=1, heads=2, q_len=232, kv_len=232, head_dim=16, causal="bottom_right", bias="1HMN",
                 softcap=2.0, alibi=True)
     t = case.tensors()
-    args = case.op_args(t)
+    args = case.launch_args(t)
     budget = 2048
     bound = max(budget, t["Q"].numel(), t["K"].numel())  # a chunk, or one of q/k/v/out/dq/dk/dv
     assert 2 * 232 * 232 > 10 * bound  # the whole (b, h, m, n) scores would break the bound
-    with _LargestOutput() as fwd:
+    with LargestOutput() as fwd:
         out, lse = chunked_forward(*args, budget=budget)
-    with _LargestOutput() as bwd:
-        chunked_backward(torch.ones_like(out), None, *args[:6], out, lse, *args[6:], False, budget=budget)
+    with LargestOutput() as bwd:
+        chunked_backward(torch.ones_like(out), None, *args, out, lse, False, budget=budget)
     assert fwd.largest <= bound
     assert bwd.largest <= bound
 

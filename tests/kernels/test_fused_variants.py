@@ -6,23 +6,26 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernel_cases import COMBINED, FEATURES, Case, assert_close, reference
-from attnfx.cost_model import AttentionSpec
+from kernel_cases import COMBINED, FEATURES, Case, LinearCase, assert_close, reference
+from attnfx.cost_model import ALGORITHMS, AttentionSpec, Causal
+from attnfx.cost_model.spec import Kind
 from attnfx.kernels import VARIANTS, Operands, get_variant
 
-OP = torch.ops.attnfx.attention.default
 ALL = {**FEATURES, **COMBINED}
 
 
 def operands(t: dict[str, torch.Tensor]) -> Operands:
     return Operands(q=t["Q"], k=t["K"], v=t["V"], mask=t.get("BIAS", t.get("MASK")), slopes=t.get("SLOPES"),
-                    kv_lengths=t.get("KV_LENGTHS"))
+                    kv_lengths=t.get("KV_LENGTHS"), decay=t.get("DECAY"))
 
 
-def test_registered_in_order_with_their_cascades():
+def test_registered_in_order_with_their_algorithms():
     assert [(v.name, v.algorithm, v.exact) for v in VARIANTS[1:]] == [
         ("attnfx_chunked", "chunked", True), ("triton_flash", "flash", True),
-        ("triton_decode", "decode_split_kv", True)]
+        ("triton_decode", "decode_split_kv", True), ("attnfx_sigmoid_chunked", "sigmoid_chunked", True),
+        ("triton_sigmoid", "sigmoid_flash", True), ("attnfx_linear", "linear_right_to_left", True),
+        ("attnfx_lightning", "linear_chunked", True)]
+    assert all(v.algorithm in ALGORITHMS for v in VARIANTS)
 
 
 @pytest.mark.parametrize("name", list(ALL))
@@ -38,7 +41,7 @@ def test_the_call_computes_the_site(name):
     case = ALL[name]
     t = case.tensors()
     call = get_variant("attnfx_chunked").call(case.spec("float32"), operands(t))
-    assert call.target is OP and call.output_index == 0 and call.kwargs == {}
+    assert call.target.name() == "attnfx::attention" and call.output_index == 0 and call.kwargs == {}
     assert_close(call.run(), reference(case, t), "float32")
 
 
@@ -78,4 +81,72 @@ SPEC = AttentionSpec(1, 8, 8, 128, 128, 64, 64)
      "there (triton_flash)"),
 ])
 def test_refusals(variant, spec, device, reason):
+    assert get_variant(variant).refusal(spec, device) == reason
+
+
+SIGMOID_OP = torch.ops.attnfx.sigmoid_attention.default
+LINEAR_OP = torch.ops.attnfx.linear_attention.default
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_every_sigmoid_feature_is_taken_and_the_call_computes_the_site(name):
+    case = ALL[name].with_(kind="sigmoid", logit_bias=-2.5)
+    spec, t = case.spec("float32"), case.tensors()
+    assert get_variant("attnfx_sigmoid_chunked").refusal(spec, "cpu") is None
+    assert get_variant("triton_sigmoid").refusal(spec, "cuda") is None
+    call = get_variant("attnfx_sigmoid_chunked").call(spec, operands(t))
+    assert call.target is SIGMOID_OP and call.output_index is None and call.args[-1] == -2.5
+    assert_close(call.run(), reference(case, t), "float32")
+    assert get_variant("triton_sigmoid").call(spec, operands(t)) == call
+
+
+@pytest.mark.parametrize("case,variant,algorithm", [
+    (LinearCase(causal="none", normalize=True, norm_eps=1e-3), "attnfx_linear", "right_to_left"),
+    (LinearCase(causal="bottom_right", kv_len=100, decay=True, normalize=True), "attnfx_lightning", "chunked"),
+    (LinearCase(causal="top_left", kv_heads=1), "attnfx_lightning", "chunked"),
+])
+def test_linear_calls_compute_the_site_in_their_order(case, variant, algorithm):
+    spec, t = case.spec("float32"), case.tensors()
+    assert get_variant(variant).refusal(spec, "cpu") is None and get_variant(variant).refusal(spec, "cuda") is None
+    call = get_variant(variant).call(spec, operands(t))
+    assert call.target is LINEAR_OP and call.output_index == 0
+    assert call.args[3:] == (t.get("DECAY"), case.scale, case.causal, case.normalize, case.norm_eps, algorithm, 64)
+    assert_close(call.run(), reference(case, t), "float32")
+
+
+LINEAR = AttentionSpec(1, 8, 8, 128, 128, 64, 64, kind=Kind.LINEAR)
+SIGMOID = AttentionSpec(1, 8, 8, 128, 128, 64, 64, kind=Kind.SIGMOID, logit_bias=-4.0)
+
+
+@pytest.mark.parametrize("variant,spec,device,reason", [
+    ("sdpa", SIGMOID, "cpu", "sdpa computes softmax attention; this site's weights are sigmoid"),
+    ("attnfx_chunked", LINEAR, "cpu", "attnfx_chunked computes softmax attention; this site's weights are linear"),
+    ("triton_flash", SIGMOID, "cuda", "triton_flash computes softmax attention; this site's weights are sigmoid"),
+    ("triton_decode", replace(LINEAR, q_len=1), "cuda",
+     "triton_decode computes softmax attention; this site's weights are linear"),
+    ("attnfx_sigmoid_chunked", SPEC, "cpu",
+     "attnfx_sigmoid_chunked computes sigmoid attention; this site's weights are softmax"),
+    ("attnfx_sigmoid_chunked", SIGMOID, "cuda",
+     "attnfx_sigmoid_chunked is attnfx's CPU kernel; on cuda attnfx::sigmoid_attention runs its Triton kernel"),
+    ("triton_sigmoid", SIGMOID, "cpu",
+     "Triton kernels run on cuda only; on cpu interpreted Triton is never chosen for speed"),
+    ("triton_sigmoid", replace(SIGMOID, dtype="float64"), "cuda",
+     "the Triton kernels take float32/float16/bfloat16, not float64"),
+    ("triton_sigmoid", LINEAR, "cuda", "triton_sigmoid computes sigmoid attention; this site's weights are linear"),
+    ("attnfx_linear", SIGMOID, "cpu", "attnfx_linear computes linear attention; this site's weights are sigmoid"),
+    ("attnfx_linear", replace(LINEAR, causal=Causal.TOP_LEFT), "cpu",
+     "a causal band needs the chunked order (attnfx_lightning): K^T V would sum keys a query cannot see"),
+    ("attnfx_linear", replace(LINEAR, decay=True), "cpu",
+     "no attnfx linear algorithm takes a decay without a causal band"),
+    ("attnfx_lightning", SPEC, "cuda", "attnfx_lightning computes linear attention; this site's weights are softmax"),
+    ("attnfx_lightning", LINEAR, "cpu",
+     "no causal band: the right-to-left order (attnfx_linear) computes this site in one state"),
+    ("attnfx_chunked", replace(SPEC, dropout_p=0.1), "cpu",
+     "attnfx::attention has no dropout (sdpa fuses training dropout)"),
+    ("triton_sigmoid", replace(SIGMOID, dropout_p=0.1), "cuda",
+     "attnfx::sigmoid_attention has no dropout (sdpa fuses training dropout)"),
+    ("attnfx_lightning", replace(LINEAR, causal=Causal.TOP_LEFT, dropout_p=0.1), "cpu",
+     "attnfx::linear_attention has no dropout (sdpa fuses training dropout)"),
+])
+def test_refusals_of_other_kinds(variant, spec, device, reason):
     assert get_variant(variant).refusal(spec, device) == reason

@@ -143,7 +143,7 @@ def test_triton_launchers_raise_kernel_unavailable(launcher, kernel, change, rea
     launch = getattr(importlib.import_module(f"attnfx.kernels.{module}"), fn)
     case = Case(q_len=1, kv_len=8).with_(**change)
     with pytest.raises(KernelUnavailable) as err:
-        launch(*case.op_args(case.tensors()))
+        launch(*case.launch_args(case.tensors()))
     assert str(err.value) == f"attnfx {kernel} kernel: {reason}"
 
 
@@ -162,18 +162,19 @@ def test_triton_backward_raises_kernel_unavailable():
     from attnfx.kernels.triton_flash_bwd import flash_backward
 
     case = Case(q_len=4, kv_len=8, dtype="float64")
-    args = case.op_args(case.tensors())
-    out, lse = OP(*args)
+    t = case.tensors()
+    out, lse = OP(*case.op_args(t))
     with pytest.raises(KernelUnavailable, match="^attnfx flash backward kernel: the Triton kernels take "
                                                 "float32/float16/bfloat16, not float64$"):
-        flash_backward(torch.ones_like(out), None, *args[:6], out, lse, *args[6:], False)
+        flash_backward(torch.ones_like(out), None, *case.launch_args(t), out, lse, False)
 
 
 @pytest.mark.parametrize("change,message", [
     (dict(causal="none", window=4),
-     "attnfx::attention: window must be -1 (none) or >= 1 with a causal diagonal; got window=4, causal='none'"),
+     "attnfx::attention: window must be >= 1 with a causal diagonal; got window=4, causal='none'"),
+    (dict(window=0), "attnfx::attention: window must be -1 (none) or >= 1, got 0"),
     (dict(causal="diagonal"),
-     "attnfx::attention: causal must be one of ('none', 'top_left', 'bottom_right'), got 'diagonal'"),
+     "attnfx::attention: causal must be one of ['none', 'top_left', 'bottom_right'], got 'diagonal'"),
     (dict(softcap=-1.0), "attnfx::attention: softcap must be 0 (none) or positive, got -1.0"),
 ])
 def test_malformed_calls_are_value_errors(change, message):

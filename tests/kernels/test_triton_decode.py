@@ -35,7 +35,7 @@ FEATURES: dict[str, Case] = {
 def test_features_match_oracle_for_any_split_count(name, splits):
     case = FEATURES[name]
     t = case.tensors()
-    out, lse = decode_forward(*case.op_args(t), num_splits=splits)
+    out, lse = decode_forward(*case.launch_args(t), num_splits=splits)
     assert_close(out, reference(case, t), "float32")
     assert lse.shape == out.shape[:3]
 
@@ -44,14 +44,14 @@ def test_features_match_oracle_for_any_split_count(name, splits):
 def test_awkward_lengths(q_len, kv_len):
     case = DECODE.with_(q_len=q_len, kv_len=kv_len, causal="bottom_right", key_padding=True)
     t = case.tensors()
-    assert_close(decode_forward(*case.op_args(t), num_splits=4)[0], reference(case, t), "float32")
+    assert_close(decode_forward(*case.launch_args(t), num_splits=4)[0], reference(case, t), "float32")
 
 
 def test_merged_lse_equals_the_flash_kernels():
     case = FEATURES["all"]
     t = case.tensors()
-    _, lse = decode_forward(*case.op_args(t), num_splits=5)
-    _, flash_lse = flash_forward(*case.op_args(t))
+    _, lse = decode_forward(*case.launch_args(t), num_splits=5)
+    _, flash_lse = flash_forward(*case.launch_args(t))
     torch.testing.assert_close(lse, flash_lse, atol=1e-5, rtol=1e-5)  # -inf rows included
 
 
@@ -59,7 +59,7 @@ def test_merged_lse_equals_the_flash_kernels():
 def test_half_precision(dtype):
     case = FEATURES["all"].with_(dtype=dtype)
     t = case.tensors()
-    out, _ = decode_forward(*case.op_args(t), num_splits=3)
+    out, _ = decode_forward(*case.launch_args(t), num_splits=3)
     assert out.dtype == t["Q"].dtype
     assert_close(out, reference(case, t), dtype)
 
@@ -69,7 +69,7 @@ def test_splits_outside_every_rows_reach_are_never_read():
     t = case.tensors()
     v = t["V"].clone()
     v[:, :, :832] = float("nan")  # before the window of the first query (keys > 898 - 100)
-    out, _ = decode_forward(*case.op_args({**t, "V": v}), num_splits=4)
+    out, _ = decode_forward(*case.launch_args({**t, "V": v}), num_splits=4)
     assert_close(out, reference(case, t), "float32")
 
 
@@ -91,6 +91,6 @@ def test_row_block_packs_a_group_up_to_64_rows(groups, q_len, expected):
 def test_rows_covered_by_a_finfo_min_mask_average_like_the_oracle():
     case, t = finfo_min_mask_case()
     case, t = case.with_(q_len=4), {**t, "Q": t["Q"][:, :, :4], "BIAS": t["BIAS"][:, :, :4]}
-    out, _ = decode_forward(*case.op_args(t), num_splits=2)
+    out, _ = decode_forward(*case.launch_args(t), num_splits=2)
     assert_close(out, reference(case, t), "float32")
     assert out.abs().sum() > 0

@@ -14,10 +14,10 @@ SIZES = [(m, n) for m in (1, 37, 128, 232) for n in (1, 37, 128, 232)]
 
 
 def backward(case: Case, t: dict[str, torch.Tensor], grad_out: torch.Tensor, **blocks) -> dict[str, torch.Tensor]:
-    args = case.op_args(t)
+    args = case.launch_args(t)
     out, lse = flash_forward(*args, **blocks)
     bias_grad = "BIAS" in t
-    dq, dk, dv, dbias = flash_backward(grad_out, None, *args[:6], out, lse, *args[6:], bias_grad, **blocks)
+    dq, dk, dv, dbias = flash_backward(grad_out, None, *args, out, lse, bias_grad, **blocks)
     grads = {"Q": dq, "K": dk, "V": dv}
     if bias_grad:
         grads["BIAS"] = dbias
@@ -29,7 +29,7 @@ def backward(case: Case, t: dict[str, torch.Tensor], grad_out: torch.Tensor, **b
 def test_sizes_match_oracle(q_len, kv_len, head_dim):
     case = Case(q_len=q_len, kv_len=kv_len, head_dim=head_dim)
     t = case.tensors()
-    assert_close(flash_forward(*case.op_args(t))[0], reference(case, t), "float32")
+    assert_close(flash_forward(*case.launch_args(t))[0], reference(case, t), "float32")
 
 
 @pytest.mark.parametrize("head_dim,value_dim", [(16, 16), (80, 80), (96, 40), (256, 256)])
@@ -38,7 +38,7 @@ def test_head_dims_are_padded_to_a_power_of_two(q_len, kv_len, head_dim, value_d
     case = Case(heads=1, kv_heads=1, q_len=q_len, kv_len=kv_len, head_dim=head_dim, value_dim=value_dim,
                 causal="bottom_right")
     t = case.tensors()
-    assert_close(flash_forward(*case.op_args(t))[0], reference(case, t), "float32")
+    assert_close(flash_forward(*case.launch_args(t))[0], reference(case, t), "float32")
 
 
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
@@ -46,7 +46,7 @@ def test_head_dims_are_padded_to_a_power_of_two(q_len, kv_len, head_dim, value_d
 def test_causal_with_small_blocks_skips_nothing_it_needs(q_len, kv_len, causal):
     case = Case(q_len=q_len, kv_len=kv_len, causal=causal)
     t = case.tensors()
-    out, _ = flash_forward(*case.op_args(t), block_m=16, block_n=16)
+    out, _ = flash_forward(*case.launch_args(t), block_m=16, block_n=16)
     assert_close(out, reference(case, t), "float32")
 
 
@@ -54,7 +54,7 @@ def test_causal_with_small_blocks_skips_nothing_it_needs(q_len, kv_len, causal):
 def test_features_match_oracle(name):
     case = {**FEATURES, **COMBINED}[name]
     t = case.tensors()
-    out, lse = flash_forward(*case.op_args(t))
+    out, lse = flash_forward(*case.launch_args(t))
     assert_close(out, reference(case, t), "float32")
     assert lse.dtype == torch.float32 and lse.shape == out.shape[:3]
 
@@ -63,7 +63,7 @@ def test_features_match_oracle(name):
 def test_windows_with_small_blocks_start_at_the_right_block(name):
     case = {**FEATURES, **COMBINED}[name]
     t = case.tensors()
-    assert_close(flash_forward(*case.op_args(t), block_m=16, block_n=16)[0], reference(case, t), "float32")
+    assert_close(flash_forward(*case.launch_args(t), block_m=16, block_n=16)[0], reference(case, t), "float32")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -71,7 +71,7 @@ def test_windows_with_small_blocks_start_at_the_right_block(name):
 def test_half_precision_matches_oracle(name, dtype):
     case = {**FEATURES, **COMBINED}[name].with_(dtype=dtype)
     t = case.tensors()
-    out, _ = flash_forward(*case.op_args(t))
+    out, _ = flash_forward(*case.launch_args(t))
     assert out.dtype == t["Q"].dtype
     assert_close(out, reference(case, t), dtype)
 
@@ -79,7 +79,7 @@ def test_half_precision_matches_oracle(name, dtype):
 def test_matches_the_cpu_implementation_lse_included():
     case = COMBINED["all_additive_gqa"]
     t = case.tensors()
-    out, lse = flash_forward(*case.op_args(t))
+    out, lse = flash_forward(*case.launch_args(t))
     cpu_out, cpu_lse = torch.ops.attnfx.attention(*case.op_args(t))
     assert_close(out, cpu_out, "float32")
     torch.testing.assert_close(lse, cpu_lse, atol=1e-5, rtol=1e-5)  # -inf rows included
@@ -91,7 +91,7 @@ def test_strided_inputs_are_read_in_place():
     # (b, m, h, e) storage seen as (b, h, m, e), as a model's projections leave it
     strided = {n: t[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("Q", "K", "V")}
     assert not strided["Q"].is_contiguous()
-    assert_close(flash_forward(*case.op_args({**t, **strided}))[0], reference(case, t), "float32")
+    assert_close(flash_forward(*case.launch_args({**t, **strided}))[0], reference(case, t), "float32")
 
 
 @pytest.mark.parametrize("name", [*FEATURES, *COMBINED])
@@ -144,9 +144,9 @@ def test_half_precision_gradients(dtype):
 def test_lse_gradient_folds_into_delta():
     case = COMBINED["causal_bias_gqa"]
     t = case.tensors()
-    args = case.op_args(t)
+    args = case.launch_args(t)
     out, lse = flash_forward(*args)
-    dq, *_ = flash_backward(torch.zeros_like(out), torch.ones_like(lse), *args[:6], out, lse, *args[6:], False)
+    dq, *_ = flash_backward(torch.zeros_like(out), torch.ones_like(lse), *args, out, lse, False)
     expected = case.scale_value * reference(case, {**t, "V": t["K"]})  # d(sum lse)/dq = scale * P @ K
     assert_close(dq, expected, "float32")
 
@@ -166,10 +166,10 @@ def test_skipped_key_blocks_are_never_read(name, blocks):
     poisoned = {n: t[n].clone() for n in ("K", "V")}
     for x in poisoned.values():
         x[batch, :, keys] = float("nan")
-    args = case.op_args({**t, **poisoned})
+    args = case.launch_args({**t, **poisoned})
     out, lse = flash_forward(*args, **blocks)
     assert_close(out, reference(case, t), "float32")
-    dq, dk, dv, _ = flash_backward(torch.ones_like(out), None, *args[:6], out, lse, *args[6:], False, **blocks)
+    dq, dk, dv, _ = flash_backward(torch.ones_like(out), None, *args, out, lse, False, **blocks)
     expected = reference_grads(case, t, torch.ones_like(out))
     assert_close(dq, expected["Q"], "float32", what="dQ")
     assert torch.equal(dk[batch, :, keys], torch.zeros_like(dk[batch, :, keys]))
@@ -178,7 +178,7 @@ def test_skipped_key_blocks_are_never_read(name, blocks):
 
 def test_rows_covered_by_a_finfo_min_mask_average_like_the_oracle():
     case, t = finfo_min_mask_case()
-    out, lse = flash_forward(*case.op_args(t))
+    out, lse = flash_forward(*case.launch_args(t))
     assert_close(out, reference(case, t), "float32")
     assert out[:, :, :4].abs().sum() > 0
     # NOTE: such a row's lse is finfo.min (fp32 absorbs log l), so only its forward is exact; as in
@@ -186,7 +186,7 @@ def test_rows_covered_by_a_finfo_min_mask_average_like_the_oracle():
     grad_out = torch.randn_like(out)
     grad_out[:, :, :4] = 0
     expected = reference_grads(case, t, grad_out)
-    args = case.op_args(t)
-    grads = flash_backward(grad_out, None, *args[:6], out, lse, *args[6:], False)
+    args = case.launch_args(t)
+    grads = flash_backward(grad_out, None, *args, out, lse, False)
     for name, grad in zip("QKV", grads):
         assert_close(grad, expected[name], "float32", what=f"d{name}")

@@ -1,9 +1,9 @@
-"""The §3 pass-count algorithm must reproduce the design note's expected-results table."""
+"""The pass-count analysis must reproduce FuseMax's pass counts for every cascade in the catalog."""
 import pytest
 
 from attnfx.cost_model import catalog
 from attnfx.cost_model.einsums import EinsumCascade
-from attnfx.cost_model.passes import analyze
+from attnfx.cost_model.pass_count import analyze
 
 TABLE = [
     # cascade, passes, re-reads of the key-ranked inputs (with recompute)

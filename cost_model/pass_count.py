@@ -1,4 +1,5 @@
-"""How many passes over K/V a cascade needs, and how often it re-reads each input (design note §3).
+"""How many passes over K/V a cascade needs, and how often it re-reads each input (FuseMax, Nayak et al.
+2024, §III).
 
 FuseMax's definition: a pass is one traversal of a fiber of the key rank; a chain of read-after-
 read dependencies of length L forces L + 1 passes under every mapping. We walk the dependency graph
@@ -18,7 +19,7 @@ from .einsums import Einsum, EinsumCascade
 
 @dataclass(frozen=True)
 class PassAnalysis:
-    """The result of §3 for one cascade."""
+    """Passes and re-reads of one cascade."""
 
     cascade: str
     passes: int
