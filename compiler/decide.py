@@ -26,13 +26,14 @@ from attnfx.passes.site import Lowering, Reason, Refusal, Site
 @dataclass(frozen=True)
 class Planning:
     """What the selection prices against: the target, the device variants must run on there, the
-    memory budget, and the variants the user allows."""
+    memory budget, the variants the user allows, and whether the model's own code may win."""
 
     target: str | HardwareProfile
     device: str
     memory_budget: float | None
     candidates: tuple[Variant, ...]
     exact_dropout: bool = False  # keep eager's random dropout stream: never fuse training dropout
+    eager: bool = True  # whether the model's own code may win
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def _options(site: Site, planning: Planning) -> tuple[list[Option], dict]:
             options.append(Option(variant.name, variant.algorithm, lowering.spec, lowering.name,
                                   variant.refusal(lowering.spec, planning.device)))
             by_key[(variant.name, lowering.name)] = (lowering, variant)
-    options.append(Option("eager", "eager", site.lowerings[-1].spec, "as written"))
+    if planning.eager:
+        options.append(Option("eager", "eager", site.lowerings[-1].spec, "as written"))
     return options, by_key
 
 
