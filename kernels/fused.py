@@ -11,12 +11,13 @@ broadcast shape, ALiBi, causal top-left or bottom-right, window, key padding, GQ
 from __future__ import annotations
 
 import torch
+from torch.fx import Node
 
-from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, MaskInput
+from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, MaskInput, ScoreMods
 
 from . import ops  # noqa: F401  (registers torch.ops.attnfx.*)
 from .attention_args import triton_refusal
-from .registry import Call, Operands
+from .registry import Call, CallSite, Operands, call_arguments
 
 
 def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
@@ -31,6 +32,17 @@ def attention_call(spec: AttentionSpec, operands: Operands) -> Call:
     return Call(torch.ops.attnfx.attention.default, args, {}, output_index=0)
 
 
+def read_attention_call(node: Node) -> CallSite | None:
+    """The call site of an `attnfx::attention` call (output 0 is the attention output), else None;
+    ValueError when its score arguments are not well-formed."""
+    if node.op != "call_function" or node.target is not torch.ops.attnfx.attention.default:
+        return None
+    a = call_arguments(node)
+    operands = Operands(a["q"], a["k"], a["v"], a["bias"], a["alibi_slopes"], a["kv_lengths"])
+    return CallSite(operands, ScoreMods.from_op_args(a["scale"], a["causal"], a["window"], a["softcap"]),
+                    output_index=0)
+
+
 def _shape_name(spec: AttentionSpec) -> str:
     return f"M={spec.q_len} N={spec.kv_len}"
 
@@ -42,6 +54,8 @@ def _triton_refusal(spec: AttentionSpec, device: str) -> str | None:
 
 
 class ChunkedVariant:
+    op = "attnfx::attention"
+    read = staticmethod(read_attention_call)
     name = "attnfx_chunked"
     algorithm = "chunked"
     exact = True
@@ -57,6 +71,8 @@ class ChunkedVariant:
 
 
 class TritonFlashVariant:
+    op = "attnfx::attention"
+    read = staticmethod(read_attention_call)
     name = "triton_flash"
     algorithm = "flash"
     exact = True
@@ -74,6 +90,8 @@ class TritonFlashVariant:
 
 
 class TritonDecodeVariant:
+    op = "attnfx::attention"
+    read = staticmethod(read_attention_call)
     name = "triton_decode"
     algorithm = "decode_split_kv"
     exact = True

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from attnfx.cost_model.spec import AttentionSpec
+from torch.fx import Node
+from torch.fx.operator_schemas import normalize_function
+
+from attnfx.cost_model.spec import AttentionSpec, Kind, ScoreMods
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,40 @@ class Call:
         return out if self.output_index is None else out[self.output_index]
 
 
+@dataclass(frozen=True)
+class CallSite:
+    """An attention call read back from a graph by the variant that emits its op, so what reads a
+    rewritten graph (ONNX export) needs no table of op names: its operand nodes and what it computes.
+
+    The attention output is the call's value, or `call[output_index]` when the op returns a tuple.
+    """
+
+    operands: Operands  # fx nodes (None where the call passes none)
+    mods: ScoreMods
+    kind: Kind = Kind.SOFTMAX
+    output_index: int | None = None
+    dropout: float = 0.0  # training-mode dropout probability on the weights
+
+
+def call_arguments(node: Node) -> dict[str, Any]:
+    """An op call's arguments by schema name, defaults filled in; ValueError if they do not bind."""
+    bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if bound is None:
+        raise ValueError(f"{node.name}: cannot bind the arguments of {node.target}")
+    return bound.kwargs
+
+
 class Variant(Protocol):
     """An implementation a site can be rewritten to.
 
     `algorithm` names the cascade the cost model prices it with (see attnfx.cost_model).
     `refusal()` returns why it cannot take this site on this device, or None if it can.
+    `read(node)` is the call site when `node` is a call of the op it emits (`op` names that op in
+    messages), else None; variants that emit one op share one reader.
     """
 
     name: str
+    op: str
     algorithm: str
     exact: bool
     description: str
@@ -53,3 +82,5 @@ class Variant(Protocol):
     def refusal(self, spec: AttentionSpec, device: str) -> str | None: ...
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call: ...
+
+    def read(self, node: Node) -> CallSite | None: ...

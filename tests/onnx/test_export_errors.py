@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from attnfx import onnx_lowering
+from attnfx.onnx import lowering as onnx_lowering
 from attnfx.errors import ExportError
-from attnfx.onnx_export import export_onnx
+from attnfx.onnx import export_onnx
 from onnx_helpers import Decoder, SelfAttention, decoder_inputs, stand_in
 
 
