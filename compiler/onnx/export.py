@@ -2,7 +2,7 @@
 
 attnfx already knows what every site computes, so instead of letting the exporter decompose
 attention (or hoping a post-hoc fusion pass finds it again), each site is written directly as the
-operator that expresses it (see onnx_plan), the file is checked (onnx.checker, one node per site,
+operator that expresses it (see plan.py), the file is checked (onnx.checker, one node per site,
 onnxruntime vs PyTorch at two sequence lengths), and only then moved into place.
 """
 from __future__ import annotations
@@ -110,9 +110,10 @@ def export_onnx(
     """Export `opt` (an attnfx.optimize result) to `path`; raises ExportError and leaves no file on failure.
 
     `opt` needs `graph_module`, `example_args`, `example_kwargs`, `dynamic_shapes` and optionally
-    `report` and `constants` (keyword arguments the capture baked into the graph). `dynamic` keeps the axes the capture left symbolic (batch, sequence) symbolic in ONNX. `verify` runs
-    onnxruntime against PyTorch at the example inputs and at a second sequence length (the structural
-    checks always run). `external_data` as in ONNXProgram.save (None: only above 2 GB).
+    `report` and `constants` (keyword arguments the capture baked into the graph). `dynamic` keeps
+    the axes the capture left symbolic (batch, sequence) symbolic in ONNX. `verify` runs onnxruntime
+    against PyTorch at the example inputs and at a second sequence length (the structural checks
+    always run). `external_data` as in ONNXProgram.save (None: only above 2 GB).
     """
     gm = opt.graph_module
     report = getattr(opt, "report", None)
