@@ -37,7 +37,7 @@ def build_export_module(
     for plan in plans:
         node = nodes[plan.facts.node]
         o = plan.facts.call.operands
-        operands = tuple(nodes[x.name] if x is not None else None for x in (o.q, o.k, o.v, o.mask, o.slopes, o.kv_lengths))
+        operands = tuple(None if x is None else nodes[x.name] for x in (o.q, o.k, o.v, o.mask, o.slopes, o.kv_lengths))
         with graph.inserting_before(node):
             new = graph.call_function(lowered_attention, operands, _lowering_kwargs(plan))
         for key in ("nn_module_stack", "stack_trace"):  # keeps the exporter's name scopes

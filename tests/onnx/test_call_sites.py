@@ -70,7 +70,8 @@ def test_a_new_variant_exports_through_its_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "VARIANTS", (*kernels.VARIANTS, NewVariant(
         torch.ops.attnfx_test.attention.default, "attnfx_test::attention")))
     torch.manual_seed(0)
-    opt = stand_in(OpModel(lambda q, k, v: torch.ops.attnfx_test.attention(q, k, v, 0.25)), {"x": torch.randn(2, 6, 32)})
+    model = OpModel(lambda q, k, v: torch.ops.attnfx_test.attention(q, k, v, 0.25))
+    opt = stand_in(model, {"x": torch.randn(2, 6, 32)})
     summary = export_onnx(opt, tmp_path / "new.onnx")
     assert [(s.site, s.became, s.why) for s in summary.sites] == [(0, "Attention", "heads=4; scale=0.25")]
     (node,) = fused_nodes(tmp_path / "new.onnx")
