@@ -21,9 +21,9 @@ register()  # torch.compile(model, backend="attnfx")
 def __getattr__(name: str):
     """ONNX export loads on first use: onnx, onnxruntime and onnxscript are the `[onnx]` extra."""
     if name in ("export_onnx", "ExportSummary"):
-        from . import onnx_export
+        from . import onnx
 
-        return getattr(onnx_export, name)
+        return getattr(onnx, name)
     raise AttributeError(f"module 'attnfx' has no attribute {name!r}")
 
 

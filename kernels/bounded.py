@@ -32,7 +32,7 @@ from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput
 from . import ops  # noqa: F401  (registers attnfx::attention and its backward, which this op reuses)
 from .attention_args import Dims, accumulation_dtype, check_args, decode_op_args
 from .fused import attention_call
-from .registry import Call, Operands, kind_refusal
+from .registry import Call, Operands, kind_refusal, score_op_reader
 
 BOUNDED_OP = "attnfx::bounded_attention"
 
@@ -206,6 +206,8 @@ bounded_attention.register_autograd(_backward, setup_context=_setup_context)
 
 class BoundedVariant:
     name = "attnfx_bounded"
+    op = BOUNDED_OP
+    read = staticmethod(score_op_reader(BOUNDED_OP, output_index=0))
     algorithm = "bounded"
     exact = True
     description = "attnfx::bounded_attention: fixed per-row softmax offset, exp2, row sums in the PV product"

@@ -33,7 +33,7 @@ from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, Score
 from . import ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
 from .attention_args import bias_4d, check_args, decode_op_args
 from .fused import attention_call
-from .registry import Call, Operands, kind_refusal
+from .registry import Call, Operands, kind_refusal, score_op_reader
 
 FLEX_OP = "attnfx::flex_attention"
 
@@ -204,6 +204,8 @@ flex_attention.register_autograd(_backward, setup_context=_setup_context)
 
 class FlexVariant:
     name = "flex"
+    op = FLEX_OP
+    read = staticmethod(score_op_reader(FLEX_OP))
     algorithm = "flex"
     exact = True
     description = "attnfx::flex_attention: FlexAttention compiled by Inductor, block mask from the proof"

@@ -31,12 +31,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput
+from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
 from . import ops  # noqa: F401  (registers attnfx::attention, the kernel for what SDPA cannot take)
 from .attention_args import Dims, accumulation_dtype, bias_4d, check_args, decode_op_args
-from .registry import Call, Operands, kind_refusal
+from .registry import Call, CallSite, Operands, call_arguments, calls_op, kind_refusal
 
 PADDED_OP = "attnfx::padded_attention"
 
@@ -322,8 +323,25 @@ def is_key_mask(spec: AttentionSpec) -> bool:
         shape[3] == spec.kv_len
 
 
+def read_padded_call(node: Node) -> CallSite | None:
+    """The call site of an `attnfx::padded_attention` call, its key_keep as the bool mask; ValueError
+    for what one mask cannot state (a bias besides key_keep, a finite fill)."""
+    if not calls_op(node, PADDED_OP):
+        return None
+    a = call_arguments(node)
+    if a["bias"] is not None:
+        raise ValueError(f"{PADDED_OP} with a bias besides key_keep has no single mask to export")
+    if not math.isinf(a["fill"]):
+        raise ValueError(f"{PADDED_OP} with fill={a['fill']} gives rows that keep no key a value a bool mask "
+                         "cannot state")
+    operands = Operands(a["q"], a["k"], a["v"], a["key_keep"], a["alibi_slopes"])
+    return CallSite(operands, ScoreMods.from_op_args(a["scale"], a["causal"], a["window"], a["softcap"]))
+
+
 class PaddedVariant:
     name = "padded"
+    op = PADDED_OP
+    read = staticmethod(read_padded_call)
     algorithm = "padded"
     exact = True
     description = ("attnfx::padded_attention: run-time dispatch on the key mask (no mask / padding-free / "

@@ -29,7 +29,7 @@ def test_a_cuda_plan_runs_on_cpu_tensors(name):
     assert winner is not None and winner.option.variant == "triton_flash"
     t = case.tensors()
     call = get_variant(winner.option.variant).call(spec, _operands(t))
-    assert call.target is torch.ops.attnfx.attention.default  # the CPU implementation runs it here
+    assert call.target.name() == "attnfx::attention"  # the CPU implementation runs it here
     assert_close(call.run(), reference(case, t), "float32")
 
 
