@@ -29,10 +29,12 @@ SLOW = dict(database=None, deadline=None, phases=(Phase.explicit, Phase.generate
 KNOWN_BROKEN = {
     "handwritten_softmax": ({"softmax": HANDWRITTEN_SOFTMAX},
                             "a hand-written softmax is not listed in the report (UNREPORTED)"),
-    "query_head_key_scores": ({"layout": ("einsum",), "einsum.scores": ("bmhn",), "kv_heads": (2, 1)},
-                              "scores laid out (batch, query, head, key) crash optimize() or re-specialisation"),
+    "query_head_key_scores": ({"layout": ("einsum",), "einsum.scores": ("bmhn",)},
+                              "scores laid out (batch, query, head, key) crash re-specialisation (heads read as queries)"),
+    "scale_on_values": ({"kind": ("near_miss",), "mutation": ("scale_on_values",), "layout": ("bmm", "baddbmm")},
+                        "a scale on V behind a reshape is rewritten, although the README refuses it (SCALE_ON_VALUES)"),
 }
-CI_EXCLUDE = {"softmax": HANDWRITTEN_SOFTMAX, "einsum.scores": ("bmhn",)}
+CI_EXCLUDE = {"softmax": HANDWRITTEN_SOFTMAX, "einsum.scores": ("bmhn",), "mutation": ("scale_on_values",)}
 
 
 def _draw(data, **narrowing) -> Program:

@@ -48,6 +48,7 @@ class Tally:
     notices: Counter = field(default_factory=Counter)
     failures: Counter = field(default_factory=Counter)  # by kind
     classes: dict[str, list[tuple[str, Outcome]]] = field(default_factory=lambda: defaultdict(list))
+    restored: list[str] = field(default_factory=list)  # keys of programs where verification caught a bad rewrite
 
     def add(self, key: str, outcome: Outcome) -> None:
         self.programs += 1
@@ -55,6 +56,8 @@ class Tally:
         program = outcome.case.program
         for result, block in zip(outcome.blocks, program.blocks):
             label = result.status + (f" {result.code}" if result.code else "")
+            if result.status == "RESTORED":
+                self.restored.append(key)
             if result.status != "REWRITTEN":
                 self.statuses[label] += 1
             if result.near_miss:
@@ -93,6 +96,8 @@ class Tally:
         lines += [f"  {n:5d}  {label}" for label, n in self.statuses.most_common()]
         lines += ["", "misses (positive blocks not rewritten), by reason, with what they share:"]
         lines += [f"  {n:5d}  {label}: {', '.join(self.common_features(label))}" for label, n in self.misses.most_common()]
+        if self.restored:
+            lines += ["", "RESTORED (a rewrite that verification rejected; replay to see why): " + " ".join(self.restored)]
         lines += ["", f"failure classes: {len(self.classes)}"]
         for name, members in sorted(self.classes.items(), key=lambda item: -len(item[1])):
             lines.append(f"  {len(members):4d}  {name}  (e.g. {members[0][0]})")
@@ -102,5 +107,6 @@ class Tally:
         return {"programs": self.programs, "seconds": round(self.seconds, 1), "positives": self.positives,
                 "rewritten": self.rewritten, "near_misses": self.near_misses, "statuses": dict(self.statuses),
                 "misses": dict(self.misses), "failures": dict(self.failures), "notices": dict(self.notices),
+                "restored": self.restored,
                 "classes": {name: [{"key": key, "findings": [f.__dict__ for f in o.findings], "source": o.case.source}
                                    for key, o in members] for name, members in self.classes.items()}}
