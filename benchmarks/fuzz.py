@@ -8,7 +8,8 @@
 Prints: programs, rewritten, not-rewritten blocks by status and reason, misses (positives not
 rewritten) by reason with the features they share, WRONG outputs and CRASHES (both must be 0), and
 every failure class with the source of its shortest program. Program I of seed S is drawn from
-`random.Random(f"{S}:{I}")`, so any key printed here reproduces with --replay. Tests pin the cost
+`random.Random(f"{S}:{I}")`, so any key printed here reproduces with --replay (and the same
+--force/--exclude flags). Tests pin the cost
 model to the fixed sandbox profile; so does this script, so its decisions match CI's.
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", default="0")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--show", type=int, default=1, help="sources printed per failure class")
+    parser.add_argument("--show", type=int, default=1,
+                        help="sources printed per failure class (every WRONG and CRASH is printed)")
     parser.add_argument("--replay", help="SEED:INDEX of one program to print and check")
     parser.add_argument("--shrink", action="store_true", help="print a shrunk program per failure class")
     parser.add_argument("--force", action="append", default=[], metavar="NAME=VALUE",
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     _pin_cost_model()
     exclude, force = _narrowing(args.exclude), _narrowing(args.force)
     if args.replay:
-        return _replay(args.replay, exclude, force)
+        return _replay(args.replay, exclude, force, args.shrink)
     tally = Tally()
     for i in range(args.n):
         key = f"{args.seed}:{i}"
@@ -91,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"... {i + 1} programs, {tally.rewritten}/{tally.positives} positives rewritten, "
                   f"{sum(tally.failures.values())} failures", flush=True)
     print(tally.summary())
+    narrowing = "".join(f" --force {f}" for f in args.force) + "".join(f" --exclude {e}" for e in args.exclude)
     for name, members in sorted(tally.classes.items(), key=lambda item: -len(item[1])):
-        for key, outcome in sorted(members, key=lambda m: len(m[1].case.source))[:args.show]:
-            print(f"\n===== {name}\n===== {key} (replay: python benchmarks/fuzz.py --replay {key})\n{outcome.explain()}")
+        shown = len(members) if name.startswith(("WRONG", "CRASH")) else args.show
+        for key, outcome in sorted(members, key=lambda m: len(m[1].case.source))[:shown]:
+            print(f"\n===== {name}\n===== {key} (replay: python benchmarks/fuzz.py --replay {key}{narrowing})\n"
+                  f"{outcome.explain()}")
         if args.shrink:
             _print_shrunk(name, min(members, key=lambda m: len(m[1].case.source))[1])
     if args.json:
@@ -113,7 +118,7 @@ def _print_shrunk(name: str, outcome: Outcome) -> None:
     print(f"\n===== {name}: shrunk\n{shrunk.explain()}")
 
 
-def _replay(key: str, exclude: dict[str, list], force: dict[str, list]) -> int:
+def _replay(key: str, exclude: dict[str, list], force: dict[str, list], shrinking: bool) -> int:
     import attnfx
 
     program = draw(key, exclude, force)
@@ -126,6 +131,8 @@ def _replay(key: str, exclude: dict[str, list], force: dict[str, list]) -> int:
         model = outcome.case.namespace["make_model"]()
         args, kwargs = outcome.case.namespace["example_inputs"](*program.shapes[0])
         print(attnfx.optimize(model, args, kwargs).report)
+    for name in sorted(_classes(outcome)) if shrinking else ():
+        _print_shrunk(name, outcome)
     return 1 if outcome.failures else 0
 
 

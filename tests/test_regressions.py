@@ -109,6 +109,35 @@ def test_query_head_key_scores_survive_respecialisation(kv_heads: int) -> None:
     _assert_matches_eager(model, opt)
 
 
+# -- GQA as a broadcast over a group dim, in an einsum whose operands are laid out queries-first ---------
+class GroupedEinsum(nn.Module):
+    """q (b, m, kv, g, d) against k, v (b, n, kv, d): GQA without repeating K and V."""
+
+    def __init__(self, kv_heads: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q = nn.Linear(C, C)
+        self.kv = nn.Linear(C, 2 * kv_heads * D)
+        self.kv_heads = kv_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.kv_heads, H // self.kv_heads, D)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, D).unbind(2)
+        p = torch.einsum("bmkgd,bnkd->bkgmn", q, k).softmax(-1)
+        return torch.einsum("bkgmn,bnkd->bmkgd", p, v).reshape(b, t, C)
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError,
+                   reason="issue 12: at query length 1 the batch-layout check raises KeyError ('b0', 'b2', 'b1')")
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_einsum_at_query_length_one_is_optimised(kv_heads: int) -> None:
+    model = GroupedEinsum(kv_heads).eval()
+    opt = attnfx.optimize(model, (_x(B, 1),))
+    assert len(opt.report.entries) == 1, opt.report
+    _assert_matches_eager(model, opt, shapes=((B, 1), (3, 1)))
+
+
 # -- a scale on V is refused however V reaches the AV contraction ----------------------------------
 def _scaled_values_merged_heads(q, k, v):
     b = q.shape[0]

@@ -35,7 +35,7 @@ EXCLUSIONS = {
     "causal": ("tril", "triu", "arange", "buffer", "buffer_4d", "full_triu"),
     "causal_br": ("triu_symbolic", "tril_symbolic", "arange_symbolic", "triu_literal", "cache_position"),
     "window": ("arange", "tril_triu", "outside"),
-    "padding": ("eq0", "bool", "hf_additive", "hf_4d"),
+    "padding": ("eq0", "bool", "hf_additive", "hf_4d", "from_data"),
 }
 BIASES = {
     "alibi": ("relative", "bloom", "symmetric"),
@@ -43,6 +43,7 @@ BIASES = {
     "abspos": ("slice", "slice_4d"),
 }
 CACHE_ONLY = ("triu_literal", "cache_position")  # literal offsets equal N - M only with a fixed past
+NOT_CACHE = ("from_data",)  # a mask computed from the keys' source has no entries for cached keys
 DIRECT_ADDITIVE = ("full_triu", "hf_additive", "hf_4d")  # spellings that build an additive mask
 FINITE_ONLY = ("hf_additive", "hf_4d")  # (1 - mask) * fill: 0 * -inf would be nan
 FILLS = ("-inf", "finfo_min", "-1e9", "-1e4")
@@ -55,6 +56,20 @@ DROPOUTS = ("none", "module", "functional")
 DTYPES = ("float32", "bfloat16")
 EXAMPLE_SHAPES = ((2, 12, 9), (3, 7, 16))  # (batch, query length, memory length)
 EDGE_SHAPES = ((1, 1, 1), (2, 1, 5), (1, 6, 1), (1, 2, 3))
+KV_HEADS = (H, 2, 1)
+
+# Every named choice and all its options (the draws below narrow and weight them).
+DIMENSIONS: dict[str, tuple] = {
+    "blocks": (1, 2), "dtype": DTYPES, "padding_side": ("right", "left"), "edge_shape": EDGE_SHAPES,
+    "kind": ("positive", "near_miss"), "mutation": tuple(MUTATIONS), "projection": PROJECTIONS, "kv_heads": KV_HEADS,
+    "layout": LAYOUTS, "gqa": ("none",) + GQA, "qk": ("default",) + QK_SPELLINGS["matmul"],
+    "einsum.letters": EINSUM_LETTERS, "einsum.q_layout": EINSUM_Q_LAYOUTS, "einsum.scores": EINSUM_SCORES,
+    "softcap": SOFTCAPS, "softcap.spelling": SOFTCAP_SPELLINGS, "terms": (0, 1, 2), "term": (*EXCLUSIONS, *BIASES),
+    **{f"{family}.spelling": spellings for family, spellings in {**EXCLUSIONS, **BIASES}.items()},
+    "mask.apply": MASK_APPLY, "mask.fill": FILLS, "bias.apply": BIAS_APPLY, "scale.placement": PLACEMENTS,
+    "scale.value": SCALE_VALUES, "scale.form": SCALE_FORMS, "scale.op": ("mul", "div"),
+    "softmax": EXPLICIT_SOFTMAX + HANDWRITTEN_SOFTMAX, "upcast": UPCASTS, "dropout": DROPOUTS, "out_proj": (True, False),
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,11 @@ class Term:
     @property
     def is_bias(self) -> bool:
         return self.family in BIASES
+
+    @property
+    def reads_key_mask(self) -> bool:
+        """Whether the mask comes from the model's padding-mask input (else from the data itself)."""
+        return self.family == "padding" and self.spelling != "from_data"
 
 
 @dataclass(frozen=True)
@@ -135,10 +155,6 @@ class Program:
         """(batch, query length, memory length) for the example and the two checks after it."""
         return (*EXAMPLE_SHAPES, self.edge_shape)
 
-    @property
-    def near_miss(self) -> bool:
-        return any(b.mutation for b in self.blocks)
-
 
 def consistent(block: Block) -> bool:
     """Whether a block (edited, say by the shrinker) could have been drawn: the rules below, checked."""
@@ -172,7 +188,7 @@ def draw_block(choose: Chooser) -> Block:
 
 def _draw_fields(choose: Chooser, mutation: str | None) -> Block:
     projection = choose("projection", PROJECTIONS)
-    kv_heads = choose("kv_heads", (H, 2, 1))
+    kv_heads = choose("kv_heads", KV_HEADS)
     layout = choose("layout", LAYOUTS)
     gqa_options = GQA if layout not in ("bmm", "baddbmm") else GQA[:2]
     gqa = choose("gqa", gqa_options) if kv_heads < H else choose("gqa", ("none",))
@@ -203,7 +219,8 @@ def _draw_terms(choose: Chooser, projection: str) -> tuple[Term, ...]:
         if family in BIASES:
             terms.append(Term(family, choose(f"{family}.spelling", BIASES[family]), choose("bias.apply", BIAS_APPLY)))
             continue
-        spellings = tuple(s for s in EXCLUSIONS[family] if projection == "cache" or s not in CACHE_ONLY)
+        spellings = tuple(s for s in EXCLUSIONS[family]
+                          if s not in (NOT_CACHE if projection == "cache" else CACHE_ONLY))
         spelling = choose(f"{family}.spelling", spellings)
         apply = "direct" if spelling in DIRECT_ADDITIVE else choose("mask.apply", MASK_APPLY)
         finite = spelling in FINITE_ONLY or apply == "additive_scaled"

@@ -30,12 +30,12 @@ from .render import Case, build
 README = Path(__file__).resolve().parents[2] / "README.md"
 FAILURES = ("CRASH", "WRONG", "NEAR_MISS_REWRITTEN", "UNREPORTED", "EXTRA_ENTRIES", "COUNT_MISMATCH",
             "UNDOCUMENTED", "GENERATOR_ERROR")
-NOTICES = ("CAPTURE_ERROR", "UNEXPECTED_CODE")  # documented outcomes, counted but not failures
 
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # one of FAILURES or NOTICES
+    kind: str  # one of FAILURES, or a notice: CAPTURE_ERROR (documented), UNEXPECTED_CODE (kept, another
+    # code), EAGER_NAN (the model's own outputs hold nan, e.g. a row with every key excluded by -inf)
     detail: str
     where: str = ""
 
@@ -96,6 +96,8 @@ def _check(case: Case, outcome: Outcome) -> None:
     except Exception as exc:  # noqa: BLE001 - the generator wrote a program that does not run
         outcome.findings.append(Finding("GENERATOR_ERROR", _short(exc), "eager"))
         return
+    if any(bool(t.isnan().any()) for t in pytree.tree_leaves(expected[0]) if isinstance(t, torch.Tensor)):
+        outcome.findings.append(Finding("EAGER_NAN", "the model's outputs at the example inputs hold nan", "eager"))
     try:
         opt = attnfx.optimize(model, *inputs[0])
     except attnfx.CaptureError as exc:

@@ -118,7 +118,7 @@ def _dropout(w: Writer, p: str) -> str:
 
 
 def _padded(block: Block) -> bool:
-    return any(t.family == "padding" for t in block.terms)
+    return any(t.reads_key_mask for t in block.terms)
 
 
 def _inputs_used(program: Program) -> tuple[bool, list[str]]:

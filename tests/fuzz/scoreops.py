@@ -95,7 +95,9 @@ def _exclusion(w: Writer, term: Term) -> tuple[str, str, str]:
         if spelling == "arange":
             return f"({distance} >= 0) & ({distance} < W)", "mn", "keep"
         return f"({distance} < 0) | ({distance} >= W)", "mn", "excl"
+    source = "memory" if w.block.projection == "cross" else "x"
     return {"eq0": ("key_mask == 0", "bn", "excl"), "bool": ("key_mask.bool()", "bn", "keep"),
+            "from_data": (f"{source}[..., 0] > -1.5", "bn", "keep"),
             "hf_additive": (f"(1.0 - key_mask.to(s.dtype)) * {fill}", "bn", "additive"),
             "hf_4d": (f"(1.0 - key_mask[:, None, None, :].to(s.dtype)) * {fill}", "b__n", "additive"),
             }[spelling]
