@@ -1,6 +1,6 @@
 """The attention fuzzer's long mode: many generated programs, each checked against attnfx's invariant.
 
-    python benchmarks/fuzz.py --n 5000 [--seed S] [--json out.json] [--show 3]
+    python benchmarks/fuzz.py --n 5000 [--seed S] [--json out.json] [--show 3] [--minutes 15]
     python benchmarks/fuzz.py --replay S:I          # print program I of seed S, its report and findings
     python benchmarks/fuzz.py --n 200 --force softmax=hw_amax --force softmax=hw_nomax --exclude layout=bmm
     python benchmarks/fuzz.py --n 500 --shrink    # also shrink one program per failure class
@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--seed", default="0")
+    parser.add_argument("--minutes", type=float, help="stop drawing programs after this long")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--show", type=int, default=1,
                         help="sources printed per failure class (every WRONG and CRASH is printed)")
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay:
         return _replay(args.replay, exclude, force, args.shrink)
     tally = Tally()
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
     for i in range(args.n):
+        if time.monotonic() > deadline:
+            print(f"stopped after {args.minutes:g} minutes")
+            break
         key = f"{args.seed}:{i}"
         program = draw(key, exclude, force)
         if program is None:

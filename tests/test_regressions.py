@@ -78,9 +78,8 @@ def test_handwritten_softmax_is_listed_in_the_report(normalise) -> None:
     _assert_matches_eager(model, opt)
 
 
-# -- scores laid out (batch, query, head, key) -----------------------------------------------------
-class QueryHeadKeyScores(nn.Module):
-    """einsum("txhi,tphi->txhp"): the scores' head axis comes after the query axis."""
+class GroupedProjection(nn.Module):
+    """x (b, t, C) -> q (b, t, H, D) and k, v (b, t, kv_heads, D)."""
 
     def __init__(self, kv_heads: int) -> None:
         super().__init__()
@@ -89,13 +88,21 @@ class QueryHeadKeyScores(nn.Module):
         self.kv = nn.Linear(C, 2 * kv_heads * D)
         self.kv_heads = kv_heads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, H, D)
         k, v = self.kv(x).view(b, t, 2, self.kv_heads, D).unbind(2)
+        return self.q(x).view(b, t, H, D), k, v
+
+
+# -- scores laid out (batch, query, head, key) -----------------------------------------------------
+class QueryHeadKeyScores(GroupedProjection):
+    """einsum("txhi,tphi->txhp"): the scores' head axis comes after the query axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
         k, v = (z.repeat_interleave(H // self.kv_heads, dim=2) for z in (k, v))
         p = torch.einsum("txhi,tphi->txhp", q, k).mul(D ** -0.5).softmax(-1)
-        return torch.einsum("txhp,tphi->txhi", p, v).reshape(b, t, C)
+        return torch.einsum("txhp,tphi->txhi", p, v).flatten(2)
 
 
 @pytest.mark.xfail(strict=True, raises=ValueError,
@@ -110,22 +117,14 @@ def test_query_head_key_scores_survive_respecialisation(kv_heads: int) -> None:
 
 
 # -- GQA as a broadcast over a group dim, in an einsum whose operands are laid out queries-first ---------
-class GroupedEinsum(nn.Module):
+class GroupedEinsum(GroupedProjection):
     """q (b, m, kv, g, d) against k, v (b, n, kv, d): GQA without repeating K and V."""
 
-    def __init__(self, kv_heads: int) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.q = nn.Linear(C, C)
-        self.kv = nn.Linear(C, 2 * kv_heads * D)
-        self.kv_heads = kv_heads
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.kv_heads, H // self.kv_heads, D)
-        k, v = self.kv(x).view(b, t, 2, self.kv_heads, D).unbind(2)
+        q, k, v = self.project(x)
+        q = q.unflatten(2, (self.kv_heads, H // self.kv_heads))
         p = torch.einsum("bmkgd,bnkd->bkgmn", q, k).softmax(-1)
-        return torch.einsum("bkgmn,bnkd->bmkgd", p, v).reshape(b, t, C)
+        return torch.einsum("bkgmn,bnkd->bmkgd", p, v).flatten(2)
 
 
 @pytest.mark.xfail(strict=True, raises=KeyError,
