@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, assume, given, reject, settings
 from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
 
 import attnfx
 from fuzz.choices import Chooser, Unsatisfiable, hypothesis_chooser, random_chooser
@@ -113,11 +114,11 @@ def _program_with(name: str, value) -> Program:
 def _run_eagerly(program: Program) -> None:
     ns = build(program).namespace
     model = ns["make_model"]()
-    for shape in ns["SHAPES"]:
-        args, kwargs = ns["example_inputs"](*shape)
+    for b, m, n in ns["SHAPES"]:
+        args, kwargs = ns["example_inputs"](b, m, n)
         with torch.no_grad():
-            out = model(*args, **kwargs)
-        assert out is not None
+            out = pytree.tree_leaves(model(*args, **kwargs))
+        assert out[0].shape == (b, m, ns["C"]) and out[0].dtype == ns["DTYPE"]
 
 
 @pytest.mark.parametrize("name,value", OPTIONS, ids=[f"{n}={v}" for n, v in OPTIONS])

@@ -55,7 +55,7 @@ def render(program: Program) -> str:
 
 def _block_class(block: Block, index: int) -> tuple[str, bool]:
     """The block's class source, and whether it returns more than its output."""
-    w = Writer(block, index)
+    w = Writer(block)
     mutation = MUTATIONS[block.mutation] if block.mutation else NO_MUTATION
     _projection(w)
     if mutation.values:

@@ -46,6 +46,7 @@ class Tally:
     miss_features: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     positive_features: Counter = field(default_factory=Counter)
     notices: Counter = field(default_factory=Counter)
+    notice_classes: Counter = field(default_factory=Counter)  # notices by class, e.g. which code a near-miss got
     failures: Counter = field(default_factory=Counter)  # by kind
     classes: dict[str, list[tuple[str, Outcome]]] = field(default_factory=lambda: defaultdict(list))
     restored: list[str] = field(default_factory=list)  # keys of programs where verification caught a bad rewrite
@@ -76,6 +77,7 @@ class Tally:
                 self.classes[failure_class(finding.kind, finding.detail, finding.where)].append((key, outcome))
             else:
                 self.notices[finding.kind] += 1
+                self.notice_classes[failure_class(finding.kind, finding.detail.split(": ")[0], finding.where)] += 1
 
     def common_features(self, label: str, top: int = 3) -> list[str]:
         """The features most over-represented among a miss code's blocks (held by at least half)."""
@@ -92,6 +94,7 @@ class Tally:
                  f"WRONG outputs: {self.failures['WRONG']}   CRASHES: {self.failures['CRASH']}",
                  "failures by kind: " + (", ".join(f"{k} {n}" for k, n in self.failures.most_common()) or "none"),
                  "notices: " + (", ".join(f"{k} {n}" for k, n in self.notices.most_common()) or "none"),
+                 *[f"  {n:5d}  {name}" for name, n in self.notice_classes.most_common()],
                  "", "not rewritten, by status and reason (all blocks):"]
         lines += [f"  {n:5d}  {label}" for label, n in self.statuses.most_common()]
         lines += ["", "misses (positive blocks not rewritten), by reason, with what they share:"]

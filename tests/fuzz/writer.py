@@ -10,9 +10,8 @@ from .grammar import H, Block
 
 
 class Writer:
-    def __init__(self, block: Block, index: int) -> None:
+    def __init__(self, block: Block) -> None:
         self.block = block
-        self.index = index
         self.init_lines: list[str] = []
         self.lines: list[str] = []
         self.score_roles = ""
