@@ -1,5 +1,5 @@
 """Failures the attention fuzzer found (tests/fuzz/, benchmarks/fuzz.py), each as the smallest module
-that shows it. A test marked xfail(strict) fails on main today; its fix removes the marker."""
+that shows it. A test marked xfail(strict) still fails on main; its fix removes the marker."""
 from __future__ import annotations
 
 import pytest
@@ -38,7 +38,7 @@ class Heads(nn.Module):
         return self.attend(q, k, v).transpose(1, 2).reshape(b, t, C)
 
 
-# -- a hand-written softmax is a softmax: the report must list it ---------------------------------
+# -- a hand-written softmax is a softmax: the report must list it (was invisible) ------------------
 def _amax(s):
     e = torch.exp(s - s.amax(-1, keepdim=True))
     return e / e.sum(-1, keepdim=True)
@@ -68,7 +68,6 @@ def _detached_max(s):
     return e.div(e.sum(-1, keepdim=True))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: a hand-written softmax is invisible; the report lists no entry")
 @pytest.mark.parametrize("normalise", [_amax, _max_values, _max_indexed, _logsumexp, _no_max, _detached_max],
                          ids=lambda f: f.__name__.strip("_"))
 def test_handwritten_softmax_is_listed_in_the_report(normalise) -> None:
@@ -96,7 +95,9 @@ class GroupedProjection(nn.Module):
 
 # -- scores laid out (batch, query, head, key) -----------------------------------------------------
 class QueryHeadKeyScores(GroupedProjection):
-    """einsum("txhi,tphi->txhp"): the scores' head axis comes after the query axis."""
+    """einsum("txhi,tphi->txhp"): the scores' head axis comes after the query axis (the query axis was
+    read as the head axis: at length 1 the re-specialisation raised 'heads (1) must be a multiple of
+    kv_heads')."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
@@ -105,9 +106,6 @@ class QueryHeadKeyScores(GroupedProjection):
         return torch.einsum("txhp,tphi->txhi", p, v).flatten(2)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="issue 12: the query axis is read as the head axis; at length 1 the re-specialisation "
-                          "raises 'heads (1) must be a multiple of kv_heads'")
 @pytest.mark.parametrize("kv_heads", [H, 2])
 def test_query_head_key_scores_survive_respecialisation(kv_heads: int) -> None:
     model = QueryHeadKeyScores(kv_heads).eval()
@@ -118,7 +116,8 @@ def test_query_head_key_scores_survive_respecialisation(kv_heads: int) -> None:
 
 # -- GQA as a broadcast over a group dim, in an einsum whose operands are laid out queries-first ---------
 class GroupedEinsum(GroupedProjection):
-    """q (b, m, kv, g, d) against k, v (b, n, kv, d): GQA without repeating K and V."""
+    """q (b, m, kv, g, d) against k, v (b, n, kv, d): GQA without repeating K and V (at query length 1
+    the batch-layout check raised KeyError ('b0', 'b2', 'b1'))."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(x)
@@ -127,8 +126,6 @@ class GroupedEinsum(GroupedProjection):
         return torch.einsum("bkgmn,bnkd->bmkgd", p, v).flatten(2)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="issue 12: at query length 1 the batch-layout check raises KeyError ('b0', 'b2', 'b1')")
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_grouped_einsum_at_query_length_one_is_optimised(kv_heads: int) -> None:
     model = GroupedEinsum(kv_heads).eval()
