@@ -195,20 +195,21 @@ def test_bias_that_does_not_broadcast_is_a_value_error():
                               "(B,H,M,N)=(1, 2, 4, 8)")
 
 
-def test_importing_attnfx_kernels_imports_no_triton_and_works_without_it():
+def test_attnfx_works_without_triton():
+    """As if triton were not installed: attnfx imports, the CPU kernel runs, Triton variants refuse."""
     script = textwrap.dedent("""
         import sys
+        sys.modules["triton"] = None  # `import triton` raises ImportError from here on
         import torch
         import attnfx.kernels
         from attnfx.cost_model import AttentionSpec
         from attnfx.kernels import get_variant
-        print("triton" in sys.modules)
-        sys.modules["triton"] = None  # from here on, as if triton were not installed
         q = torch.randn(1, 2, 5, 16)
         out, lse = torch.ops.attnfx.attention(q, q, q, None, None, None, 0.25, "top_left", -1, 0.0)
         spec = AttentionSpec(1, 2, 2, 64, 64, 16, 16)
+        print(tuple(out.shape))
         print(get_variant("triton_flash").refusal(spec, "cuda"))
         print(get_variant("attnfx_chunked").refusal(spec, "cpu"))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert done.stdout.splitlines() == ["False", "triton is not importable", "None"]
+    assert done.stdout.splitlines() == ["(1, 2, 5, 16)", "triton is not importable", "None"]
