@@ -1,12 +1,16 @@
-"""The attention rule: lift `softmax(QK-scores) @ V`, however it is spelled, into a `Site`.
+"""The attention rules: lift `softmax(QK-scores) @ V` and `sigmoid(QK-scores) @ V`, however they
+are spelled, into a `Site`.
 
-Matches: a softmax over the key axis of scores produced by a two-operand contraction (matmul, bmm,
-baddbmm, einsum) of queries with keys, through scalar scales, a tanh softcap, additive bias tensors
-and exclusion masks, whose probabilities (through casts, dropout and transposes) are
-contracted with values over that same key axis.
+Matches: a softmax over the key axis (rule `attention.softmax`), or an elementwise sigmoid with no
+row normalisation (rule `attention.sigmoid`, FlashSigmoid's attention), of scores produced by a
+two-operand contraction (matmul, bmm, baddbmm, einsum) of queries with keys, through scalar scales,
+a tanh softcap, additive bias tensors, exclusion masks and (sigmoid only: there it does not cancel)
+a constant shift, whose weights (through casts, dropout and transposes) are contracted with values
+over that same key axis.
 Rewrites to: any variant that can take one of the site's lowerings (see `Lowering`).
-Refuses (with a `Reason`): everything else — probabilities used elsewhere, softmax over another
-axis, masks or scales after the softmax, non-scalar scales, score-dependent masks, ...
+Refuses (with a `Reason`): everything else — weights used elsewhere, a softmax over another axis,
+masks or scales after the normalisation, a sigmoid renormalised by its row sum, non-scalar scales,
+score-dependent masks, ...
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, MaskInput, dtype_name
+from attnfx.cost_model.spec import AttentionSpec, Kind, MaskInput, dtype_name
 
 from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
@@ -28,7 +32,8 @@ from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
 from .site import BiasTerm, Lowering, MaskFacts, MaskTerm, Reason, Refusal, Site
 
-RULE = "attention.softmax"
+RULES = {"softmax": "attention.softmax", "log_softmax": "attention.softmax", "sigmoid": "attention.sigmoid"}
+_KINDS = {"softmax": Kind.SOFTMAX, "sigmoid": Kind.SIGMOID}
 
 
 def qk_roles(c: Contraction) -> Roles | Refusal:
@@ -55,27 +60,31 @@ def qk_roles(c: Contraction) -> Roles | Refusal:
     return tuple(roles)
 
 
-def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
-    """Lift the attention around `softmax`, or say which stage refused and why."""
-    if ops.kind(softmax) == "log_softmax":
+def lift(weights: Node, evaluator: MaskEvaluator) -> Site | Refusal:
+    """Lift the attention around `weights` (a softmax or a sigmoid node), or say which stage refused
+    and why."""
+    if ops.kind(weights) == "log_softmax":
         return Refusal(Reason.LOG_SOFTMAX, "log_softmax yields log-probabilities (a loss or sampling "
                        "computation), not attention weights", "softmax")
-    x, dim, _ = ops.softmax_args(softmax)
+    kind = _KINDS[ops.kind(weights)]
+    x = ops.arg(weights, "self", 0)
     score_path = find_contraction(x, qk_roles)
     if isinstance(score_path, Refusal):
         return score_path
     if len(ops.users(x)) != 1:
-        other = next(u for u in ops.users(x) if u is not softmax)
+        other = next(u for u in ops.users(x) if u is not weights)
         return Refusal(Reason.SCORES_ESCAPE, f"the scores are also used by {other.name}", "S")
     roles = score_path.final_roles
-    dim = ops.normalize_dim(int(dim), len(roles))
-    if roles[dim] != "n":
-        what = "the queries" if roles[dim] == "m" else "a batch/head dim"
-        return Refusal(Reason.SOFTMAX_AXIS, f"softmax over dim {dim}, which indexes {what}, not the keys", "softmax")
-    algebra = replay(score_path, ops.dtype(x))
+    if kind is Kind.SOFTMAX:
+        dim = ops.normalize_dim(int(ops.softmax_args(weights)[1]), len(roles))
+        if roles[dim] != "n":
+            what = "the queries" if roles[dim] == "m" else "a batch/head dim"
+            return Refusal(Reason.SOFTMAX_AXIS, f"softmax over dim {dim}, which indexes {what}, not the keys",
+                           "softmax")
+    algebra = replay(score_path, ops.dtype(x), constants_cancel=kind is Kind.SOFTMAX)
     if isinstance(algebra, Refusal):
         return algebra
-    probs = _follow_probs(softmax, roles, score_path.structures, algebra)
+    probs = _follow_probs(weights, roles, score_path.structures, algebra)
     if isinstance(probs, Refusal):
         return probs
     algebra.masks = [replace(t, fill=-math.inf) if t in probs.zeroed else t for t in algebra.masks]
@@ -83,7 +92,7 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     if isinstance(values, Refusal):
         return values
     v, out_roles = values
-    return _build_site(softmax, score_path, algebra, probs, v, out_roles, evaluator)
+    return _build_site(weights, kind, score_path, algebra, probs, v, out_roles, evaluator)
 
 
 def _zeroed_masks(node: Node, algebra: ScoreAlgebra) -> list[MaskTerm]:
@@ -112,9 +121,10 @@ class _ProbPath:
     dropout_p: float  # training-mode dropout on the way
 
 
-def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], algebra: ScoreAlgebra
+def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], algebra: ScoreAlgebra
                   ) -> _ProbPath | Refusal:
-    node, path, zeroed, dropout_p = softmax, [], [], 0.0
+    node, path, zeroed, dropout_p = weights, [], [], 0.0
+    name = ops.kind(weights)
     while True:
         users = ops.users(node)
         if len(users) != 1 or users[0].op == "output":
@@ -139,11 +149,11 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], a
             again = _zeroed_masks(user, algebra)
             zeroed += again
             if not again:
-                return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the probabilities after the "
-                               "softmax, so rows no longer sum to one", "A")
+                return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the weights after the {name}, "
+                               "which no attention variant computes", "A")
         elif k in ("mul", "div", "add", "sub", "neg"):
             return Refusal(Reason.PROBS_MODIFIED, f"{user.name} applies {ops.target_name(user)} to the "
-                           "probabilities after the softmax", "A")
+                           f"weights after the {name}", "A")
         elif k in ("transpose", "permute"):
             perm = _permute_source(user)[1]
             roles = tuple(roles[i] for i in perm)
@@ -195,8 +205,8 @@ def _is_number(x: object) -> bool:
     return ops.scalar_value(x) is not None
 
 
-def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, probs: _ProbPath, v: Arranged,
-                out_roles: Roles, evaluator: MaskEvaluator) -> Site | Refusal:
+def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra, probs: _ProbPath,
+                v: Arranged, out_roles: Roles, evaluator: MaskEvaluator) -> Site | Refusal:
     av, prob_path = probs.av, probs.path
     c = sp.contraction
     label_roles = dict(zip(c.out_labels, sp.roles))
@@ -231,7 +241,7 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, probs: _Pro
     refusal = _check_structures(structures, batch_roles, (q, k, v), algebra, out_roles)
     if refusal is not None:
         return refusal
-    source = set(sp.path) | {c.node, softmax, av.node, *prob_path}
+    source = set(sp.path) | {c.node, weights, av.node, *prob_path}
     for term in (*algebra.bias, *algebra.masks):
         if ops.depends_on(term.node, source):
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
@@ -241,11 +251,11 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, probs: _Pro
     bias_keeps = [additive_keep(evaluator.value(t.node), t.roles, _exclusion(ops.dtype(t.node))) for t in algebra.bias]
     facts = _prove(algebra, evaluator, bias_keeps, sizes=(q.size("m"), k.size("n")))
     site = Site(
-        softmax=softmax, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
+        weights=weights, kind=kind, logit_bias=0.0 if kind is Kind.SOFTMAX else algebra.shift, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
         structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p,
-        nodes=_with_checks((c.node, *sp.path, softmax, *prob_path, av.node)),
+        nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
     )
     site.lowerings = _lowerings(site, [t for t, keep in zip(site.bias, bias_keeps) if keep is None])
     return site
@@ -337,7 +347,7 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
         terms = [*site.bias, *site.masks]
         # A huge finite fill (finfo.min) absorbs the score it is added to, so an additive mask
         # reproduces masked_fill exactly, fully masked rows included; a boolean mask would not.
-        absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.softmax)).min / 2
+        absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.weights)).min / 2
                         for t in site.masks)
         single_bool = not site.bias and len(site.masks) == 1 and not absorbing
         kind = MaskInput.BOOL if single_bool else MaskInput.ADDITIVE
@@ -371,7 +381,8 @@ def _base_spec(site: Site) -> AttentionSpec:
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
         head_dim=sizes["e"], value_dim=sizes["f"], dtype=dtype_name(ops.dtype(site.q.node)),
         scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic), dropout_p=site.dropout_p,
+        kind=site.kind, logit_bias=site.logit_bias,
     )
 
 
-__all__ = ["RULE", "lift", "qk_roles"]
+__all__ = ["RULES", "lift", "qk_roles"]
