@@ -30,7 +30,7 @@ import torch
 from torch.export import Dim
 
 import attnfx
-from attnfx.onnx_export import export_onnx
+from attnfx.onnx import export_onnx
 
 BATCH = 2
 CAPTURE_LENGTH = 64

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import attnfx  # noqa: E402
 import zoo  # noqa: E402
-from attnfx.onnx_export import export_onnx  # noqa: E402
+from attnfx.onnx import export_onnx  # noqa: E402
 
 FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 

@@ -53,7 +53,7 @@ def _optimize_command(ns: argparse.Namespace) -> int:
     print(opt.report.to_json() if ns.json else format_report(opt.report, details=ns.details))
     print(f"\noptimize() took {opt.report.optimize_seconds:.2f} s")
     if ns.onnx:
-        from .onnx_export import export_onnx
+        from .onnx import export_onnx
 
         try:
             print(export_onnx(opt, ns.onnx, opset=ns.opset))

@@ -27,13 +27,14 @@ from attnfx.passes.site import Lowering, Reason, Refusal, Site
 @dataclass(frozen=True)
 class Planning:
     """What the selection prices against: the target, the device variants must run on there, the
-    memory budget, and the variants the user allows."""
+    memory budget, the variants the user allows, and whether the model's own code may win."""
 
     target: str | HardwareProfile
     device: str
     memory_budget: float | None
     candidates: tuple[Variant, ...]
     exact_dropout: bool = False  # keep eager's random dropout stream: never fuse training dropout
+    eager: bool = True  # whether the model's own code may win
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,9 @@ def _options(site: Site, planning: Planning) -> tuple[list[Option], dict]:
             options.append(Option(variant.name, variant.algorithm, lowering.spec, lowering.name,
                                   variant.refusal(lowering.spec, planning.device)))
             by_key[(variant.name, lowering.name)] = (lowering, variant)
-    eager = site.lowerings[-1].spec
-    options.append(Option("eager", EAGER_BY_KIND[eager.kind], eager, "as written"))
+    if planning.eager:
+        eager = site.lowerings[-1].spec
+        options.append(Option("eager", EAGER_BY_KIND[eager.kind], eager, "as written"))
     return options, by_key
 
 

@@ -7,6 +7,7 @@ what the model computes silently.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Sequence
@@ -24,9 +25,11 @@ from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Reason, Refusal
 from attnfx.passes.softmax_forms import canonicalize_softmaxes
 
+from .call_signature import bind_call
 from .capture import capture
 from .decide import Decision, Planning, decide_all, internal_error
 from .errors import AttnfxError
+from .generation import optimize_generative, uses_cache
 from .module import OptimizedModule
 from .report import Outcome, Report, entry
 from .verify import compare, external_inputs, record, run_emitted
@@ -52,7 +55,8 @@ class Options:
         verified here: attnfx::attention runs everywhere); by default, where the inputs are."""
         target = example_device if self.target is None else self.target
         device = example_device if self.target is None else resolve_target(self.target).device
-        return Planning(target, device, self.memory_budget, _variants(self.variants), self.exact_dropout)
+        eager = self.variants is None or "eager" in self.variants  # variants=["sdpa"]: never eager
+        return Planning(target, device, self.memory_budget, _variants(self.variants), self.exact_dropout, eager)
 
 
 _KEPT = Outcome("KEPT")
@@ -66,7 +70,7 @@ class _Plan:
 
 def optimize(
     model: nn.Module,
-    example_args: Any = (),
+    example_inputs: Any = (),
     example_kwargs: dict[str, Any] | None = None,
     *,
     dynamic_shapes: Any = None,
@@ -75,21 +79,32 @@ def optimize(
     memory_budget: float | None = None,
     variants: Sequence[str] | None = None,
     exact_dropout: bool = False,
-) -> OptimizedModule:
+    example_args: Any = None,
+) -> nn.Module:
     """Rewrite every attention in `model` to the variant predicted fastest; see the README.
 
-    `example_args`/`example_kwargs` are what the model is called with (batch and sequence dims are
-    captured dynamic unless `dynamic_shapes` says otherwise). `verify=False` skips the numerical
-    check of each site. `target` prices the variants for "cpu" (this host, calibrated once and
-    cached), "cuda" or a `HardwareProfile`; by default, the device of the example inputs.
-    `memory_budget` (bytes) excludes variants whose intermediates would exceed it. `variants`
-    restricts the implementations considered, by name. Training-mode attention dropout goes to a
-    fused variant (SDPA's dropout_p: its own random stream, verified with dropout off);
-    `exact_dropout=True` leaves those sites as written instead.
+    The example inputs are what the model is called with: `model(*example_inputs,
+    **example_kwargs)` (batch and sequence dims are captured dynamic unless `dynamic_shapes` says
+    otherwise). `verify=False` skips the numerical check of each site. `target` prices the
+    variants for "cpu" (this host, calibrated once and cached), "cuda" or a `HardwareProfile`; by
+    default, the device of the example inputs. `memory_budget` (bytes) excludes variants whose
+    intermediates would exceed it. `variants` restricts the implementations considered, by name.
+    Training-mode attention dropout goes to a fused variant (SDPA's dropout_p: its own random
+    stream, verified with dropout off); `exact_dropout=True` leaves those sites as written instead.
+    A Hugging Face model that returns its KV cache gets a shallow copy whose forward is compiled
+    with the attnfx backend (see `attnfx.generation`), so that `.generate()` works.
+    `example_args` is the former name of `example_inputs`.
     """
     started = time.perf_counter()
+    if example_args is not None:
+        warnings.warn("optimize(example_args=...) is now optimize(example_inputs=...)", DeprecationWarning,
+                      stacklevel=2)
+        example_inputs = example_args
     options = Options(verify, target, memory_budget, None if variants is None else tuple(variants), exact_dropout)
-    args, kwargs = _normalise_inputs(model, example_args, example_kwargs)
+    model, args, kwargs = _normalise_inputs(model, example_inputs, example_kwargs)
+    if uses_cache(model, kwargs):
+        return optimize_generative(model, args, kwargs, options, dynamic_shapes)
+    bind_call(model.forward, args, kwargs)  # a call the model would reject gets its own error
     captured = capture(model, args, kwargs, dynamic_shapes)
     graph_kwargs = {k: v for k, v in kwargs.items() if k not in captured.constants}
     report = Report(model=type(model).__name__, capture=captured.method, notes=list(captured.notes))
@@ -99,7 +114,7 @@ def optimize(
     respecialize = partial(optimize, model, verify=verify, target=target, memory_budget=memory_budget,
                            variants=variants, exact_dropout=exact_dropout)
     return OptimizedModule(result, report, args, kwargs, captured.dynamic_shapes, captured.constants,
-                           respecialize if dynamic_shapes is None else None)
+                           respecialize if dynamic_shapes is None else None, model.forward, captured.module_prefix)
 
 
 def rewrite(original: GraphModule, args: tuple, kwargs: dict, options: Options, report: Report,
@@ -180,14 +195,30 @@ def _wire(work: GraphModule, plans: list[_Plan]) -> None:
     work.recompile()
 
 
-def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[tuple, dict]:
+def _normalise_inputs(model: nn.Module, args: Any, kwargs: dict | None) -> tuple[nn.Module, tuple, dict]:
+    """The module to capture (what a torch.compile wrapper wraps) and its example inputs as a
+    tuple and a dict; a module whose weights are not real values yet is refused, naming them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"attnfx.optimize() takes an nn.Module, got {type(model).__name__}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model): optimize the model itself
+    _check_materialised(model)
     if isinstance(args, torch.Tensor):
         args = (args,)
     if not isinstance(args, tuple):
         args = tuple(args) if isinstance(args, list) else (args,)
-    return args, dict(kwargs or {})
+    return model, args, dict(kwargs or {})
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """attnfx verifies every rewrite on real values: meta tensors and lazy modules have none."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if isinstance(tensor, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)):
+            raise AttnfxError(f"{type(model).__name__}.{name} is not initialised yet (a lazy module): call the "
+                              "model once on real inputs before attnfx.optimize()")
+        if tensor.device.type == "meta":
+            raise AttnfxError(f"{type(model).__name__}.{name} is on the meta device: load the weights (e.g. "
+                              "model.to_empty(device='cpu') then load_state_dict) before attnfx.optimize(), which "
+                              "verifies every rewrite on real values")
 
 
 def _device_of(args: tuple, kwargs: dict, model: nn.Module) -> str:

@@ -7,6 +7,7 @@ compared).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -60,19 +61,27 @@ def flat_inputs(gm: GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     codegen = gm.graph._codegen
     spec = codegen.pytree_info.in_spec if getattr(codegen, "pytree_info", None) else None
     if spec is None:
-        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        return list(args) + [kwargs[name] for name in placeholders[len(args):]]
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return list(bound.arguments.values())
     return fx_pytree.tree_flatten_spec((args, kwargs), spec)
 
 
-def record(gm: GraphModule, args: tuple, kwargs: dict, wanted: Iterable[Node] = (),
-           skip_emitted: bool = True) -> tuple[dict[Node, Any], Any]:
-    """Values of `wanted` nodes and the graph's (flat) outputs for one call on the example inputs;
-    nodes emitted but not yet wired in are skipped unless `skip_emitted` is False."""
+def run_graph(gm: GraphModule, inputs: list[Any], wanted: Iterable[Node] = (),
+              skip_emitted: bool = False) -> tuple[dict[Node, Any], tuple[Any, ...]]:
+    """Values of the `wanted` nodes and the graph's flat outputs (its output node's values, in order)
+    for one no-grad run on flat `inputs`; nodes emitted but not yet wired in are skipped with `skip_emitted`."""
     recorder = _Recorder(gm, set(wanted), skip_emitted)
     with torch.no_grad():
-        outputs = recorder.run(*flat_inputs(gm, args, kwargs))
-    return recorder.values, outputs
+        outputs = recorder.run(*inputs, enable_io_processing=False)
+    return recorder.values, tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+
+def record(gm: GraphModule, args: tuple, kwargs: dict, wanted: Iterable[Node] = (),
+           skip_emitted: bool = True) -> tuple[dict[Node, Any], tuple[Any, ...]]:
+    """`run_graph` on the inputs of a call `gm(*args, **kwargs)` (the example inputs), skipping
+    emitted nodes unless `skip_emitted` is False."""
+    return run_graph(gm, flat_inputs(gm, args, kwargs), wanted, skip_emitted)
 
 
 def run_emitted(owner: GraphModule, nodes: tuple[Node, ...], output: Node, values: dict[Node, Any]) -> Any:
@@ -95,6 +104,19 @@ def external_inputs(nodes: tuple[Node, ...]) -> set[Node]:
     return {s for n in nodes for s in n.all_input_nodes if s not in emitted}
 
 
+def deviation(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor | None:
+    """|actual - expected| per element in float64, None when the shapes differ. Equal values (equal
+    infinities, NaN on both sides) give 0; NaN on one side only, or integers that differ, give inf."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return None
+    if not expected.is_floating_point():
+        same = actual.to(expected.dtype) == expected
+        return torch.where(same, 0.0, math.inf).double()
+    a, e = actual.detach().double(), expected.detach().double()
+    d = torch.where((a == e) | (a.isnan() & e.isnan()), 0.0, (a - e).abs())
+    return d.nan_to_num(nan=math.inf)
+
+
 def compare(actual: Any, expected: Any) -> Check:
     """Tree-wise comparison with tolerances for the expected tensors' dtypes."""
     a_leaves, e_leaves = pytree.tree_leaves(actual), pytree.tree_leaves(expected)
@@ -106,19 +128,16 @@ def compare(actual: Any, expected: Any) -> Check:
             if a != e:
                 return Check(False, math.inf, f"non-tensor output {a!r} != {e!r}")
             continue
-        if a.shape != e.shape:
+        diff = deviation(a, e)
+        if diff is None:
             return Check(False, math.inf, f"shape {tuple(a.shape)} instead of {tuple(e.shape)}")
         if not e.is_floating_point():
-            if not torch.equal(a, e):
+            if diff.any():
                 return Check(False, math.inf, "integer outputs differ")
             continue
         atol, rtol = TOLERANCES.get(e.dtype, TOLERANCES[torch.float32])
-        a64, e64 = a.detach().double(), e.detach().double()
-        both_nan = torch.isnan(a64) & torch.isnan(e64)
-        diff = torch.where(both_nan, 0.0, (a64 - e64).abs())
-        diff = torch.nan_to_num(diff, nan=math.inf)
         if diff.numel():
             worst = max(worst, float(diff.max()))
-        if not bool((diff <= atol + rtol * e64.abs().nan_to_num(0.0)).all()):
+        if not bool((diff <= atol + rtol * e.detach().double().abs().nan_to_num(0.0)).all()):
             return Check(False, worst, f"max abs error {worst:.3g} exceeds atol {atol:g} + rtol {rtol:g}")
     return Check(True, worst)

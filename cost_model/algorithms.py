@@ -17,13 +17,15 @@ plus one per query block for the chunked loop).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import contextlib
+import contextvars
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Iterator
 
 import sympy as sp
 
 from .spec import AttentionSpec, Causal, Kind, MaskInput
-from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, s, s_a, s_m
+from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, V_k, s, s_a, s_m
 from .tiles import DECODE_BLOCK_N, LINEAR_CHUNK, chunk_sizes, flash_blocks, sdpa_cpu_tiles
 
 Expr = sp.Expr | int
@@ -72,7 +74,9 @@ class Algorithm:
     description: str = ""
 
     def kernels_for(self, spec: AttentionSpec) -> tuple[Kernel, ...]:
-        return tuple(k for k in self.kernels if k.when is None or FEATURES[k.when](spec))
+        """The kernels that run at `spec` (a `when` of "a+b" needs both features)."""
+        return tuple(k for k in self.kernels
+                     if k.when is None or all(FEATURES[w](spec) for w in k.when.split("+")))
 
 
 FEATURES: dict[str, Callable[[AttentionSpec], bool]] = {
@@ -85,7 +89,16 @@ FEATURES: dict[str, Callable[[AttentionSpec], bool]] = {
     "causal": lambda spec: spec.causal is not Causal.NONE,
     "normalize": lambda spec: spec.normalize,
     "decay": lambda spec: spec.decay,
+    # SDPA's flags express the site once its key mask is gone (what padded_attention's slices need)
+    "sdpa_flags": lambda spec: _sdpa_flags(spec),
+    "no_sdpa_flags": lambda spec: not _sdpa_flags(spec),
 }
+
+
+def _sdpa_flags(spec: AttentionSpec) -> bool:
+    square = spec.q_len == spec.kv_len
+    return (spec.softcap is None and not spec.alibi and spec.window is None
+            and (spec.causal is not Causal.BOTTOM_RIGHT or square))
 
 BHMN = B * H * M * N  # materialised score elements
 SCORES = s_a * BHMN  # bytes of one materialised score tensor
@@ -165,6 +178,9 @@ def _chunk_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
     return {"Br": mc, "Bc": nc, "clip": 1}
 
 
+# A custom op's Python dispatch (schema boxing, the autograd wrapper): once per call, no work.
+OP_CALL = Kernel("custom op call", "op_call")
+
 _TILES = s_a * B * H * P_t  # bytes of every score chunk the loop materialises, summed
 _CHUNK = s_a * B * H * Br * Bc  # bytes of one score chunk
 _ROWS = B * H * T * Br  # running statistics updated per chunk
@@ -193,8 +209,12 @@ CHUNKED = Algorithm(
                ew=4 * B * H * P_t + 4 * _ROWS * F, read=5 * _TILES + 8 * _ROWS * F, write=3 * _TILES + 4 * _ROWS * F,
                footprint=2 * _CHUNK),
         *_CHUNK_MASKS,
+        # divide, tanh, multiply in place, and the softcap's derivative 1 - t^2 kept for the backward
+        Kernel("chunk softcap", "ew", "softcap", launches=5 * T, ew=4 * B * H * P_t, exps=B * H * P_t,
+               read=4 * _TILES, write=4 * _TILES, footprint=2 * _CHUNK, fresh=_CHUNK, allocs=2 * T, refaults=0),
         Kernel("query block", "ew", launches=17 * R, ew=2 * B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
                write=s * B * H * M * E + O_OUT),
+        OP_CALL,
     ),
     peak=_CHUNK + 4 * B * H * Br * (F + 2),
 )
@@ -358,6 +378,112 @@ LINEAR_CHUNKED = Algorithm(
     peak=4 * B * H * E * FV + 4 * B * H * Br * Bc + _NUM + 4 * B * Hkv * N * FV,
 )
 
+def _bounded_tiles(spec: AttentionSpec, device: str) -> dict[str, int]:
+    """kernels/bounded.py's rule: 128-row query blocks and up to 1024 keys, 2^20 scores per chunk."""
+    rows = spec.batch * spec.heads
+    nc = max(1, min(spec.kv_len, 1024, (1 << 20) // (rows * 128)))
+    return {"Br": max(1, min(spec.q_len, 128, (1 << 20) // (rows * nc))), "Bc": nc, "clip": 1}
+
+
+BOUNDED = Algorithm(
+    "bounded", "1-pass", frozenset({"cpu"}), tiles=_bounded_tiles,
+    description="attnfx's pure-torch loop with a fixed per-row offset (a score bound): matmul, subtract, exp2 "
+                "in place, matmul with the row sums as a column of ones",
+    kernels=(
+        Kernel("row bounds", "ew", launches=12, ew=2 * B * H * M * E + 2 * B * Hkv * N * E, inputs=Q_IN + KV,
+               write=4 * B * H * M),
+        Kernel("chunk matmuls", "gemm", launches=2 * T, rows=G * Br, flops_mm=2 * B * H * P_t * (E + F + 1),
+               inputs=Q_IN + KV, read=_TILES, write=_TILES + 4 * _ROWS * (F + 1),
+               reread=s * B * Hkv * (K_t - N) * (E + F), reuse=KV, footprint=2 * _CHUNK, fresh=_CHUNK,
+               allocs=T, refaults=0),
+        Kernel("chunk offset, exp2", "ew", launches=4 * T, exps=B * H * P_t, masked_exps=B * H * (P_t - P),
+               ew=B * H * P_t + _ROWS * (F + 1), read=2 * _TILES + 4 * _ROWS * (F + 1), write=2 * _TILES,
+               footprint=2 * _CHUNK),
+        Kernel("chunk softcap", "ew", "softcap", launches=2 * T, ew=B * H * P_t, exps=B * H * P_t, read=2 * _TILES,
+               write=2 * _TILES, footprint=2 * _CHUNK),
+        Kernel("chunk ALiBi", "ew", "bias", launches=5 * T, ew=2 * B * H * P_t, read=_TILES, write=_TILES,
+               footprint=2 * _CHUNK),
+        Kernel("diagonal band", "select", "causal", launches=5 * R, ew=B * H * M * Bc, read=s_a * B * H * M * Bc,
+               write=s_a * B * H * M * Bc, footprint=2 * _CHUNK),
+        Kernel("query block", "ew", launches=6 * R, ew=B * H * M * (E + F), read=Q_IN + 4 * B * H * M * F,
+               write=s * B * H * M * E + O_OUT),
+        OP_CALL,
+    ),
+    peak=_CHUNK + 4 * B * H * M * (F + 2),
+)
+
+
+FLEX = Algorithm(
+    "flex", "1-pass", frozenset({"cpu"}), tiles=lambda spec, device: {"Br": 128, "Bc": 128},
+    description="FlexAttention compiled by Inductor: block mask from the proof (skips empty 128x128 blocks), "
+                "score_mod for softcap, bias and ALiBi",
+    kernels=(
+        # Dynamo's guards, the block tables and the custom op, once per call; the compile once per shape
+        Kernel("flex call", "flex_call"),
+        Kernel("flex compile", "flex_compile", launches=0),
+        Kernel("flex", "flex", flops_mm=2 * B * H * P_t * (E + F), exps=B * H * P_t, ew=3 * B * H * P_t,
+               divides=B * H * M * F, inputs=Q_IN + KV, write=O_OUT, reread=_TILE_KV, reuse=s * N * (E + F),
+               rows=Br, ctas=B * H * R, largest=_QUERY_TILE),
+        Kernel("flex softcap", "flex", "softcap", launches=0, ew=2 * B * H * P_t, exps=B * H * P_t),
+        Kernel("flex score bias", "flex", "bias", launches=0, ew=B * H * P_t, inputs=MASK,
+               reread=sp.Max(s_m * B * H * P_t - MASK, 0), reuse=MASK),
+    ),
+    peak=4 * B * H * M,
+)
+
+
+_KEPT_KEYS: contextvars.ContextVar[float] = contextvars.ContextVar("attnfx_kept_keys", default=1.0)
+
+
+@contextlib.contextmanager
+def assume_kept_keys(fraction: float) -> Iterator[None]:
+    """Price padding-free paths as if `fraction` of each row's keys were kept. Only the data knows
+    it: the default 1.0 (no padding) prices the flag path, never a gain from padding not seen;
+    a caller that has the example attention_mask can state its kept share."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"kept key fraction must be in (0, 1], got {fraction}")
+    token = _KEPT_KEYS.set(fraction)
+    try:
+        yield
+    finally:
+        _KEPT_KEYS.reset(token)
+
+
+def kept_pairs(spec: AttentionSpec, kept_keys: float) -> float:
+    """Share of the pairs the padding-free path computes when `kept_keys` of the keys are kept: the
+    kept keys for every query row, and under a causal diagonal the right-padded worst case, where the
+    padded query rows still see every kept key: 1 - (1 - kept)^2 (left padding computes kept^2)."""
+    return kept_keys if spec.causal is Causal.NONE else 1.0 - (1.0 - kept_keys) ** 2
+
+
+def _padded_tiles(spec: AttentionSpec, device: str) -> dict[str, float]:
+    tiles = _cpu_sdpa_tiles(spec, device) if _sdpa_flags(spec) else _chunk_tiles(spec, device)
+    return {**tiles, "kept": kept_pairs(spec, _KEPT_KEYS.get())}
+
+
+def _over_kept_pairs(kernel: Kernel, when: str) -> Kernel:
+    """`kernel` as the padding-free slices run it: over the kept share V_k of the pairs and tiles."""
+    share = {P_t: P_t * V_k, P: P * V_k, T: T * V_k, K_t: K_t * V_k, K_max: K_max * V_k}
+    scaled = {f.name: sp.sympify(getattr(kernel, f.name)).subs(share) for f in fields(Kernel)
+              if f.name not in ("name", "unit", "when") and getattr(kernel, f.name) is not None}
+    return replace(kernel, **scaled, when=when if kernel.when is None else f"{when}+{kernel.when}")
+
+
+PADDED = Algorithm(
+    "padded", "1-pass", frozenset({"cpu"}), tiles=_padded_tiles,
+    description="attnfx::padded_attention: checks the key mask (O(B*N)), then SDPA's flags or attnfx::attention "
+                "over the kept keys only",
+    kernels=(
+        OP_CALL,
+        Kernel("key check", "ew", launches=3, ew=B * N, inputs=B * N),
+        _over_kept_pairs(SDPA.kernels[1], "sdpa_flags"),
+        *(_over_kept_pairs(k, "no_sdpa_flags") for k in CHUNKED.kernels
+          if k.when != "bool_mask" and k is not OP_CALL),
+    ),
+    # the zeroed output the slices are written into, and the running statistics
+    peak=s * B * H * M * F + 4 * B * H * M,
+)
+
 # Approximate algorithms: no variant declares them yet; priced for explain() and crossovers.
 LINEAR = Algorithm(
     "linear", "linear", frozenset({"cpu", "cuda"}), exact=False,
@@ -375,8 +501,9 @@ LINEAR = Algorithm(
 )
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
-    EAGER, SDPA, CHUNKED, FLASH, DECODE_SPLIT_KV, SIGMOID_EAGER, SIGMOID_CHUNKED, SIGMOID_FLASH, LINEAR_EAGER,
-    LINEAR_RIGHT_TO_LEFT, LINEAR_CHUNKED, LINEAR)}
+    EAGER, SDPA, CHUNKED, BOUNDED, FLASH, DECODE_SPLIT_KV, FLEX, PADDED, SIGMOID_EAGER, SIGMOID_CHUNKED,
+    SIGMOID_FLASH, LINEAR_EAGER, LINEAR_RIGHT_TO_LEFT, LINEAR_CHUNKED, LINEAR)}
 
 # how a site of each kind is priced when it is left as the model wrote it
-EAGER_BY_KIND: dict[Kind, str] = {Kind.SOFTMAX: EAGER.name, Kind.SIGMOID: SIGMOID_EAGER.name, Kind.LINEAR: LINEAR_EAGER.name}
+EAGER_BY_KIND: dict[Kind, str] = {Kind.SOFTMAX: EAGER.name, Kind.SIGMOID: SIGMOID_EAGER.name,
+                                  Kind.LINEAR: LINEAR_EAGER.name}

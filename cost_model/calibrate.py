@@ -8,11 +8,13 @@ medium shape (its fixed cost and its efficiency). Each rate is the best of a few
 least disturbed estimate on a shared machine.
 
     python -m attnfx.cost_model.calibrate          # measure, cache and print the host profile
+    python -m attnfx.cost_model.calibrate --flex   # ... and compile and measure FlexAttention too
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import time
 from dataclasses import replace
@@ -22,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .hardware import SANDBOX_CPU, HardwareProfile
+from .hardware import CALL_S, COMPILE_S, FLEX_SDPA_RATIO, SANDBOX_CPU, HardwareProfile
 from .profiles import cache_path, machine_id, save_profile
 from .spec import AttentionSpec
 
@@ -122,6 +124,53 @@ def _sdpa_time(b: int, h: int, n: int, e: int, reps: int) -> float:
     return _best(lambda: F.scaled_dot_product_attention(q, k, v), reps)
 
 
+_OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, Tensor? kv_lengths, "
+              "float scale, str causal, int window, float softcap) -> Tensor")
+
+
+@functools.cache
+def _noop_op():
+    """A custom op with attnfx::attention's arguments and autograd registration that only copies q."""
+    @torch.library.custom_op("attnfx_calibrate::noop", mutates_args=(), schema=_OP_SCHEMA)
+    def noop(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
+        return q.clone()
+
+    noop.register_autograd(lambda ctx, grad: (grad,) + (None,) * 9)
+    return torch.ops.attnfx_calibrate.noop.default
+
+
+def _op_call_s(reps: int) -> float:
+    """Seconds a torch.library custom op's Python dispatch adds to a call (attnfx's ops pay it)."""
+    x = torch.randn(1, 1, 16, 16)
+    op = _noop_op()
+    with torch.no_grad():
+        t_op = _best(lambda: op(x, x, x, None, None, None, 1.0, "none", -1, 0.0), reps, inner=50)
+        return max(t_op - _best(lambda: x.clone(), reps, inner=50), 0.0)
+
+
+def calibrate_flex(profile: HardwareProfile, reps: int = 3) -> HardwareProfile:
+    """`profile` with FlexAttention measured: its compile (tens of seconds, so only on request),
+    its fixed cost per call and its efficiency against SDPA at a dense B1 H8 N1024 d64 shape."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from .timing import predict
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    q = torch.randn(1, 8, 1024, 64)
+    tiny = torch.randn(1, 1, 128, 64)
+    with torch.no_grad():
+        started = time.perf_counter()
+        compiled(q, q, q)
+        compile_s = time.perf_counter() - started
+        compiled(tiny, tiny, tiny)
+        t_tiny = _best(lambda: compiled(tiny, tiny, tiny), reps, inner=10)
+        ratio = _best(lambda: F.scaled_dot_product_attention(q, q, q), reps) / _best(lambda: compiled(q, q, q), reps)
+    work = predict("sdpa", AttentionSpec(1, 1, 1, 128, 128, 64, 64), profile).total_s
+    return replace(profile, call_s={**profile.call_s, "flex_call": max(t_tiny - work, 0.0)},
+                   compile_s={**profile.compile_s, "flex_compile": compile_s},
+                   efficiency={**profile.efficiency, "flex": ratio * profile.efficiency.get("sdpa", 1.0)})
+
+
 def _rate(elements: int, seconds: float, launch: float) -> float:
     return elements / max(seconds - launch, 1e-9)
 
@@ -155,7 +204,8 @@ def _one_thread(quick: bool) -> HardwareProfile:
         half_rows=_half_rows(gemm, reps), gemv_efficiency=_gemv_efficiency(dram, dram_footprint, reps),
         gemv_cache_efficiency=_gemv_efficiency(llc_bw, llc // 4, reps),
         levels=((l2, _copy_bw(l2 // 2, reps)), (llc, llc_bw)),
-        dram_bw=dram, launch_s=launch, efficiency={"gemm": 1.0, "sdpa": 1.0}, call_s={"sdpa": 0.0},
+        dram_bw=dram, launch_s=launch, efficiency={"gemm": 1.0, "sdpa": 1.0},
+        call_s={"sdpa": 0.0, **CALL_S, "op_call": _op_call_s(reps)}, compile_s=dict(COMPILE_S),
         parallel=1, overlap=0.0, fault_bw=_fault_bw(launch, reps),
         fault_threshold=_GLIBC_MMAP_THRESHOLD_MAX if platform.libc_ver()[0] == "glibc" else None,
         source="calibrated" + (" (quick)" if quick else ""), machine_id=machine_id(), threads=1,
@@ -164,13 +214,15 @@ def _one_thread(quick: bool) -> HardwareProfile:
     # SDPA: its fixed cost from a tiny call, then its efficiency against the model at a medium one
     tiny = AttentionSpec(1, 1, 1, 16, 16, 64, 64)
     call = max(_sdpa_time(1, 1, 16, 64, reps) - predict("sdpa", tiny, profile).total_s, 0.0)
-    profile = replace(profile, call_s={"sdpa": call})
+    profile = replace(profile, call_s={**profile.call_s, "sdpa": call})
     n = 512 if quick else 1024
     model = predict("sdpa", AttentionSpec(1, 8, 8, n, n, 64, 64), profile)
     mm_s = model.flops_mm / profile.mm_rate("float32", "sdpa")
     measured = _sdpa_time(1, 8, n, 64, reps)
     efficiency = mm_s / max(measured - (model.total_s - mm_s), 0.25 * mm_s)
-    return replace(profile, efficiency={"gemm": 1.0, "sdpa": min(efficiency, 1.5)})
+    # FlexAttention's efficiency tracks SDPA's until `calibrate_flex` measures it (its compile is slow)
+    sdpa = min(efficiency, 1.5)
+    return replace(profile, efficiency={"gemm": 1.0, "sdpa": sdpa, "flex": FLEX_SDPA_RATIO * sdpa})
 
 
 # What `threads` threads gain over one when the machine is too busy to measure it: compute and the
@@ -231,9 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Measure this CPU for attnfx's cost model and cache it.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-save", action="store_true", help="print only, do not write the cache")
+    parser.add_argument("--flex", action="store_true", help="also compile and measure FlexAttention (~20-60 s)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     profile = calibrate(args.threads)
+    if args.flex:
+        profile = calibrate_flex(profile)
     print(profile.describe())
     print(f"levels: {[(f'{c / 2**20:.1f} MiB', f'{bw / 1e9:.1f} GB/s') for c, bw in profile.levels]}; "
           f"fault {profile.fault_bw / 1e9:.2f} GB/s; sdpa call {profile.call_s['sdpa'] * 1e6:.1f} us "

@@ -21,7 +21,7 @@ from .select import Option, select
 from . import symbols as sym
 from .spec import AttentionSpec, Causal, MaskInput
 from .symbols import bind, pairs_expr
-from .timing import predict, symbolic
+from .timing import gemm_fraction, predict, symbolic, useful_flops
 
 _ALIASES = {"B": "batch", "H": "heads", "Hkv": "kv_heads", "M": "q_len", "N": "kv_len", "E": "head_dim",
             "F": "value_dim"}
@@ -80,7 +80,10 @@ def _costs(names: list[str], spec: AttentionSpec, profile: HardwareProfile) -> l
         if pred.splits > 1:
             tiles = {**tiles, "splits": pred.splits}
         tile_txt = ", ".join(f"{k}={v}" for k, v in tiles.items() if k != "clip")
-        lines.append(f"{name}{f' (tiles {tile_txt})' if tile_txt else ''}: predicted {pred.total_s * 1e3:.3f} ms")
+        gemm = profile.mm_rate(spec.dtype, "gemm")
+        lines.append(f"{name}{f' (tiles {tile_txt})' if tile_txt else ''}: predicted {pred.total_s * 1e3:.3f} ms, "
+                     f"{useful_flops(spec) / pred.total_s / 1e9:.3g} useful GFLOP/s = "
+                     f"{gemm_fraction(pred.total_s, spec, gemm):.0%} of GEMM")
         for label, expr in symbolic(name, spec).items():
             value = float(sp.sympify(expr).subs(values)) if expr != 0 else 0.0
             lines.append(f"  {label:<13} {sp.sstr(expr)} = {_fmt(value)}")
@@ -121,7 +124,9 @@ def explain(shape: AttentionSpec | Mapping[str, Any], target: str | HardwareProf
     names = list(dict.fromkeys(c.option.algorithm for c in selection.ranked))
     budget = "none" if memory_budget is None else f"{memory_budget / 2**20:,.0f} MiB"
     out = [f"attnfx.explain: {spec.describe()}", f"target: {profile.describe()}", f"memory budget: {budget}",
-           f"live (m, n) pairs per head: {spec.live_pairs():,} of {spec.q_len * spec.kv_len:,}", "",
+           f"live (m, n) pairs per head: {spec.live_pairs():,} of {spec.q_len * spec.kv_len:,}",
+           f"useful FLOPs 2*B*H*pairs*(E+F) = {useful_flops(spec):.4g}; GEMM on this target "
+           f"{profile.mm_rate(spec.dtype, 'gemm') / 1e9:.4g} GFLOP/s ({spec.dtype})", "",
            "== cascades and passes ==", *_cascades(names), "",
            "== costs at this shape (formula = value) ==", *_costs(names, spec, profile), "",
            "== ranked variants ==", selection.describe(), "",

@@ -37,6 +37,8 @@ class HardwareProfile:
     exp_inf_rate: float = 0.0  # exps/s of -inf inputs in a standalone exp op (0: as exp_op_rate)
     select_rate: float = 0.0  # elements/s of masked_fill / where with a bool mask (0: ew_flops)
     sram_per_sm: float = 0.0
+    compile_s: dict[str, float] = field(default_factory=dict)  # unit -> one-time compile seconds ...
+    compile_calls: float = 1000.0  # ... spread over this many calls (a process serving many batches)
     source: str = "spec sheet"
     machine_id: str = ""
     date: str = ""
@@ -56,6 +58,10 @@ class HardwareProfile:
         llc_bw = self.levels[-1][1]
         hit = min(max((self.bandwidth(footprint) - self.dram_bw) / max(llc_bw - self.dram_bw, 1e-9), 0.0), 1.0)
         return self.gemv_efficiency + hit * (self.gemv_cache_efficiency - self.gemv_efficiency)
+
+    def amortized_compile_s(self, unit: str) -> float:
+        """A kernel's one-time compile, charged per call: its share over `compile_calls` calls."""
+        return self.compile_s.get(unit, 0.0) / max(self.compile_calls, 1.0)
 
     def bandwidth(self, footprint: float) -> float:
         """Bytes/s for a kernel whose data set is `footprint` bytes: a level's rate while it fits,
@@ -113,6 +119,14 @@ H200 = _gpu("H200", 132, 989e12, 67e12, 3.9e12, 4.8e12, 50e6, 227e3, 0.4, 0.35)
 
 GPU_PROFILES: dict[str, HardwareProfile] = {p.name: p for p in (A100, H100_SXM, H100_PCIE, H200)}
 
+# Per-call costs of attnfx's own ops, measured on the sandbox (one thread, CPU clock): a custom op's
+# Python dispatch, and compiled FlexAttention's fixed cost (Dynamo's guards, the block tables, the
+# CPU template's set-up: ~1.3 ms at any size). The compile (Inductor, per shape and modifiers) took
+# 16-40 s. FlexAttention's dense blocks ran at ~0.6 of SDPA's speed (B1 H8 d64, N 512-1024).
+CALL_S = {"op_call": 30e-6, "flex_call": 1.2e-3}
+COMPILE_S = {"flex_compile": 20.0}
+FLEX_SDPA_RATIO = 0.6
+
 # The project sandbox (2-core EPYC, 2 threads, fp32), for tests and documentation.
 # GEMM, exp and DRAM rates were measured on the project's 2-core sandbox; the rest is this project's one-thread calibration
 # scaled to two threads. SDPA's efficiency is the calibrated one: the note's 98 ms run at B1 H8 N2048
@@ -121,8 +135,8 @@ SANDBOX_CPU = HardwareProfile(
     name="cpu (sandbox, 2-core EPYC)", device="cpu",
     mm_flops={"fp32": 152e9, "half": 402e9}, ew_flops=20e9, exp_rate=2.8e9, exp_op_rate=2.8e9,
     exp_inf_rate=0.7e9, select_rate=3.6e9, levels=((2e6, 180e9), (32e6, 150e9)), dram_bw=34e9, launch_s=2e-6,
-    efficiency={"gemm": 1.0, "sdpa": 1.3}, half_rows=1.5, gemv_efficiency=0.35,
-    gemv_cache_efficiency=0.55, call_s={"sdpa": 3e-6},
+    efficiency={"gemm": 1.0, "sdpa": 1.3, "flex": FLEX_SDPA_RATIO * 1.3}, half_rows=1.5, gemv_efficiency=0.35,
+    gemv_cache_efficiency=0.55, call_s={"sdpa": 3e-6, **CALL_S}, compile_s=dict(COMPILE_S),
     parallel=2, overlap=0.0, fault_bw=3e9, fault_threshold=32 * 2**20,
     source="sandbox measurements + calibration", threads=2,
 )

@@ -25,6 +25,7 @@ R, C = sp.symbols("R C", positive=True)  # query tiles ceil(M/Br), key tiles cei
 S = sp.Symbol("S", positive=True)  # key splits (split-KV decode)
 Mk = sp.Symbol("M_k", positive=True)  # elements of the mask tensor as passed (before broadcast)
 W = sp.Symbol("W", positive=True)  # sliding-window width
+V_k = sp.Symbol("V_k", positive=True)  # share of the pairs a padding-free path computes (1: no padding)
 
 G = H / Hkv  # query heads per K/V head
 
@@ -77,7 +78,8 @@ def tile_counts(spec: AttentionSpec, br: int, bc: int, clip: bool = False) -> tu
 
 
 def bind(spec: AttentionSpec, tiles: dict[str, int] | None = None, splits: int = 1) -> dict[sp.Symbol, float]:
-    """Values of every symbol at `spec` (tile sizes from `tiles`: {"Br": .., "Bc": ..})."""
+    """Values of every symbol at `spec` (tile sizes from `tiles`: {"Br": .., "Bc": ..}; "kept": the
+    share of pairs a padding-free path computes)."""
     tiles = tiles or {}
     br = max(1, min(int(tiles.get("Br", spec.q_len)), spec.q_len))
     bc = max(1, min(int(tiles.get("Bc", spec.kv_len)), spec.kv_len))
@@ -90,5 +92,5 @@ def bind(spec: AttentionSpec, tiles: dict[str, int] | None = None, splits: int =
         E: spec.head_dim, F: spec.value_dim, s: size, s_a: size, s_m: mask_bytes,
         P: live_pairs(spec), P_t: pt, T: nt, K_t: kt, K_max: max(kmax, 1), Br: br, Bc: bc,
         R: math.ceil(spec.q_len / br), C: math.ceil(spec.kv_len / bc), S: splits,
-        Mk: mask_elems, W: spec.window or spec.kv_len,
+        Mk: mask_elems, W: spec.window or spec.kv_len, V_k: float(tiles.get("kept", 1.0)),
     }

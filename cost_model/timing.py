@@ -18,16 +18,17 @@ import sympy as sp
 from . import symbols as sym
 from .algorithms import ALGORITHMS, Algorithm, Kernel
 from .catalog import CATALOG
+from .compiled import is_compiled
 from .hardware import HardwareProfile
 from .pass_count import analyze
 from .spec import AttentionSpec, MaskInput
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",
            "reuse", "rows", "fresh", "ctas", "largest", "footprint")
-_FUSED_EXP_UNITS = ("softmax", "sdpa", "flash")  # exps inside a fused kernel, not a torch.exp op
-_GEMM_UNITS = ("gemm", "sdpa", "flash")  # kernels whose loads go through GEMM micro-kernels
+_FUSED_EXP_UNITS = ("softmax", "sdpa", "flash", "flex")  # exps inside a fused kernel, not a torch.exp op
+_GEMM_UNITS = ("gemm", "sdpa", "flash", "flex")  # kernels whose loads go through GEMM micro-kernels
 _ARGS = (sym.B, sym.H, sym.Hkv, sym.M, sym.N, sym.E, sym.F, sym.s, sym.s_a, sym.s_m, sym.P, sym.P_t, sym.T,
-         sym.K_t, sym.K_max, sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W)
+         sym.K_t, sym.K_max, sym.Br, sym.Bc, sym.R, sym.C, sym.S, sym.Mk, sym.W, sym.V_k)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def _kernel_time(k: Kernel, v: dict[str, float], spec: AttentionSpec, p: Hardwar
     busy = _busy(work, v["ctas"], v["largest"], p)
     fault = v["faults"] * v["fresh"] / p.fault_bw if p.fault_bw else 0.0
     overhead = launches * (p.launch_s + p.call_s.get(k.unit, 0.0))
+    if not is_compiled(k.unit, spec):
+        overhead += p.amortized_compile_s(k.unit)
     return KernelTime(k.name, int(launches), t_c, t_m, fault, overhead, busy + fault + overhead)
 
 
@@ -180,6 +183,17 @@ def _predict(alg: Algorithm, spec: AttentionSpec, profile: HardwareProfile, spli
         alg.name, sum(t.total_s for t in times), tuple(times), totals["flops_mm"], totals["exps"],
         totals["ew"], totals["divides"], totals["bytes"], peak, analysis.passes,
         analysis.reads.get("K", 0), int(totals["launches"]), splits)
+
+
+def useful_flops(spec: AttentionSpec) -> float:
+    """The matmul FLOPs attention needs at a site: 2 * B * H * live pairs * (E + F), every masked or
+    skipped pair excluded (what any variant's throughput is measured in)."""
+    return 2.0 * spec.batch * spec.heads * sym.live_pairs(spec) * (spec.head_dim + spec.value_dim)
+
+
+def gemm_fraction(seconds: float, spec: AttentionSpec, gemm_flops: float) -> float:
+    """Attention throughput (useful FLOPs / `seconds`) as a share of a GEMM rate in FLOP/s."""
+    return useful_flops(spec) / seconds / gemm_flops
 
 
 def symbolic(algorithm: str | Algorithm, spec: AttentionSpec) -> dict[str, sp.Expr]:

@@ -8,6 +8,9 @@ read from the spec, `spec.mods.op_args()` for scale/causal/window/softcap, and f
     attnfx_chunked          attnfx::attention(...)[0]                cpu     algorithm chunked
     triton_flash            attnfx::attention(...)[0]                cuda    algorithm flash (M > 16 or N < 4M)
     triton_decode           attnfx::attention(...)[0]                cuda    algorithm decode_split_kv
+    attnfx_bounded          attnfx::bounded_attention(...)[0]        cpu     algorithm bounded (no mask tensor)
+    flex                    attnfx::flex_attention(...)              cpu     algorithm flex (compiled, inference)
+    padded                  attnfx::padded_attention(...)            cpu     algorithm padded (key mask (B,1,1,N))
   sigmoid sites (kind SIGMOID, spec.logit_bias)
     attnfx_sigmoid_chunked  attnfx::sigmoid_attention(...)           cpu     algorithm sigmoid_chunked
     triton_sigmoid          attnfx::sigmoid_attention(...)           cuda    algorithm sigmoid_flash
@@ -20,12 +23,16 @@ read from the spec, `spec.mods.op_args()` for scale/causal/window/softcap, and f
 Each variant refuses, with a sentence, the sites of another kind and the devices or shapes it does
 not take. The eager forms are priced as algorithms eager, sigmoid_eager and linear_eager.
 """
+from .bounded import BoundedVariant
+from .flex import FlexVariant
 from .fused import CHUNKED, LIGHTNING, LINEAR, SIGMOID_CHUNKED, TRITON_DECODE, TRITON_FLASH, TRITON_SIGMOID
+from .padded import PaddedVariant
 from .registry import Call, Operands, Variant
 from .sdpa import SdpaVariant
 
 VARIANTS: tuple[Variant, ...] = (
-    SdpaVariant(), CHUNKED, TRITON_FLASH, TRITON_DECODE, SIGMOID_CHUNKED, TRITON_SIGMOID, LINEAR, LIGHTNING,
+    SdpaVariant(), CHUNKED, TRITON_FLASH, TRITON_DECODE, FlexVariant(), PaddedVariant(), BoundedVariant(),
+    SIGMOID_CHUNKED, TRITON_SIGMOID, LINEAR, LIGHTNING,
 )
 
 

@@ -13,19 +13,21 @@ algorithm the cost model prices them with.
     attnfx_linear            right to left, Q (K^T V): no causal band, no decay; any device
     attnfx_lightning         chunked (Lightning, LINEAR_CHUNK rows a chunk): a causal band; any device
 Every variant refuses the sites of another kind, and training dropout (none of the ops has any).
+Each op has one reader (`read`), which states what a call of it in a graph computes.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch.fx import Node
 
-from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, Causal, Kind, MaskInput
+from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 from attnfx.cost_model.tiles import LINEAR_CHUNK
 
 from . import linear_ops, ops, sigmoid_ops  # noqa: F401  (register torch.ops.attnfx.*)
 from .attention_args import triton_refusal
-from .registry import Call, Operands, OpVariant, kind_refusal
+from .registry import Call, CallSite, Operands, OpVariant, call_arguments, calls_op, kind_refusal, score_op_reader
 
 Refusal = Callable[[AttentionSpec, str], "str | None"]
 
@@ -59,6 +61,19 @@ def linear_call(algorithm: str) -> Callable[[AttentionSpec, Operands], Call]:
                 spec.causal.value, spec.normalize, spec.norm_eps, algorithm, LINEAR_CHUNK)
         return Call(torch.ops.attnfx.linear_attention.default, args, {}, output_index=0)
     return call
+
+
+read_attention_call = score_op_reader("attnfx::attention", output_index=0)
+read_sigmoid_call = score_op_reader("attnfx::sigmoid_attention", Kind.SIGMOID)
+
+
+def read_linear_call(node: Node) -> CallSite | None:
+    """The call site of an `attnfx::linear_attention` call (output 0 is the attention output)."""
+    if not calls_op(node, "attnfx::linear_attention"):
+        return None
+    a = call_arguments(node)
+    mods = ScoreMods(float(a["scale"]), Causal(a["causal"]))
+    return CallSite(Operands(a["q"], a["k"], a["v"], decay=a["decay"]), mods, Kind.LINEAR, output_index=0)
 
 
 def cpu_kernel(name: str, kind: Kind, elsewhere: str) -> Refusal:
@@ -113,29 +128,30 @@ def _chunked_linear(spec: AttentionSpec, device: str) -> str | None:
 CHUNKED = OpVariant(
     "attnfx_chunked", "chunked", "attnfx::attention",
     "attnfx::attention's pure-torch chunked 1-pass kernel (memory-bounded, fp32 accumulation)",
-    cpu_kernel("attnfx_chunked", Kind.SOFTMAX, "attnfx::attention runs its Triton kernels"), attention_call)
+    cpu_kernel("attnfx_chunked", Kind.SOFTMAX, "attnfx::attention runs its Triton kernels"), attention_call,
+    read_attention_call)
 TRITON_FLASH = OpVariant(
     "triton_flash", "flash", "attnfx::attention",
     "attnfx::attention's Triton flash kernel (1-pass online softmax, causal block skipping)",
-    triton_kernel("triton_flash", Kind.SOFTMAX, _flash_shapes), attention_call)
+    triton_kernel("triton_flash", Kind.SOFTMAX, _flash_shapes), attention_call, read_attention_call)
 TRITON_DECODE = OpVariant(
     "triton_decode", "decode_split_kv", "attnfx::attention",
     "attnfx::attention's Triton split-KV decode kernel (Flash-Decoding merge)",
-    triton_kernel("triton_decode", Kind.SOFTMAX, _decode_shapes), attention_call)
+    triton_kernel("triton_decode", Kind.SOFTMAX, _decode_shapes), attention_call, read_attention_call)
 SIGMOID_CHUNKED = OpVariant(
     "attnfx_sigmoid_chunked", "sigmoid_chunked", "attnfx::sigmoid_attention",
     "attnfx::sigmoid_attention's pure-torch chunked kernel (memory-bounded, fp32 accumulation)",
     cpu_kernel("attnfx_sigmoid_chunked", Kind.SIGMOID, "attnfx::sigmoid_attention runs its Triton kernel"),
-    sigmoid_call)
+    sigmoid_call, read_sigmoid_call)
 TRITON_SIGMOID = OpVariant(
     "triton_sigmoid", "sigmoid_flash", "attnfx::sigmoid_attention",
     "attnfx::sigmoid_attention's Triton flash kernel (sigmoid weights, no row statistics)",
-    triton_kernel("triton_sigmoid", Kind.SIGMOID), sigmoid_call)
+    triton_kernel("triton_sigmoid", Kind.SIGMOID), sigmoid_call, read_sigmoid_call)
 LINEAR = OpVariant(
     "attnfx_linear", "linear_right_to_left", "attnfx::linear_attention",
     "attnfx::linear_attention right to left: Q (K^T V), O(N E F)",
-    _right_to_left, linear_call("right_to_left"))
+    _right_to_left, linear_call("right_to_left"), read_linear_call)
 LIGHTNING = OpVariant(
     "attnfx_lightning", "linear_chunked", "attnfx::linear_attention",
     f"attnfx::linear_attention chunked (Lightning, {LINEAR_CHUNK} rows a chunk): intra-chunk product + decayed "
-    "running state", _chunked_linear, linear_call("chunked"))
+    "running state", _chunked_linear, linear_call("chunked"), read_linear_call)

@@ -6,14 +6,16 @@ It takes a scale, a top-left `is_causal` flag *or* one mask tensor, and GQA thro
 from __future__ import annotations
 
 import torch
+from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput
+from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
-from .registry import Call, Operands, kind_refusal
+from .registry import Call, CallSite, Operands, call_arguments, kind_refusal
 
 
 class SdpaVariant:
     name = "sdpa"
+    op = "SDPA"
     algorithm = "sdpa"
     exact = True
     description = "torch.nn.functional.scaled_dot_product_attention"
@@ -45,3 +47,19 @@ class SdpaVariant:
             (operands.q, operands.k, operands.v, operands.mask, spec.dropout_p, is_causal),
             kwargs,
         )
+
+    def read(self, node: Node) -> CallSite | None:
+        """Every aten SDPA call, the model's own included; the default scale 1/sqrt(E) is read from
+        q's metadata (ValueError when it has none)."""
+        if node.op != "call_function" or node.target is not torch.ops.aten.scaled_dot_product_attention.default:
+            return None
+        a = call_arguments(node)
+        scale = a["scale"]
+        if scale is None:
+            q = a["query"].meta.get("val")
+            if not isinstance(q, torch.Tensor):
+                raise ValueError(f"{node.name}: SDPA's default scale needs q's tensor metadata (meta['val'])")
+            scale = q.shape[-1] ** -0.5
+        causal = Causal.TOP_LEFT if a["is_causal"] else Causal.NONE
+        return CallSite(Operands(a["query"], a["key"], a["value"], a["attn_mask"]), ScoreMods(float(scale), causal),
+                        dropout=float(a["dropout_p"]))

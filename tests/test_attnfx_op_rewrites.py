@@ -1,4 +1,5 @@
-"""Sites SDPA cannot express go to attnfx's own op; the rewritten model exports, reloads and trains."""
+"""Sites SDPA cannot express go to attnfx's own ops (here attnfx::bounded_attention, whose backward is
+attnfx::attention's); the rewritten model exports, reloads and trains."""
 from __future__ import annotations
 
 import copy
@@ -36,11 +37,11 @@ def test_softcap_site_goes_to_the_attnfx_op() -> None:
     model = Projected(softcapped_causal).eval()
     opt = attnfx.optimize(model, inputs())
     (entry,) = opt.report.entries
-    assert entry.status == "REWRITTEN" and entry.variant == "attnfx_chunked"
+    assert entry.status == "REWRITTEN" and entry.variant == "attnfx_bounded"
     assert entry.spec.softcap == 5.0 and entry.spec.causal.value == "top_left"
     assert ("sdpa", "flag", "SDPA has no softcap") in entry.unavailable
     targets = [n.target for n in opt.graph_module.graph.nodes]
-    assert torch.ops.attnfx.attention.default in targets
+    assert torch.ops.attnfx.bounded_attention.default in targets
     for t, b in ((12, 2), (37, 1)):
         x = inputs(t, b)
         with torch.no_grad():
@@ -54,7 +55,7 @@ def test_rewritten_model_exports_and_round_trips(tmp_path) -> None:
     path = tmp_path / "rewritten.pt2"
     torch.export.save(program, path)
     loaded = torch.export.load(path).module()
-    assert torch.ops.attnfx.attention.default in [n.target for n in loaded.graph.nodes]
+    assert torch.ops.attnfx.bounded_attention.default in [n.target for n in loaded.graph.nodes]
     with torch.no_grad():
         torch.testing.assert_close(loaded(*inputs()), model(*inputs()), atol=1e-5, rtol=1e-5)
 
@@ -64,7 +65,7 @@ def test_rewritten_model_trains_like_the_original() -> None:
     rewritten = copy.deepcopy(reference)
     ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
     opt = attnfx.optimize(rewritten, (ids,))
-    assert opt.report.entries[0].variant == "attnfx_chunked"
+    assert opt.report.entries[0].variant == "attnfx_bounded"
     losses = {}
     for name, module, params in (("reference", reference, reference.parameters()),
                                  ("rewritten", opt, rewritten.parameters())):

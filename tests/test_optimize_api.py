@@ -255,3 +255,22 @@ def test_symbolic_trace_fallback_rewrites_torch_level_graphs() -> None:
     assert [e.status for e in opt.report.entries] == ["REWRITTEN"]
     with torch.no_grad():
         torch.testing.assert_close(opt(*inputs()), model(*inputs()), atol=1e-5, rtol=1e-5)
+
+
+def _softcapped(q, k, v):
+    s = torch.tanh((q @ k.transpose(-2, -1)) * 0.25 / 30.0) * 30.0
+    return torch.softmax(s, -1) @ v
+
+
+def test_variants_without_eager_rule_out_the_models_own_code() -> None:
+    model = Projected(_softcapped).eval()
+    x = inputs(8, 1)  # static and small: eager is predicted faster than attnfx_chunked
+    kept = attnfx.optimize(model, x, dynamic_shapes={"x": None}, variants=["attnfx_chunked", "eager"])
+    assert (kept.report.entries[0].status, kept.report.entries[0].reason_code) == ("KEPT", "EAGER_FASTEST")
+    forced = attnfx.optimize(model, x, dynamic_shapes={"x": None}, variants=["attnfx_chunked"])
+    assert (forced.report.entries[0].status, forced.report.entries[0].variant) == ("REWRITTEN", "attnfx_chunked")
+    with torch.no_grad():
+        torch.testing.assert_close(forced(*x), model(*x), atol=1e-5, rtol=1e-5)
+    refused = attnfx.optimize(model, x, dynamic_shapes={"x": None}, variants=["sdpa"]).report.entries[0]
+    assert (refused.status, refused.reason_code) == ("REFUSED", "NO_VARIANT")
+    assert refused.reason == "no variant can take this site: sdpa [none]: SDPA has no softcap"

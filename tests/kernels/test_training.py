@@ -73,7 +73,7 @@ def test_fused_model_trains_like_the_plain_one_also_after_export_and_reload(tmp_
     tokens = torch.randint(0, VOCAB, (3, SEQ + 1))
 
     ep = torch.export.export(copy.deepcopy(fused), (tokens[:, :-1],))
-    assert any(n.target is torch.ops.attnfx.attention.default for n in ep.graph.nodes)
+    assert any(getattr(n.target, "name", str)() == "attnfx::attention" for n in ep.graph.nodes)
     torch.export.save(ep, tmp_path / "tiny_lm.pt2")
     reloaded = torch.export.load(tmp_path / "tiny_lm.pt2").module()
 

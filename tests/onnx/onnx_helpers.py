@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 from torch.export import Dim
 
-from attnfx.onnx_sites import ATTNFX_OP, SDPA_OP, op_name
+from attnfx.onnx.sites import read_call
 
 
 @dataclass
@@ -49,10 +49,10 @@ def stand_in(model: torch.nn.Module, inputs: dict[str, torch.Tensor], *, refused
     gm = torch.export.export(model.eval(), (), inputs, dynamic_shapes=dynamic, strict=False).module()
     report = Report()
     for node in gm.graph.nodes:
-        if op_name(node) in (SDPA_OP, ATTNFX_OP):
+        found = read_call(node)
+        if found is not None:
             node.meta["attnfx_site"] = len(report.entries)
-            variant = "sdpa" if op_name(node) == SDPA_OP else "attnfx"
-            report.entries.append(Entry("REWRITTEN", variant, node.name))
+            report.entries.append(Entry("REWRITTEN", found[0].name, node.name))
     report.entries += [Entry("REFUSED", "", "") for _ in range(refused)]
     return StandIn(gm, (), dict(inputs), dynamic, report)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnfx.errors import ExportError
-from attnfx.onnx_export import export_onnx
+from attnfx.onnx import export_onnx
 from onnx_helpers import attributes, fused_nodes, stand_in
 
 try:  # the kernels branch registers the op on import

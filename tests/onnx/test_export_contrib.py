@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from attnfx.onnx_export import export_onnx
+from attnfx.onnx import export_onnx
 from onnx_helpers import Decoder, SelfAttention, attributes, decoder_inputs, fused_nodes, stand_in
 
 

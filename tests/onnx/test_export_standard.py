@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from attnfx.onnx_export import export_onnx
+from attnfx.onnx import export_onnx
 from onnx_helpers import (
     BiasedEncoder,
     Decoder,

@@ -14,9 +14,10 @@ import operator
 import torch
 from torch import Tensor
 
+from attnfx.cost_model.spec import Causal, ScoreMods
 from attnfx.errors import ExportError
 
-from .onnx_plan import ATTENTION, DECOMPOSED, GQA, MHA, SitePlan
+from .plan import ATTENTION, DECOMPOSED, GQA, MHA, SitePlan
 
 SITE_KEY = "attnfx.site"  # ONNX node metadata: the report's site index ("" for untracked SDPA calls)
 NODE_KEY = "attnfx.node"  # ONNX node metadata: the fx node the operator replaces
@@ -35,7 +36,8 @@ def build_export_module(
     lowered = []
     for plan in plans:
         node = nodes[plan.facts.node]
-        operands = tuple(nodes[name] if name else None for name in plan.facts.operands)
+        o = plan.facts.call.operands
+        operands = tuple(None if x is None else nodes[x.name] for x in (o.q, o.k, o.v, o.mask, o.slopes, o.kv_lengths))
         with graph.inserting_before(node):
             new = graph.call_function(lowered_attention, operands, _lowering_kwargs(plan))
         for key in ("nn_module_stack", "stack_trace"):  # keeps the exporter's name scopes
@@ -57,28 +59,37 @@ def build_export_module(
 
 
 def _lowering_kwargs(plan: SitePlan) -> dict[str, object]:
-    f = plan.facts
+    """Plain values only (the graph is printed as code): the score modifiers in their op encoding."""
+    f, s = plan.facts, plan.facts.spec
+    scale, causal, window, softcap = s.mods.op_args()
     return dict(
-        op=plan.op, site=f.site, node=f.node, heads=f.heads, kv_heads=f.kv_heads, scale=f.scale, causal=f.causal,
-        causal_flag=plan.causal_flag, window=f.window, softcap=f.softcap,
+        op=plan.op, site=f.site, node=f.node, heads=s.heads, kv_heads=s.kv_heads, scale=scale, causal=causal,
+        causal_flag=plan.causal_flag, window=window, softcap=softcap,
     )
 
 
 def _redirect_uses(graph: torch.fx.Graph, node: torch.fx.Node, new: torch.fx.Node, plan: SitePlan) -> None:
-    if plan.facts.source == "sdpa":
+    """Uses of the attention output go to `new`; any other output of the op in use is an error."""
+    index = plan.facts.call.output_index
+    if index is None:
         node.replace_all_uses_with(new)
         return
-    for user in list(node.users):  # attnfx::attention returns (out, lse): uses go through getitem
-        if user.target is operator.getitem and user.args[1] == 0:
+    for user in list(node.users):  # a tuple-returning op: uses go through getitem
+        taken = user.args[1] if user.target is operator.getitem else None
+        if taken == index:
             user.replace_all_uses_with(new)
-        elif user.target is operator.getitem and not user.users:
-            pass  # an unused lse
-        else:
-            raise ExportError(
-                f"{plan.facts.label}: node {user.name} uses attnfx::attention's lse, which ONNX attention "
-                "operators do not return"
-            )
+        elif taken is None or user.users:
+            raise ExportError(f"{plan.facts.label}: node {user.name} uses {plan.facts.op}'s "
+                              f"{_output_name(node, taken)}, which ONNX attention operators do not return")
         graph.erase_node(user)
+
+
+def _output_name(node: torch.fx.Node, index: int | None) -> str:
+    """The schema's name for output `index` of the call (`lse`), or what the use takes."""
+    returns = getattr(getattr(node.target, "_schema", None), "returns", ())
+    if index is None:
+        return "whole result"
+    return returns[index].name if index < len(returns) and returns[index].name else f"output {index}"
 
 
 def lowered_attention(
@@ -103,9 +114,12 @@ def lowered_attention(
     """One site as `op`, in canonical layout: returns (B, H, M, F).
 
     Head counts come from the capture (ints): a re-export may see the head axis as symbolic, and the
-    contrib ops take them as attributes."""
+    contrib ops take them as attributes. Scale, causal, window and softcap arrive in ScoreMods' op
+    encoding."""
     meta = {SITE_KEY: "" if site is None else str(site), NODE_KEY: node}
-    flagged = causal_flag and causal != "none"
+    mods = ScoreMods.from_op_args(scale, causal, window, softcap)
+    scale, causal, window, softcap = mods.scale, mods.causal, mods.window, mods.softcap
+    flagged = causal_flag and causal is not Causal.NONE
     if op == ATTENTION:
         return _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window, softcap)
     if op == MHA:
@@ -161,7 +175,7 @@ def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, h, hkv, scal
     attrs = {"num_heads": h, "kv_num_heads": hkv, "scale": scale}
     if softcap:
         attrs["softcap"] = softcap
-    if window >= 0:
+    if window is not None:
         attrs["local_window_size"] = window
     y = torch.onnx.ops.symbolic(
         "com.microsoft::GroupQueryAttention", inputs, attrs, dtype=q.dtype, shape=(b, m, h * e), version=1,
@@ -189,9 +203,9 @@ def score_terms(
     slopes: Tensor | None,
     kv_lengths: Tensor | None,
     *,
-    causal: str,
+    causal: Causal,
     flagged: bool,
-    window: int,
+    window: int | None,
     window_in_mask: bool,
     allow_bool: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -207,9 +221,9 @@ def score_terms(
     m, n = q.shape[2], k.shape[2]
     rows = torch.arange(m, device=q.device).unsqueeze(1)
     cols = torch.arange(n, device=q.device).unsqueeze(0)
-    diagonal = rows + (n - m if causal == "bottom_right" else 0)
-    causal_keep = (cols <= diagonal).reshape(1, 1, m, n) if causal != "none" else None
-    window_keep = (cols > diagonal - window).reshape(1, 1, m, n) if window >= 0 else None
+    diagonal = rows + causal.offset(m, n)
+    causal_keep = (cols <= diagonal).reshape(1, 1, m, n) if causal is not Causal.NONE else None
+    window_keep = (cols > diagonal - window).reshape(1, 1, m, n) if window is not None else None
     length_keep = (cols < kv_lengths.reshape(-1, 1)).reshape(-1, 1, 1, n) if kv_lengths is not None else None
     bool_mask = add_mask = None
     if mask is not None:
@@ -228,7 +242,7 @@ def score_terms(
     if op_mask is not None:
         op_mask = op_mask.expand(op_mask.shape[0], op_mask.shape[1], m, n)
 
-    can_empty = bool_mask is not None or length_keep is not None or (causal == "bottom_right" and not flagged)
+    can_empty = bool_mask is not None or length_keep is not None or (causal is Causal.BOTTOM_RIGHT and not flagged)
     kept = _all([bool_mask, causal_keep, window_keep, length_keep]) if can_empty else None
     return op_mask, kept
 

@@ -2,7 +2,7 @@
 
 attnfx already knows what every site computes, so instead of letting the exporter decompose
 attention (or hoping a post-hoc fusion pass finds it again), each site is written directly as the
-operator that expresses it (see onnx_plan), the file is checked (onnx.checker, one node per site,
+operator that expresses it (see plan.py), the file is checked (onnx.checker, one node per site,
 onnxruntime vs PyTorch at two sequence lengths), and only then moved into place.
 """
 from __future__ import annotations
@@ -25,23 +25,24 @@ from torch.utils import _pytree as pytree
 
 from attnfx.errors import ExportError
 
-from .onnx_lowering import build_export_module
-from .onnx_plan import SitePlan, plan_site
-from .onnx_sites import find_sites
-from .onnx_verify import (
+from attnfx.verify import flat_inputs
+
+from .check import (
     Case,
     check_file,
     count_nodes,
-    flat_inputs,
     localize,
     placeholder_names,
     run_onnx,
-    run_torch,
-    second_length_case,
     session,
     site_of_onnx_node,
+    torch_outputs,
     worst_output,
 )
+from .lengths import second_length_case
+from .lowering import build_export_module
+from .plan import SitePlan, plan_site
+from .sites import find_sites
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,16 @@ def export_onnx(
     """Export `opt` (an attnfx.optimize result) to `path`; raises ExportError and leaves no file on failure.
 
     `opt` needs `graph_module`, `example_args`, `example_kwargs`, `dynamic_shapes` and optionally
-    `report`. `dynamic` keeps the axes the capture left symbolic (batch, sequence) symbolic in ONNX. `verify` runs
-    onnxruntime against PyTorch at the example inputs and at a second sequence length (the structural
-    checks always run). `external_data` as in ONNXProgram.save (None: only above 2 GB).
+    `report` and `constants` (keyword arguments the capture baked into the graph). `dynamic` keeps
+    the axes the capture left symbolic (batch, sequence) symbolic in ONNX. `verify` runs onnxruntime
+    against PyTorch at the example inputs and at a second sequence length (the structural checks
+    always run). `external_data` as in ONNXProgram.save (None: only above 2 GB).
     """
     gm = opt.graph_module
     report = getattr(opt, "report", None)
     plans = [plan_site(f, opset) for f in find_sites(gm, report)]
     dynamic_shapes = _captured_dynamic_shapes(gm, opt) if dynamic else None
-    program = _export(build_export_module(gm, plans), opt.example_args, opt.example_kwargs, dynamic_shapes, opset)
+    program = _export(build_export_module(gm, plans), opt.example_args, _graph_kwargs(opt), dynamic_shapes, opset)
     fused, softmax = count_nodes(program.model_proto, plans)
     dest = Path(path)
     with _staged(dest) as staged:
@@ -153,6 +155,12 @@ def _export(
     except Exception as exc:  # the exporter raises many types; all mean the same thing here
         raise ExportError(f"torch.onnx.export failed at opset {opset}: {exc}") from exc
     return program
+
+
+def _graph_kwargs(opt: Any) -> dict[str, Any]:
+    """The example keyword arguments the graph takes: those the capture baked in are left out."""
+    constants = getattr(opt, "constants", None) or {}
+    return {k: v for k, v in (opt.example_kwargs or {}).items() if k not in constants}
 
 
 def _captured_dynamic_shapes(gm: torch.fx.GraphModule, opt: Any) -> Any:
@@ -198,12 +206,12 @@ def _verify(
     sites = site_of_onnx_node(model, plans)
     sess = session(str(path), sites)
     names = placeholder_names(gm)
-    cases = [Case("example inputs", flat_inputs(gm, opt.example_args, opt.example_kwargs or {}))]
+    cases = [Case("example inputs", flat_inputs(gm, opt.example_args, _graph_kwargs(opt)))]
     second, why_not = second_length_case(gm, cases[0].inputs) if dynamic else (None, "static export")
     cases += [second] if second else []
     checks = []
     for case in cases:
-        expected = case.expected if case.expected is not None else run_torch(gm, case.inputs)[0]
+        expected = case.expected if case.expected is not None else torch_outputs(gm, case.inputs)
         index, diff = worst_output(expected, run_onnx(sess, names, case.inputs, sites))
         if not diff <= atol:
             raise ExportError(_mismatch(gm, plans, case, atol, opset, index, diff))

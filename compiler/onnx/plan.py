@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .onnx_sites import SiteFacts
+from attnfx.cost_model.spec import Causal, Kind, MaskInput
+from attnfx.errors import ExportError
+
+from .sites import SiteFacts
 
 STANDARD_ATTENTION_OPSET = 23
 ATTENTION = "Attention"
@@ -43,69 +46,78 @@ class SitePlan:
 
 
 def plan_site(facts: SiteFacts, opset: int) -> SitePlan:
-    """The export of one site at `opset`."""
+    """The export of one site at `opset`; ExportError for a site no ONNX operator computes."""
+    if facts.spec.kind is not Kind.SOFTMAX:
+        raise ExportError(
+            f"{facts.label} ({facts.module or '<root>'}, {facts.op}): {facts.spec.kind.value} attention has no "
+            "ONNX operator (Attention and onnxruntime's contrib attention ops normalise with a softmax)"
+        )
     if opset >= STANDARD_ATTENTION_OPSET:
         return _plan_standard(facts)
     return _plan_contrib(facts)
 
 
 def _plan_standard(f: SiteFacts) -> SitePlan:
-    flag = f.causal == "top_left" or (f.causal == "bottom_right" and f.same_length)
-    why = [_heads(f), f"scale={f.scale:.4g}"]
+    s = f.spec
+    flag = s.causal is Causal.TOP_LEFT or (s.causal is Causal.BOTTOM_RIGHT and f.same_length)
+    why = [_heads(f), f"scale={s.scale:.4g}"]
     if flag:
         why.append("is_causal=1")
-    elif f.causal != "none":
+    elif s.causal is not Causal.NONE:
         why.append("bottom-right causal as mask (ONNX is_causal is top-left; M and N may differ)")
-    if f.softcap:
-        why.append(f"softcap={f.softcap:g}")
+    if s.softcap:
+        why.append(f"softcap={s.softcap:g}")
     why += _mask_parts(f)
-    if f.window >= 0:
-        why.append(f"window={f.window} as mask")
+    if s.window is not None:
+        why.append(f"window={s.window} as mask")
     return SitePlan(f, ATTENTION, flag, "; ".join(why))
 
 
 def _plan_contrib(f: SiteFacts) -> SitePlan:
-    if f.dtype not in CONTRIB_DTYPES:
-        return SitePlan(f, DECOMPOSED, False, f"contrib attention ops take float32/float16, not {f.dtype}")
-    causal_self = f.causal != "none" and f.same_length
-    if (f.softcap or f.kv_heads != f.heads) and causal_self and f.head_dim == f.value_dim:
-        why = [_heads(f), f"scale={f.scale:.4g}", "causal self-attention (M = N)"]
-        if f.softcap:
-            why.append(f"softcap={f.softcap:g}")
-        if f.window >= 0:
-            why.append(f"local_window_size={f.window}")
+    s = f.spec
+    if s.torch_dtype not in CONTRIB_DTYPES:
+        return SitePlan(f, DECOMPOSED, False, f"contrib attention ops take float32/float16, not {s.torch_dtype}")
+    causal_self = s.causal is not Causal.NONE and f.same_length
+    if (s.softcap or s.groups > 1) and causal_self and s.head_dim == s.value_dim:
+        why = [_heads(f), f"scale={s.scale:.4g}", "causal self-attention (M = N)"]
+        if s.softcap:
+            why.append(f"softcap={s.softcap:g}")
+        if s.window is not None:
+            why.append(f"local_window_size={s.window}")
         return SitePlan(f, GQA, True, "; ".join(why + _mask_parts(f, via="attention_bias")))
-    if f.softcap:
+    if s.softcap:
         return SitePlan(
             f, DECOMPOSED, False,
             "softcap: MultiHeadAttention has none and GroupQueryAttention takes causal self-attention "
             "(M = N) with E = F only",
         )
-    why = [_heads(f), f"scale={f.scale:.4g}"]
-    if f.kv_heads != f.heads:
+    why = [_heads(f), f"scale={s.scale:.4g}"]
+    if s.groups > 1:
         why.append(
             f"GroupQueryAttention needs causal self-attention with E = F, so K/V heads repeated "
-            f"x{f.heads // f.kv_heads} for MultiHeadAttention"
+            f"x{s.groups} for MultiHeadAttention"
         )
     if causal_self:
         why.append("unidirectional=1")
-    elif f.causal != "none":
-        why.append(f"{f.causal} causal as attention_bias (unidirectional is exact only when M = N)")
-    if f.window >= 0:
-        why.append(f"window={f.window} as attention_bias")
+    elif s.causal is not Causal.NONE:
+        why.append(f"{s.causal.value} causal as attention_bias (unidirectional is exact only when M = N)")
+    if s.window is not None:
+        why.append(f"window={s.window} as attention_bias")
     return SitePlan(f, MHA, causal_self, "; ".join(why + _mask_parts(f, via="attention_bias")))
 
 
 def _heads(f: SiteFacts) -> str:
-    return f"heads={f.heads}" if f.heads == f.kv_heads else f"GQA heads={f.heads}/{f.kv_heads}"
+    s = f.spec
+    return f"heads={s.heads}" if s.groups == 1 else f"GQA heads={s.heads}/{s.kv_heads}"
 
 
 def _mask_parts(f: SiteFacts, via: str = "mask") -> list[str]:
+    s = f.spec
     parts = []
-    if f.mask != "none":
-        parts.append(f"{f.mask} mask" if via == "mask" else f"{f.mask} mask as {via}")
-    if f.alibi:
+    if s.mask is not MaskInput.NONE:
+        parts.append(f"{s.mask.value} mask" if via == "mask" else f"{s.mask.value} mask as {via}")
+    if s.alibi:
         parts.append(f"ALiBi from slopes as {via}")
-    if f.kv_lengths:
+    if s.key_padding:
         parts.append(f"key lengths as {via}")
     return parts

@@ -1,5 +1,6 @@
 """Check an exported file: its structure (one fused node per fused site), onnx.checker, and
-onnxruntime's outputs against the PyTorch graph at the example inputs and a second sequence length.
+onnxruntime's outputs against the PyTorch graph (run as attnfx.verify runs it, compared with its
+`deviation`).
 
 Everything runs on the graph's flat inputs and outputs (the order of its placeholders and of its
 output node), which is also the order the exporter gives the ONNX graph; inputs are fed by name.
@@ -7,25 +8,24 @@ A numeric mismatch is traced to its site by exporting a probe that returns every
 """
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx.inliner
 import onnxruntime as ort
-import sympy
 import torch
 
 from attnfx.errors import ExportError
+from attnfx.verify import deviation, run_graph
 
-from .onnx_lowering import NODE_KEY, SITE_KEY
-from .onnx_plan import FUSED_OPS, SitePlan
+from .lowering import NODE_KEY, SITE_KEY
+from .plan import FUSED_OPS, SitePlan
 
 
 @dataclass(frozen=True)
@@ -37,42 +37,14 @@ class Case:
     expected: list[torch.Tensor] | None = None
 
 
-def flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
-    """The graph's placeholder values for a call `gm(*args, **kwargs)`."""
-    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return list(gm.graph.process_inputs(*bound.arguments.values()))
-
-
 def placeholder_names(gm: torch.fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-class _Recorder(torch.fx.Interpreter):
-    """Runs the graph on flat inputs and keeps the outputs of the named nodes."""
-
-    def __init__(self, gm: torch.fx.GraphModule, keep: set[str]):
-        super().__init__(gm)
-        self.keep = keep
-        self.seen: dict[str, Any] = {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.keep:
-            self.seen[n.name] = out[0] if isinstance(out, (tuple, list)) else out
-        return out
-
-
-def run_torch(gm: torch.fx.GraphModule, inputs: list[Any], keep: Iterable[str] = ()) -> tuple[list, dict]:
-    """(flat tensor outputs, outputs of the `keep` nodes by name) of the PyTorch graph."""
-    recorder = _Recorder(gm, set(keep))
-    with torch.no_grad():
-        outputs = recorder.run(*inputs, enable_io_processing=False)
-    return [o for o in _as_list(outputs) if isinstance(o, torch.Tensor)], recorder.seen
-
-
-def _as_list(x: Any) -> list:
-    return list(x) if isinstance(x, (tuple, list)) else [x]
+def torch_outputs(gm: torch.fx.GraphModule, inputs: list[Any]) -> list[torch.Tensor]:
+    """The PyTorch graph's flat tensor outputs on flat `inputs` (the ONNX graph's outputs, in order)."""
+    _, outputs = run_graph(gm, inputs)
+    return [o for o in outputs if isinstance(o, torch.Tensor)]
 
 
 def count_nodes(model: onnx.ModelProto, plans: list[SitePlan]) -> tuple[Counter, int]:
@@ -145,15 +117,11 @@ def _sites_named(message: str, sites: dict[str, SitePlan]) -> str:
 
 
 def difference(expected: torch.Tensor, got: np.ndarray) -> float:
-    """Max |expected - got|; inf for a shape or dtype-class mismatch or a NaN on one side only."""
-    actual = torch.from_numpy(np.asarray(got))
-    if tuple(actual.shape) != tuple(expected.shape):
+    """Max |expected - got| (attnfx.verify's deviation, for onnxruntime's numpy outputs)."""
+    d = deviation(torch.from_numpy(np.asarray(got)), expected.detach().cpu())
+    if d is None:
         return math.inf
-    if not expected.is_floating_point():
-        return 0.0 if torch.equal(expected.cpu(), actual.to(expected.dtype)) else math.inf
-    e, a = expected.detach().cpu().double(), actual.double()
-    d = torch.where((e == a) | (e.isnan() & a.isnan()), 0.0, (e - a).abs())
-    return float(d.nan_to_num(nan=math.inf).max()) if d.numel() else 0.0
+    return float(d.max()) if d.numel() else 0.0
 
 
 def worst_output(expected: list[torch.Tensor], got: list) -> tuple[int, float]:
@@ -163,61 +131,6 @@ def worst_output(expected: list[torch.Tensor], got: list) -> tuple[int, float]:
     diffs = [difference(e, g) for e, g in zip(expected, got)]
     worst = max(range(len(diffs)), key=diffs.__getitem__, default=0)
     return worst, diffs[worst] if diffs else 0.0
-
-
-def second_length_case(gm: torch.fx.GraphModule, inputs: list[Any]) -> tuple[Case | None, str]:
-    """(the inputs at another sequence length, "") or (None, why there is none).
-
-    The free axes are the capture's own symbols (placeholder metadata), not the ONNX graph's: the
-    exporter may leave axes symbolic that PyTorch pins. Every symbol but the batch (dim 0) is set to
-    about half its size (within position tables), else to 1.5x when the graph's guards refuse that
-    (e.g. a minimum image size); tensors are cut or tiled along those axes, so token ids and padding
-    masks stay valid.
-    """
-    shapes = [getattr(n.meta.get("val"), "shape", None) for n in gm.graph.nodes if n.op == "placeholder"]
-    sizes: dict[sympy.Symbol, int] = {}
-    batch = set()
-    for shape, value in zip(shapes, inputs):
-        for axis, size in enumerate(shape or ()):
-            expr = _expr(size)
-            if isinstance(expr, sympy.Symbol):
-                sizes[expr] = int(value.shape[axis])
-                if axis == 0:
-                    batch.add(expr)
-    free = {s: n for s, n in sizes.items() if s not in batch}
-    if not free:
-        return None, "no symbolic axis besides the batch"
-    refusals = []
-    for new in ({s: max(2, n // 2) if n > 2 else 3 for s, n in free.items()}, {s: n + n // 2 for s, n in free.items()}):
-        resized = [_resized(shape, value, {**sizes, **new}, new.keys()) for shape, value in zip(shapes, inputs)]
-        label = "second length (" + ", ".join(f"{s} {sizes[s]}->{n}" for s, n in new.items()) + ")"
-        try:  # the graph's own guards say which lengths the model takes
-            expected, _ = run_torch(gm, resized)
-        except Exception as exc:  # guards raise AssertionError, shape checks RuntimeError
-            refusals.append(f"{label}: {str(exc).splitlines()[0]}")
-            continue
-        return Case(label, resized, expected), ""
-    return None, "the PyTorch graph refuses " + "; ".join(refusals)
-
-
-def _resized(shape: Any, value: Any, sizes: dict[sympy.Symbol, int], changed: Iterable[sympy.Symbol]) -> Any:
-    changed = set(changed)
-    for axis, size in enumerate(shape or ()):
-        expr = _expr(size)
-        if expr is not None and expr.free_symbols & changed:
-            value = _resize(value, axis, int(expr.subs(sizes)))
-    return value
-
-
-def _expr(size: Any) -> sympy.Expr | None:
-    return size.node.expr if isinstance(size, torch.SymInt) else None
-
-
-def _resize(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    if size <= t.shape[axis]:
-        return t.narrow(axis, 0, size)
-    reps = -(-size // t.shape[axis])
-    return torch.cat([t] * reps, dim=axis).narrow(axis, 0, size)
 
 
 def localize(
@@ -233,12 +146,15 @@ def localize(
     """
     if not plans:
         return None
-    _, expected = run_torch(gm, case.inputs, keep={p.facts.node for p in plans})
+    nodes = {n.name: n for n in gm.graph.nodes}
+    calls = [nodes[p.facts.node] for p in plans]
+    values, _ = run_graph(gm, case.inputs, calls)
     probe = export_probe(case.inputs)
     sess = session(probe.SerializeToString(), {})
     got = run_onnx(sess, placeholder_names(gm), case.inputs, {})
-    for plan, value in zip(plans, got):
-        diff = difference(expected[plan.facts.node], value)
+    for plan, call, value in zip(plans, calls, got):
+        index = plan.facts.call.output_index
+        diff = difference(values[call] if index is None else values[call][index], value)
         if not diff <= atol:
             return plan, diff
     return None

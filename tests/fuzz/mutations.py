@@ -1,0 +1,136 @@
+"""Near-miss mutations: programs that look like attention but are not exact softmax attention.
+
+Each must be left as written (never REWRITTEN) and, when reported, carry one of `codes` (empty: any
+documented code). A mutation is data: what it requires of the rest of the block, how many
+softmax-like sites the block then has, and hooks that the block writer calls at fixed points
+(values, score ops, normalisation, probabilities, AV). Generated source may use the constants the
+program header defines (H, D, C, PAST, TABLE, W).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+Hook = Callable[..., Any]
+EXPLICIT = ("F.softmax", "torch.softmax", "method", "module", "posdim")
+PLAIN_HEADS = {"layout": ("matmul", "einsum", "ellipsis"), "gqa": ("none", "repeat_kv", "repeat_interleave")}
+SOFTCAPPED = {"softcap": (20.0, 5.0)}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    codes: frozenset[str]
+    requires: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    sites: tuple[int, ...] = (1,)
+    values: Hook | None = None  # (w) -> None, on v in (b, n, kv, d)
+    scores: Hook | None = None  # (w, ops) -> None, edits the list of score ops
+    softmax: Mapping[str, Any] = field(default_factory=dict)  # write_softmax arguments
+    normalise: Hook | None = None  # (w) -> p: replaces the softmax
+    probs: Hook | None = None  # (w, p) -> p
+    transposed_av: bool = False
+
+
+def _future(w) -> str:
+    """A top-left causal exclusion (m, n), aligned to the scores."""
+    name = w.fresh("future")
+    w.line(f"{name} = torch.ones(m, n, dtype=torch.bool, device=x.device).triu(1)  # (m, n) excluded")
+    return w.align(name, "mn")
+
+
+def _last(op: Callable) -> Hook:
+    return lambda w, ops: ops.append(("mutation", op))
+
+
+def _before_softcap(op: Callable) -> Hook:
+    def insert(w, ops) -> None:
+        ops.insert(next(i for i, (label, _) in enumerate(ops) if label == "softcap"), ("mutation", op))
+    return insert
+
+
+def _return_probs(w, p: str) -> str:
+    w.extras.append(p)
+    return p
+
+
+def _renormalise(w, p: str) -> str:
+    w.line(f"p = {p} / ({p}.sum(dim={w.dim('n')}, keepdim=True) + 1e-6)")
+    return "p"
+
+
+def _scale_probs(w, p: str) -> str:
+    w.init("self.gate = nn.Parameter(torch.rand(H, 1, 1) + 0.5)")
+    w.line(f"p = {p} * {w.align('self.gate', 'hmn')}")
+    return "p"
+
+
+def _mask_probs(w, p: str) -> str:
+    w.line(f"p = {p}.masked_fill({_future(w)}, 0.0)")
+    return "p"
+
+
+def _temperature(w) -> None:
+    w.init("self.temperature = nn.Linear(C, H)")
+    w.line("t = F.softplus(self.temperature(x))  # (b, m, h): one temperature per query")
+    w.line(f"s = s * {w.align('t', 'bmh')}")
+
+
+def _early_bias(w) -> None:
+    w.init("self.early_bias = nn.Parameter(torch.randn(H, TABLE, TABLE) * 0.5)")
+    w.line(f"s = s + {w.align('self.early_bias[:, :m, :n]', 'hmn')}")
+
+
+def _multiplicative(w) -> None:
+    w.line("keep = torch.ones(m, n, dtype=torch.bool, device=x.device).tril()")
+    w.line(f"s = s * {w.align('keep.to(s.dtype)', 'mn')}")
+
+
+def _return_scores(w) -> None:
+    w.line("scores = s")
+    w.extras.append("scores")
+
+
+def _sigmoid(w) -> str:
+    w.line("p = torch.sigmoid(s)")
+    return "p"
+
+
+def _relu_normalised(w) -> str:
+    w.line("p = F.relu(s)")
+    w.line(f"p = p / (p.sum(dim={w.dim('n')}, keepdim=True) + 1e-6)")
+    return "p"
+
+
+def _codes(*codes: str) -> frozenset[str]:
+    return frozenset(codes)
+
+
+MUTATIONS: dict[str, Mutation] = {
+    "softmax_queries": Mutation(_codes("SOFTMAX_AXIS"), softmax={"key_role": "m", "max_role": "m"}),
+    "softmax_heads": Mutation(_codes("SOFTMAX_AXIS"), PLAIN_HEADS, softmax={"key_role": "h", "max_role": "h"}),
+    "mask_after_softmax": Mutation(_codes("MASK_AFTER_SOFTMAX"), probs=_mask_probs),
+    "probs_scaled": Mutation(_codes("PROBS_MODIFIED"), probs=_scale_probs),
+    "probs_returned": Mutation(_codes("PROBS_ESCAPE"), probs=_return_probs),
+    "probs_renormalised": Mutation(_codes("PROBS_ESCAPE", "PROBS_MODIFIED"), probs=_renormalise),
+    "query_temperature": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_last(_temperature)),
+    "log_softmax": Mutation(_codes("LOG_SOFTMAX"), {"softmax": EXPLICIT}, softmax={"log": True}),
+    "topk_mask": Mutation(_codes("SCORE_DEPENDENT_MASK"), scores=_last(
+        lambda w: w.line(f"s = s.masked_fill(s < s.topk(1, dim={w.dim('n')}).values, float('-inf'))"))),
+    "threshold_mask": Mutation(_codes("SCORE_DEPENDENT_MASK"), scores=_last(
+        lambda w: w.line(f"s = s.masked_fill(s < s.mean(dim={w.dim('n')}, keepdim=True), float('-inf'))"))),
+    "sigmoid": Mutation(_codes(), {"softmax": ("F.softmax",), "upcast": ("none",)}, sites=(0,), normalise=_sigmoid),
+    "relu_normalised": Mutation(_codes(), {"softmax": ("F.softmax",), "upcast": ("none",)}, sites=(0,),
+                                normalise=_relu_normalised),
+    "relu_scores": Mutation(_codes("SCORE_OP_UNSUPPORTED"), scores=_last(lambda w: w.line("s = F.relu(s)"))),
+    "zero_fill": Mutation(_codes("UNPROVEN_MASK"), scores=_last(
+        lambda w: w.line(f"s = s.masked_fill({_future(w)}, 0.0)"))),
+    "scale_on_values": Mutation(_codes("SCALE_ON_VALUES"), values=lambda w: w.line("v = v * 0.5")),
+    "mask_before_softcap": Mutation(_codes("SCORE_ORDER"), SOFTCAPPED, scores=_before_softcap(
+        lambda w: w.line(f"s = s.masked_fill({_future(w)}, float('-inf'))"))),
+    "bias_before_softcap": Mutation(_codes("SCORE_ORDER"), SOFTCAPPED, scores=_before_softcap(_early_bias)),
+    "scores_returned": Mutation(_codes("SCORES_ESCAPE"), scores=_last(_return_scores)),
+    "multiplicative_mask": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_last(_multiplicative)),
+    "probs_transposed_av": Mutation(_codes("PROBS_WRONG_AXIS"), {"projection": ("separate", "fused"),
+                                    "layout": ("matmul",), "gqa": PLAIN_HEADS["gqa"]}, transposed_av=True),
+    "wrong_max_axis": Mutation(_codes(), {"softmax": ("hw_amax", "hw_max_values", "hw_max_indexed", "hw_detached")},
+                               sites=(0, 1), softmax={"max_role": "m"}),
+}
