@@ -14,11 +14,11 @@ from torch.fx import Graph, Node
 
 from attnfx.cost_model.cascade import canonical_cascade
 from attnfx.cost_model.hardware import HardwareProfile
+from attnfx.cost_model.algorithms import EAGER_BY_KIND
 from attnfx.cost_model.select import Option, Selection, choose
 from attnfx.cost_model.spec import AttentionSpec
 from attnfx.kernels import Variant
 from attnfx.passes import ops
-from attnfx.cost_model.algorithms import EAGER_BY_KIND
 from attnfx.passes.attention import RULES, lift
 from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Lowering, Reason, Refusal, Site

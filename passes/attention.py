@@ -95,18 +95,36 @@ def lift(weights: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     return _build_site(weights, kind, score_path, algebra, probs, v, out_roles, evaluator)
 
 
-def _zeroed_masks(node: Node, algebra: ScoreAlgebra) -> list[MaskTerm]:
-    """The score masks a probability mask zeroes exactly again (none: it is not such a mask). It
-    changes only rows with no key left (uniform -> 0), so those masks get a -inf fill, whose empty
-    rows are 0."""
+def _zero_fill(node: Node) -> tuple[Node, bool] | None:
+    """(mask, keep_when) when `node` sets weights to 0 where a mask says so, else None."""
     if ops.kind(node) == "masked_fill":
         mask, value, keep_when = ops.arg(node, "mask", 1), ops.arg(node, "value", 2), False
     else:
         cond, a, b = node.args[:3]
         mask, value, keep_when = cond, (b if ops.scalar_value(a) is None else a), ops.scalar_value(a) is None
-    if ops.scalar_value(value) != 0.0:
+    if ops.scalar_value(value) != 0.0 or not ops.is_tensor(mask) or ops.dtype(mask) != torch.bool:
+        return None
+    return mask, keep_when
+
+
+def _zeroed_masks(node: Node, algebra: ScoreAlgebra) -> list[MaskTerm]:
+    """The score masks a probability mask zeroes exactly again (none: it is not such a mask). It
+    changes only rows with no key left (uniform -> 0), so those masks get a -inf fill, whose empty
+    rows are 0."""
+    zero = _zero_fill(node)
+    if zero is None:
         return []
-    return [t for t in algebra.masks if t.node is mask and t.keep_when == keep_when]
+    return [t for t in algebra.masks if t.node is zero[0] and t.keep_when == zero[1]]
+
+
+def _sigmoid_weight_mask(node: Node, roles: Roles, algebra: ScoreAlgebra) -> MaskTerm | None:
+    """A sigmoid's weights set to 0 by a boolean mask: each weight stands alone (no row sum), and
+    sigmoid(-inf) = 0, so this is the same mask on the scores with a -inf fill."""
+    zero = _zero_fill(node)
+    if zero is None:
+        return None
+    mask, keep_when = zero
+    return MaskTerm(mask, roles[len(roles) - ops.rank(mask):], keep_when, -math.inf, len(algebra.bias))
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,7 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
             other = next((u for u in users if u.op == "output"), users[1] if len(users) > 1 else None)
             what = "returned by the model" if other is not None and other.op == "output" else (
                 f"also used by {other.name}" if other is not None else "unused")
-            return Refusal(Reason.PROBS_ESCAPE, f"the attention probabilities ({node.name}) are {what}", "A")
+            return Refusal(Reason.PROBS_ESCAPE, f"the attention weights ({node.name}) are {what}", "A")
         user = users[0]
         contraction = read_contraction(user)
         if contraction is not None:
@@ -142,9 +160,11 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
             train = ops.arg(user, "train", 2, ops.arg(user, "training", 2, True))
             if train and p > 0:
                 if dropout_p:
-                    return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention probabilities a second "
+                    return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention weights a second "
                                    "time", "A")
                 dropout_p = p
+        elif k in ("masked_fill", "where") and name == "sigmoid" and _sigmoid_weight_mask(user, roles, algebra):
+            algebra.masks.append(_sigmoid_weight_mask(user, roles, algebra))
         elif k in ("masked_fill", "where"):
             again = _zeroed_masks(user, algebra)
             zeroed += again
@@ -161,11 +181,11 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
             rebatched = batch_reshape(user, roles, prefix=f"p{len(path)}_")
             if rebatched is None:
                 return Refusal(Reason.NO_AV_CONTRACTION, f"{user.name} reshapes the query or key axis of the "
-                               "probabilities", "AV")
+                               "weights", "AV")
             roles, sizes = rebatched
             structures[tuple(r for r in roles if is_batch_role(r))] = sizes
         elif k not in ("cast", "identity", "reshape", "masked_fill", "where"):
-            return Refusal(Reason.NO_AV_CONTRACTION, f"the probabilities flow into {user.name} "
+            return Refusal(Reason.NO_AV_CONTRACTION, f"the weights flow into {user.name} "
                            f"({ops.target_name(user)}), not a contraction with values", "AV")
         path.append(user)
         node = user
@@ -177,13 +197,13 @@ def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arran
     elif av.rhs is probs and av.lhs is not probs:
         p_labels, v_node, v_labels = av.rhs_labels, av.lhs, av.lhs_labels
     else:
-        return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} contracts the probabilities with themselves", "AV")
+        return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} contracts the weights with themselves", "AV")
     label_roles = dict(zip(p_labels, prob_roles))
     contracted = av.contracted()
     if len(contracted) != 1 or label_roles.get(contracted[0]) != "n":
         names = {"m": "queries", "n": "keys"}
         summed = ", ".join(names.get(label_roles.get(c, ""), "a batch/head dim") for c in contracted)
-        return Refusal(Reason.PROBS_WRONG_AXIS, f"{av.node.name} contracts the probabilities over [{summed}], "
+        return Refusal(Reason.PROBS_WRONG_AXIS, f"{av.node.name} contracts the weights over [{summed}], "
                        "not over the keys alone", "AV")
     free = [x for x in v_labels if x not in label_roles]
     if len(free) != 1 or free[0] not in av.out_labels:
@@ -251,7 +271,8 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     bias_keeps = [additive_keep(evaluator.value(t.node), t.roles, _exclusion(ops.dtype(t.node))) for t in algebra.bias]
     facts = _prove(algebra, evaluator, bias_keeps, sizes=(q.size("m"), k.size("n")))
     site = Site(
-        weights=weights, kind=kind, logit_bias=0.0 if kind is Kind.SOFTMAX else algebra.shift, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
+        weights=weights, kind=kind, logit_bias=0.0 if kind is Kind.SOFTMAX else algebra.shift,
+        qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
         structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p,
