@@ -14,11 +14,12 @@ from torch.fx import Graph, Node
 
 from attnfx.cost_model.cascade import canonical_cascade
 from attnfx.cost_model.hardware import HardwareProfile
+from attnfx.cost_model.algorithms import EAGER_BY_KIND
 from attnfx.cost_model.select import Option, Selection, choose
 from attnfx.cost_model.spec import AttentionSpec
 from attnfx.kernels import Variant
 from attnfx.passes import ops
-from attnfx.passes.attention import RULE, lift
+from attnfx.passes.attention import RULES, lift
 from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
@@ -75,9 +76,10 @@ def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning,
                                       Refusal(Reason.PROBS_ESCAPE, escaped[node], "softmax")))
         elif k == "sdpa":
             decisions.append(Decision(len(decisions), node, "ALREADY_FUSED"))
-        elif k in ("softmax", "log_softmax"):
-            decisions.append(guarded(len(decisions), node, "match",
-                                     lambda index, n: _decide(index, n, evaluator, planning)))
+        elif k in RULES:
+            decision = guarded(len(decisions), node, "match", lambda index, n: _decide(index, n, evaluator, planning))
+            if k != "sigmoid" or decision.site is not None or decision.refusal.stage != "QK":
+                decisions.append(decision)  # a sigmoid of anything but query-key scores is not attention
     return decisions
 
 
@@ -133,8 +135,9 @@ def _options(site: Site, planning: Planning) -> tuple[list[Option], dict]:
                                   variant.refusal(lowering.spec, planning.device)))
             by_key[(variant.name, lowering.name)] = (lowering, variant)
     if planning.eager:
-        options.append(Option("eager", "eager", site.lowerings[-1].spec, "as written"))
+        eager = site.lowerings[-1].spec
+        options.append(Option("eager", EAGER_BY_KIND[eager.kind], eager, "as written"))
     return options, by_key
 
 
-__all__ = ["Decision", "Planning", "RULE", "decide_all", "guarded", "internal_error"]
+__all__ = ["Decision", "Planning", "decide_all", "guarded", "internal_error"]

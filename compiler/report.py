@@ -9,9 +9,10 @@ from typing import Any
 
 from attnfx.cost_model.spec import AttentionSpec
 from attnfx.passes import ops
+from attnfx.passes.attention import RULES
 from attnfx.passes.site import Refusal
 
-from .decide import RULE, Decision
+from .decide import Decision
 
 SCHEMA = "attnfx.report/1"
 STATUSES = ("REWRITTEN", "REFUSED", "KEPT", "ALREADY_FUSED", "RESTORED")
@@ -94,7 +95,7 @@ def entry(decision: Decision, outcome: Outcome | None = None, module_prefix: str
     chosen = decision.variant is not None
     return SiteEntry(
         index=decision.index, node=node.name, module_path=ops.module_path(node).removeprefix(module_prefix),
-        source=ops.source_line(node), rule=RULE, status=status,
+        source=ops.source_line(node), rule=RULES.get(ops.kind(node), "attention.softmax"), status=status,
         reason_code=refusal.code.value if refusal is not None else None,
         reason=refusal.message if refusal is not None else reason,
         failed_stage=refusal.stage if refusal is not None else None,

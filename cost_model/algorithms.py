@@ -503,3 +503,7 @@ LINEAR = Algorithm(
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     EAGER, SDPA, CHUNKED, BOUNDED, FLASH, DECODE_SPLIT_KV, FLEX, PADDED, SIGMOID_EAGER, SIGMOID_CHUNKED,
     SIGMOID_FLASH, LINEAR_EAGER, LINEAR_RIGHT_TO_LEFT, LINEAR_CHUNKED, LINEAR)}
+
+# how a site of each kind is priced when it is left as the model wrote it
+EAGER_BY_KIND: dict[Kind, str] = {Kind.SOFTMAX: EAGER.name, Kind.SIGMOID: SIGMOID_EAGER.name,
+                                  Kind.LINEAR: LINEAR_EAGER.name}

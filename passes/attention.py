@@ -1,12 +1,16 @@
-"""The attention rule: lift `softmax(QK-scores) @ V`, however it is spelled, into a `Site`.
+"""The attention rules: lift `softmax(QK-scores) @ V` and `sigmoid(QK-scores) @ V`, however they
+are spelled, into a `Site`.
 
-Matches: a softmax over the key axis of scores produced by a two-operand contraction (matmul, bmm,
-baddbmm, einsum) of queries with keys, through scalar scales, a tanh softcap, additive bias tensors
-and exclusion masks, whose probabilities (through casts, dropout and transposes) are
-contracted with values over that same key axis.
+Matches: a softmax over the key axis (rule `attention.softmax`), or an elementwise sigmoid with no
+row normalisation (rule `attention.sigmoid`, FlashSigmoid's attention), of scores produced by a
+two-operand contraction (matmul, bmm, baddbmm, einsum) of queries with keys, through scalar scales,
+a tanh softcap, additive bias tensors, exclusion masks and (sigmoid only: there it does not cancel)
+a constant shift, whose weights (through casts, dropout and transposes) are contracted with values
+over that same key axis.
 Rewrites to: any variant that can take one of the site's lowerings (see `Lowering`).
-Refuses (with a `Reason`): everything else — probabilities used elsewhere, softmax over another
-axis, masks or scales after the softmax, non-scalar scales, score-dependent masks, ...
+Refuses (with a `Reason`): everything else — weights used elsewhere, a softmax over another axis,
+masks or scales after the normalisation, a sigmoid renormalised by its row sum, non-scalar scales,
+score-dependent masks, ...
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, MaskInput, dtype_name
+from attnfx.cost_model.spec import AttentionSpec, Kind, MaskInput, dtype_name
 
 from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
@@ -28,7 +32,8 @@ from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
 from .site import BiasTerm, Lowering, MaskFacts, MaskTerm, Reason, Refusal, Site
 
-RULE = "attention.softmax"
+RULES = {"softmax": "attention.softmax", "log_softmax": "attention.softmax", "sigmoid": "attention.sigmoid"}
+_KINDS = {"softmax": Kind.SOFTMAX, "sigmoid": Kind.SIGMOID}
 
 
 def qk_roles(c: Contraction) -> Roles | Refusal:
@@ -55,27 +60,31 @@ def qk_roles(c: Contraction) -> Roles | Refusal:
     return tuple(roles)
 
 
-def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
-    """Lift the attention around `softmax`, or say which stage refused and why."""
-    if ops.kind(softmax) == "log_softmax":
+def lift(weights: Node, evaluator: MaskEvaluator) -> Site | Refusal:
+    """Lift the attention around `weights` (a softmax or a sigmoid node), or say which stage refused
+    and why."""
+    if ops.kind(weights) == "log_softmax":
         return Refusal(Reason.LOG_SOFTMAX, "log_softmax yields log-probabilities (a loss or sampling "
                        "computation), not attention weights", "softmax")
-    x, dim, _ = ops.softmax_args(softmax)
+    kind = _KINDS[ops.kind(weights)]
+    x = ops.arg(weights, "self", 0)
     score_path = find_contraction(x, qk_roles)
     if isinstance(score_path, Refusal):
         return score_path
     if len(ops.users(x)) != 1:
-        other = next(u for u in ops.users(x) if u is not softmax)
+        other = next(u for u in ops.users(x) if u is not weights)
         return Refusal(Reason.SCORES_ESCAPE, f"the scores are also used by {other.name}", "S")
     roles = score_path.final_roles
-    dim = ops.normalize_dim(int(dim), len(roles))
-    if roles[dim] != "n":
-        what = "the queries" if roles[dim] == "m" else "a batch/head dim"
-        return Refusal(Reason.SOFTMAX_AXIS, f"softmax over dim {dim}, which indexes {what}, not the keys", "softmax")
-    algebra = replay(score_path, ops.dtype(x))
+    if kind is Kind.SOFTMAX:
+        dim = ops.normalize_dim(int(ops.softmax_args(weights)[1]), len(roles))
+        if roles[dim] != "n":
+            what = "the queries" if roles[dim] == "m" else "a batch/head dim"
+            return Refusal(Reason.SOFTMAX_AXIS, f"softmax over dim {dim}, which indexes {what}, not the keys",
+                           "softmax")
+    algebra = replay(score_path, ops.dtype(x), constants_cancel=kind is Kind.SOFTMAX)
     if isinstance(algebra, Refusal):
         return algebra
-    probs = _follow_probs(softmax, roles, score_path.structures, algebra)
+    probs = _follow_probs(weights, roles, score_path.structures, algebra)
     if isinstance(probs, Refusal):
         return probs
     algebra.masks = [replace(t, fill=-math.inf) if t in probs.zeroed else t for t in algebra.masks]
@@ -83,21 +92,39 @@ def lift(softmax: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     if isinstance(values, Refusal):
         return values
     v, out_roles = values
-    return _build_site(softmax, score_path, algebra, probs, v, out_roles, evaluator)
+    return _build_site(weights, kind, score_path, algebra, probs, v, out_roles, evaluator)
+
+
+def _zero_fill(node: Node) -> tuple[Node, bool] | None:
+    """(mask, keep_when) when `node` sets weights to 0 where a mask says so, else None."""
+    if ops.kind(node) == "masked_fill":
+        mask, value, keep_when = ops.arg(node, "mask", 1), ops.arg(node, "value", 2), False
+    else:
+        cond, a, b = node.args[:3]
+        mask, value, keep_when = cond, (b if ops.scalar_value(a) is None else a), ops.scalar_value(a) is None
+    if ops.scalar_value(value) != 0.0 or not ops.is_tensor(mask) or ops.dtype(mask) != torch.bool:
+        return None
+    return mask, keep_when
 
 
 def _zeroed_masks(node: Node, algebra: ScoreAlgebra) -> list[MaskTerm]:
     """The score masks a probability mask zeroes exactly again (none: it is not such a mask). It
     changes only rows with no key left (uniform -> 0), so those masks get a -inf fill, whose empty
     rows are 0."""
-    if ops.kind(node) == "masked_fill":
-        mask, value, keep_when = ops.arg(node, "mask", 1), ops.arg(node, "value", 2), False
-    else:
-        cond, a, b = node.args[:3]
-        mask, value, keep_when = cond, (b if ops.scalar_value(a) is None else a), ops.scalar_value(a) is None
-    if ops.scalar_value(value) != 0.0:
+    zero = _zero_fill(node)
+    if zero is None:
         return []
-    return [t for t in algebra.masks if t.node is mask and t.keep_when == keep_when]
+    return [t for t in algebra.masks if t.node is zero[0] and t.keep_when == zero[1]]
+
+
+def _sigmoid_weight_mask(node: Node, roles: Roles, algebra: ScoreAlgebra) -> MaskTerm | None:
+    """A sigmoid's weights set to 0 by a boolean mask: each weight stands alone (no row sum), and
+    sigmoid(-inf) = 0, so this is the same mask on the scores with a -inf fill."""
+    zero = _zero_fill(node)
+    if zero is None:
+        return None
+    mask, keep_when = zero
+    return MaskTerm(mask, roles[len(roles) - ops.rank(mask):], keep_when, -math.inf, len(algebra.bias))
 
 
 @dataclass(frozen=True)
@@ -112,16 +139,17 @@ class _ProbPath:
     dropout_p: float  # training-mode dropout on the way
 
 
-def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], algebra: ScoreAlgebra
+def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], algebra: ScoreAlgebra
                   ) -> _ProbPath | Refusal:
-    node, path, zeroed, dropout_p = softmax, [], [], 0.0
+    node, path, zeroed, dropout_p = weights, [], [], 0.0
+    name = ops.kind(weights)
     while True:
         users = ops.users(node)
         if len(users) != 1 or users[0].op == "output":
             other = next((u for u in users if u.op == "output"), users[1] if len(users) > 1 else None)
             what = "returned by the model" if other is not None and other.op == "output" else (
                 f"also used by {other.name}" if other is not None else "unused")
-            return Refusal(Reason.PROBS_ESCAPE, f"the attention probabilities ({node.name}) are {what}", "A")
+            return Refusal(Reason.PROBS_ESCAPE, f"the attention weights ({node.name}) are {what}", "A")
         user = users[0]
         contraction = read_contraction(user)
         if contraction is not None:
@@ -132,18 +160,20 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], a
             train = ops.arg(user, "train", 2, ops.arg(user, "training", 2, True))
             if train and p > 0:
                 if dropout_p:
-                    return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention probabilities a second "
+                    return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention weights a second "
                                    "time", "A")
                 dropout_p = p
+        elif k in ("masked_fill", "where") and name == "sigmoid" and _sigmoid_weight_mask(user, roles, algebra):
+            algebra.masks.append(_sigmoid_weight_mask(user, roles, algebra))
         elif k in ("masked_fill", "where"):
             again = _zeroed_masks(user, algebra)
             zeroed += again
             if not again:
-                return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the probabilities after the "
-                               "softmax, so rows no longer sum to one", "A")
+                return Refusal(Reason.MASK_AFTER_SOFTMAX, f"{user.name} masks the weights after the {name}, "
+                               "which no attention variant computes", "A")
         elif k in ("mul", "div", "add", "sub", "neg"):
             return Refusal(Reason.PROBS_MODIFIED, f"{user.name} applies {ops.target_name(user)} to the "
-                           "probabilities after the softmax", "A")
+                           f"weights after the {name}", "A")
         elif k in ("transpose", "permute"):
             perm = _permute_source(user)[1]
             roles = tuple(roles[i] for i in perm)
@@ -151,11 +181,11 @@ def _follow_probs(softmax: Node, roles: Roles, structures: dict[Roles, tuple], a
             rebatched = batch_reshape(user, roles, prefix=f"p{len(path)}_")
             if rebatched is None:
                 return Refusal(Reason.NO_AV_CONTRACTION, f"{user.name} reshapes the query or key axis of the "
-                               "probabilities", "AV")
+                               "weights", "AV")
             roles, sizes = rebatched
             structures[tuple(r for r in roles if is_batch_role(r))] = sizes
         elif k not in ("cast", "identity", "reshape", "masked_fill", "where"):
-            return Refusal(Reason.NO_AV_CONTRACTION, f"the probabilities flow into {user.name} "
+            return Refusal(Reason.NO_AV_CONTRACTION, f"the weights flow into {user.name} "
                            f"({ops.target_name(user)}), not a contraction with values", "AV")
         path.append(user)
         node = user
@@ -167,13 +197,13 @@ def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arran
     elif av.rhs is probs and av.lhs is not probs:
         p_labels, v_node, v_labels = av.rhs_labels, av.lhs, av.lhs_labels
     else:
-        return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} contracts the probabilities with themselves", "AV")
+        return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} contracts the weights with themselves", "AV")
     label_roles = dict(zip(p_labels, prob_roles))
     contracted = av.contracted()
     if len(contracted) != 1 or label_roles.get(contracted[0]) != "n":
         names = {"m": "queries", "n": "keys"}
         summed = ", ".join(names.get(label_roles.get(c, ""), "a batch/head dim") for c in contracted)
-        return Refusal(Reason.PROBS_WRONG_AXIS, f"{av.node.name} contracts the probabilities over [{summed}], "
+        return Refusal(Reason.PROBS_WRONG_AXIS, f"{av.node.name} contracts the weights over [{summed}], "
                        "not over the keys alone", "AV")
     free = [x for x in v_labels if x not in label_roles]
     if len(free) != 1 or free[0] not in av.out_labels:
@@ -195,8 +225,8 @@ def _is_number(x: object) -> bool:
     return ops.scalar_value(x) is not None
 
 
-def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, probs: _ProbPath, v: Arranged,
-                out_roles: Roles, evaluator: MaskEvaluator) -> Site | Refusal:
+def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra, probs: _ProbPath,
+                v: Arranged, out_roles: Roles, evaluator: MaskEvaluator) -> Site | Refusal:
     av, prob_path = probs.av, probs.path
     c = sp.contraction
     label_roles = dict(zip(c.out_labels, sp.roles))
@@ -231,7 +261,7 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, probs: _Pro
     refusal = _check_structures(structures, batch_roles, (q, k, v), algebra, out_roles)
     if refusal is not None:
         return refusal
-    source = set(sp.path) | {c.node, softmax, av.node, *prob_path}
+    source = set(sp.path) | {c.node, weights, av.node, *prob_path}
     for term in (*algebra.bias, *algebra.masks):
         if ops.depends_on(term.node, source):
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
@@ -241,11 +271,12 @@ def _build_site(softmax: Node, sp: ScorePath, algebra: ScoreAlgebra, probs: _Pro
     bias_keeps = [additive_keep(evaluator.value(t.node), t.roles, _exclusion(ops.dtype(t.node))) for t in algebra.bias]
     facts = _prove(algebra, evaluator, bias_keeps, sizes=(q.size("m"), k.size("n")))
     site = Site(
-        softmax=softmax, qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
+        weights=weights, kind=kind, logit_bias=0.0 if kind is Kind.SOFTMAX else algebra.shift,
+        qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
         structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p,
-        nodes=_with_checks((c.node, *sp.path, softmax, *prob_path, av.node)),
+        nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
     )
     site.lowerings = _lowerings(site, [t for t, keep in zip(site.bias, bias_keeps) if keep is None])
     return site
@@ -337,7 +368,7 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
         terms = [*site.bias, *site.masks]
         # A huge finite fill (finfo.min) absorbs the score it is added to, so an additive mask
         # reproduces masked_fill exactly, fully masked rows included; a boolean mask would not.
-        absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.softmax)).min / 2
+        absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.weights)).min / 2
                         for t in site.masks)
         single_bool = not site.bias and len(site.masks) == 1 and not absorbing
         kind = MaskInput.BOOL if single_bool else MaskInput.ADDITIVE
@@ -371,7 +402,8 @@ def _base_spec(site: Site) -> AttentionSpec:
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
         head_dim=sizes["e"], value_dim=sizes["f"], dtype=dtype_name(ops.dtype(site.q.node)),
         scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic), dropout_p=site.dropout_p,
+        kind=site.kind, logit_bias=site.logit_bias,
     )
 
 
-__all__ = ["RULE", "lift", "qk_roles"]
+__all__ = ["RULES", "lift", "qk_roles"]

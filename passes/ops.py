@@ -70,6 +70,7 @@ _KIND_NAMES: dict[str, tuple[str, ...]] = {
     "repeat": ("repeat",),
     # what a softmax written out by hand is made of
     "exp": ("exp",),
+    "sigmoid": ("sigmoid",),
     "sum": ("sum",),
     "reduce_max": ("amax",),
     "logsumexp": ("logsumexp",),

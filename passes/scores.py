@@ -24,9 +24,10 @@ _PASS_THROUGH = ("cast", "identity")
 
 @dataclass
 class ScoreAlgebra:
-    """scores = softcap(scale * QK * prod(scale_tensors)) + sum(bias), excluded where masks say."""
+    """scores = softcap(scale * QK * prod(scale_tensors)) + sum(bias) + shift, excluded where masks say."""
 
     scale: float = 1.0
+    shift: float = 0.0  # a constant on every score (it cancels in a softmax, not in a sigmoid)
     scale_tensors: list[tuple[Node, bool]] = field(default_factory=list)
     softcap: float | None = None
     bias: list[BiasTerm] = field(default_factory=list)
@@ -156,16 +157,17 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
     return ScorePath(contraction, contraction_roles, tuple(chain[1:]), tuple(roles_after), structures)
 
 
-def replay(score_path: ScorePath, score_dtype: torch.dtype) -> ScoreAlgebra | Refusal:
-    """Turn the ops on the score path into canonical-order algebra."""
+def replay(score_path: ScorePath, score_dtype: torch.dtype, constants_cancel: bool = True) -> ScoreAlgebra | Refusal:
+    """Turn the ops on the score path into canonical-order algebra. `constants_cancel`: the scores
+    feed a softmax, where a constant added to every score changes nothing (a sigmoid keeps it)."""
     algebra = ScoreAlgebra()
     c = score_path.contraction
     if c.alpha != 1.0:
         algebra.scale *= c.alpha
-    if c.addend is not None:
-        if c.beta != 0.0 and ops.is_tensor(c.addend) and not ops.numel_is_one(c.addend):
-            roles = score_path.roles
-            algebra.bias.append(BiasTerm(c.addend, roles[len(roles) - ops.rank(c.addend):], c.beta))
+    if c.addend is not None and c.beta != 0.0:
+        refusal = _add_term(algebra, c.node, c.addend, c.beta, score_path.roles, constants_cancel)
+        if refusal is not None:
+            return refusal
     nodes = list(score_path.path)
     previous = c.node
     i = 0
@@ -179,7 +181,7 @@ def replay(score_path: ScorePath, score_dtype: torch.dtype) -> ScoreAlgebra | Re
                 return refusal
             previous, i = nodes[i + 2], i + 3
             continue
-        refusal = _apply(algebra, node, previous, roles, score_dtype)
+        refusal = _apply(algebra, node, previous, roles, score_dtype, constants_cancel)
         if refusal is not None:
             return refusal
         previous, i = node, i + 1
@@ -200,7 +202,7 @@ def _softcap_at(nodes: list[Node], i: int, previous: Node) -> tuple[float, float
 
 def _apply_softcap(algebra: ScoreAlgebra, ac: tuple[float, float], node: Node) -> Refusal | None:
     a, c = ac
-    if algebra.softcap is not None or algebra.bias or algebra.masks:
+    if algebra.softcap is not None or algebra.bias or algebra.masks or algebra.shift:
         return Refusal(Reason.SCORE_ORDER, f"softcap at {node.name} comes after a bias, mask or another "
                        "softcap (tanh would move excluded scores back into the softmax)", "softcap")
     # c * tanh(a * z) == softcap_c(a * c * z): fold a * c into the scale.
@@ -221,14 +223,15 @@ def _scalar_factor(node: Node, score: Node) -> float | None:
     return value if k == "mul" else 1.0 / value
 
 
-def _apply(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, score_dtype: torch.dtype) -> Refusal | None:
+def _apply(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, score_dtype: torch.dtype,
+           constants_cancel: bool) -> Refusal | None:
     k = ops.kind(node)
     if k in _PASS_THROUGH or k in ("transpose", "permute", "reshape"):
         return None
     if k in ("mul", "div", "neg"):
-        return _apply_factor(algebra, node, score, k)
+        return _apply_factor(algebra, node, score, k, constants_cancel)
     if k in ("add", "sub"):
-        return _apply_add(algebra, node, score, roles)
+        return _apply_add(algebra, node, score, roles, constants_cancel)
     if k in ("masked_fill", "where"):
         return _apply_mask(algebra, node, score, roles, score_dtype, k)
     if k == "clamp_min" and _is_exclusion_floor(node, score, score_dtype):
@@ -261,7 +264,7 @@ def _is_exclusion_floor(node: Node, score: Node, dtype: torch.dtype) -> bool:
     return value is not None and ops.is_exclusion_fill(value, dtype) and value <= torch.finfo(dtype).min / 2
 
 
-def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str) -> Refusal | None:
+def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, constants_cancel: bool) -> Refusal | None:
     if k == "neg":
         factor: float | None = -1.0
         other = None
@@ -279,9 +282,9 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str) -> Ref
             return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape "
                            f"{tuple(ops.hint_int(d) for d in ops.shape(other)) if ops.is_tensor(other) else other}; only a scalar scale "
                            "is a softmax temperature", "S")
-        if algebra.softcap is not None or algebra.bias or algebra.masks:
+        if algebra.softcap is not None or algebra.bias or algebra.masks or (algebra.shift and not constants_cancel):
             return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "
-                           "mask or softcap", "S")
+                           "mask, shift or softcap", "S")
         algebra.scale_tensors.append((other, k == "div"))
         return None
     if algebra.softcap is not None:
@@ -289,34 +292,50 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str) -> Ref
     if algebra.masks and factor <= 0:
         return Refusal(Reason.SCORE_ORDER, f"{node.name} multiplies masked scores by {factor:g}, which "
                        "would bring excluded keys back", "S")
+    _rescale(algebra, factor)
+    return None
+
+
+def _apply_add(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, constants_cancel: bool
+               ) -> Refusal | None:
+    """`a + alpha * b` or `a - alpha * b` with the scores on either side."""
+    alpha = ops.scalar_value(node.kwargs.get("alpha", 1.0))
+    alpha = 1.0 if alpha is None else alpha
+    factor = -alpha if ops.kind(node) == "sub" else alpha  # what multiplies b
+    if node.args[0] is score:
+        return _add_term(algebra, node, node.args[1], factor, roles, constants_cancel)
+    if factor != 1.0:  # other + factor * scores: the scores are rescaled first
+        if algebra.softcap is not None or (algebra.masks and factor <= 0):
+            return Refusal(Reason.SCORE_ORDER, f"{node.name} rescales the scores by {factor:g} after a mask or "
+                           "softcap", "S")
+        _rescale(algebra, factor)
+    return _add_term(algebra, node, node.args[0], 1.0, roles, constants_cancel)
+
+
+def _add_term(algebra: ScoreAlgebra, node: Node, term: object, coeff: float, roles: Roles,
+              constants_cancel: bool) -> Refusal | None:
+    """Add `coeff * term` to the scores: a bias tensor, or a constant shift."""
+    value = constant_scalar(term)
+    if value is not None:
+        algebra.shift += coeff * value
+        return None
+    if ops.numel_is_one(term):
+        if constants_cancel:
+            return None  # one value added to every score cancels in the softmax
+        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} adds a run-time scalar to the scores before a "
+                       "sigmoid; the sigmoid variants take a constant shift", "S")
+    if not ops.is_tensor(term):
+        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} adds a non-tensor to the scores", "S")
+    algebra.bias.append(BiasTerm(term, roles[len(roles) - ops.rank(term):], coeff))
+    return None
+
+
+def _rescale(algebra: ScoreAlgebra, factor: float) -> None:
+    """Multiply everything added to the scores so far by `factor` (masks' fills included)."""
     algebra.scale *= factor
+    algebra.shift *= factor
     algebra.bias = [BiasTerm(b.node, b.roles, b.coeff * factor) for b in algebra.bias]
     algebra.masks = [replace(m, fill=m.fill * factor) for m in algebra.masks]
-    return None
-
-
-def _apply_add(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles) -> Refusal | None:
-    alpha = ops.scalar_value(node.kwargs.get("alpha", 1.0)) or 1.0
-    score_first = node.args[0] is score
-    other = node.args[1] if score_first else node.args[0]
-    sign = 1.0
-    if ops.kind(node) == "sub":
-        if not score_first:  # other - alpha * score
-            algebra.scale *= -alpha
-            algebra.bias = [BiasTerm(b.node, b.roles, -alpha * b.coeff) for b in algebra.bias]
-            if algebra.masks or algebra.softcap is not None:
-                return Refusal(Reason.SCORE_ORDER, f"{node.name} negates masked scores", "S")
-            alpha, sign = 1.0, 1.0
-        else:
-            sign = -1.0
-    if not isinstance(other, Node) or ops.numel_is_one(other):
-        return None  # a constant added to every score cancels in the softmax
-    if not ops.is_tensor(other):
-        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} adds a non-tensor to the scores", "S")
-    bias_roles = roles[len(roles) - ops.rank(other):]
-    coeff = sign * (alpha if score_first else 1.0)
-    algebra.bias.append(BiasTerm(other, bias_roles, coeff))
-    return None
 
 
 def _apply_mask(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, dtype: torch.dtype, k: str) -> Refusal | None:

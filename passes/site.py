@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, Causal
+from attnfx.cost_model.spec import AttentionSpec, Causal, Kind
 
 from .layout import Arranged, Contraction, Roles
 
@@ -105,7 +105,7 @@ class Lowering:
 class Site:
     """One attention subgraph, lifted: canonical operands, score algebra and mask facts."""
 
-    softmax: Node
+    weights: Node  # the softmax or sigmoid that turns scores into weights
     qk: Contraction
     av: Contraction
     q: Arranged
@@ -122,5 +122,7 @@ class Site:
     structures: dict[Roles, tuple] = field(default_factory=dict)  # batch layouts -> sizes
     batch_sizes: tuple[int, ...] = ()  # canonical batch sizes at the example inputs
     dropout_p: float = 0.0  # training-mode dropout on the probabilities
+    kind: Kind = Kind.SOFTMAX
+    logit_bias: float = 0.0  # a sigmoid site's constant shift of every score
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces

@@ -56,7 +56,7 @@ def test_softcap_and_scale_fold_into_canonical_order() -> None:
     (lambda q, k, v: F.softmax(q @ k.transpose(-1, -2), -2) @ v, "SOFTMAX_AXIS", "softmax",
      "softmax over dim 2, which indexes the queries, not the keys"),
     (lambda q, k, v: (F.softmax(q @ k.transpose(-1, -2), -1) * 2.0) @ v, "PROBS_MODIFIED", "A",
-     "applies mul to the probabilities after the softmax"),
+     "applies mul to the weights after the softmax"),
     (lambda q, k, v: F.softmax((q @ k.transpose(-1, -2)).masked_fill(q[..., :1] > 0, 0.0), -1) @ v,
      "UNPROVEN_MASK", "mask", "sets scores to 0, which keeps them in the softmax: it is not an exclusion mask"),
     (lambda q, k, v: F.softmax(torch.relu(q @ k.transpose(-1, -2)), -1) @ v, "SCORE_OP_UNSUPPORTED", "S",
