@@ -23,15 +23,15 @@ read from the spec, `spec.mods.op_args()` for scale/causal/window/softcap, and f
 Each variant refuses, with a sentence, the sites of another kind and the devices or shapes it does
 not take. The eager forms are priced as algorithms eager, sigmoid_eager and linear_eager.
 """
-from .bounded import BoundedVariant
-from .flex import FlexVariant
+from .bounded import BOUNDED
+from .flex import FLEX
 from .fused import CHUNKED, LIGHTNING, LINEAR, SIGMOID_CHUNKED, TRITON_DECODE, TRITON_FLASH, TRITON_SIGMOID
 from .padded import PaddedVariant
 from .variant import Call, Operands, Variant
 from .sdpa import SdpaVariant
 
 VARIANTS: tuple[Variant, ...] = (
-    SdpaVariant(), CHUNKED, TRITON_FLASH, TRITON_DECODE, FlexVariant(), PaddedVariant(), BoundedVariant(),
+    SdpaVariant(), CHUNKED, TRITON_FLASH, TRITON_DECODE, FLEX, PaddedVariant(), BOUNDED,
     SIGMOID_CHUNKED, TRITON_SIGMOID, LINEAR, LIGHTNING,
 )
 

@@ -32,7 +32,7 @@ from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput
 from . import attention_ops  # noqa: F401  (registers attnfx::attention and its backward, which this op reuses)
 from .attention_args import Dims, accumulation_dtype, check_args, decode_op_args
 from .fused import attention_call
-from .variant import Call, Operands, kind_refusal, score_op_reader
+from .variant import Call, Operands, OpVariant, kind_refusal, score_op_reader
 
 BOUNDED_OP = "attnfx::bounded_attention"
 
@@ -204,25 +204,19 @@ def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
 bounded_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-class BoundedVariant:
-    name = "attnfx_bounded"
-    op = BOUNDED_OP
-    read = staticmethod(score_op_reader(BOUNDED_OP, output_index=0))
-    algorithm = "bounded"
-    exact = True
-    description = "attnfx::bounded_attention: fixed per-row softmax offset, exp2, row sums in the PV product"
+def _bounded_refusal(spec: AttentionSpec, device: str) -> str | None:
+    if device != "cpu":
+        return f"attnfx_bounded is a CPU kernel; on {device} attnfx::attention runs its Triton kernels"
+    if spec.mask is not MaskInput.NONE or spec.key_padding:
+        return "attnfx_bounded takes no mask tensor or key lengths (attnfx_chunked does)"
+    return kind_refusal("attnfx_bounded", Kind.SOFTMAX, spec)
 
-    def refusal(self, spec: AttentionSpec, device: str) -> str | None:
-        kind = kind_refusal(self.name, Kind.SOFTMAX, spec)
-        if kind is not None:
-            return kind
-        if spec.dropout_p:
-            return "attnfx::bounded_attention has no dropout (sdpa fuses training dropout)"
-        if device != "cpu":
-            return f"attnfx_bounded is a CPU kernel; on {device} attnfx::attention runs its Triton kernels"
-        if spec.mask is not MaskInput.NONE or spec.key_padding:
-            return "attnfx_bounded takes no mask tensor or key lengths (attnfx_chunked does)"
-        return None
 
-    def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        return replace(attention_call(spec, operands), target=torch.ops.attnfx.bounded_attention.default)
+def _bounded_call(spec: AttentionSpec, operands: Operands) -> Call:
+    return replace(attention_call(spec, operands), target=torch.ops.attnfx.bounded_attention.default)
+
+
+BOUNDED = OpVariant(
+    "attnfx_bounded", "bounded", BOUNDED_OP,
+    "attnfx::bounded_attention: fixed per-row softmax offset, exp2, row sums in the PV product",
+    _bounded_refusal, _bounded_call, score_op_reader(BOUNDED_OP, output_index=0))

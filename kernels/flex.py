@@ -33,7 +33,7 @@ from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, Score
 from . import attention_ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
 from .attention_args import bias_4d, check_args, decode_op_args
 from .fused import attention_call
-from .variant import Call, Operands, kind_refusal, score_op_reader
+from .variant import Call, Operands, OpVariant, kind_refusal, score_op_reader
 
 FLEX_OP = "attnfx::flex_attention"
 
@@ -202,29 +202,20 @@ def _backward(ctx, grad_out: Tensor):
 flex_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-class FlexVariant:
-    name = "flex"
-    op = FLEX_OP
-    read = staticmethod(score_op_reader(FLEX_OP))
-    algorithm = "flex"
-    exact = True
-    description = "attnfx::flex_attention: FlexAttention compiled by Inductor, block mask from the proof"
+def _flex_refusal(spec: AttentionSpec, device: str) -> str | None:
+    if spec.mask is MaskInput.BOOL:
+        return "a bool mask tensor gives FlexAttention no block structure to skip (SDPA and attnfx_chunked take it)"
+    reason = kind_refusal("flex", Kind.SOFTMAX, spec) or runtime_refusal(spec.torch_dtype, device)
+    if reason is None and {"q_len", "kv_len"} & spec.dynamic:
+        return "flex compiles one kernel per sequence length (seconds each) and this site's length is dynamic"
+    return reason
 
-    def refusal(self, spec: AttentionSpec, device: str) -> str | None:
-        kind = kind_refusal(self.name, Kind.SOFTMAX, spec)
-        if kind is not None:
-            return kind
-        if spec.dropout_p:
-            return "attnfx::flex_attention has no dropout (sdpa fuses training dropout)"
-        if spec.mask is MaskInput.BOOL:
-            return "a bool mask tensor gives FlexAttention no block structure to skip (SDPA and attnfx_chunked take it)"
-        reason = runtime_refusal(spec.torch_dtype, device)
-        if reason is None and {"q_len", "kv_len"} & spec.dynamic:
-            return ("flex compiles one kernel per sequence length (seconds each) and this site's length is "
-                    "dynamic")
-        return reason
 
-    def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        """attnfx::attention's arguments, to the op that returns the output alone."""
-        return replace(attention_call(spec, operands), target=torch.ops.attnfx.flex_attention.default,
-                       output_index=None)
+def _flex_call(spec: AttentionSpec, operands: Operands) -> Call:
+    """attnfx::attention's arguments, to the op that returns the output alone."""
+    return replace(attention_call(spec, operands), target=torch.ops.attnfx.flex_attention.default, output_index=None)
+
+
+FLEX = OpVariant(
+    "flex", "flex", FLEX_OP, "attnfx::flex_attention: FlexAttention compiled by Inductor, block mask from the proof",
+    _flex_refusal, _flex_call, score_op_reader(FLEX_OP))
