@@ -20,6 +20,7 @@ from attnfx.cost_model.spec import AttentionSpec
 from attnfx.kernels import Variant
 from attnfx.passes import ops
 from attnfx.passes.attention import RULES, lift
+from attnfx.passes.linear import ANCHORS as LINEAR_ANCHORS, NOT_ATTENTION, lift_linear
 from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
@@ -78,9 +79,17 @@ def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning,
             decisions.append(Decision(len(decisions), node, "ALREADY_FUSED"))
         elif k in RULES:
             decision = guarded(len(decisions), node, "match", lambda index, n: _decide(index, n, evaluator, planning))
-            if k != "sigmoid" or decision.site is not None or decision.refusal.stage != "QK":
-                decisions.append(decision)  # a sigmoid of anything but query-key scores is not attention
+            if _listed(k, decision):
+                decisions.append(decision)
     return decisions
+
+
+def _listed(kind: str, decision: Decision) -> bool:
+    """Every softmax is listed; a sigmoid of anything but query-key scores, and a contraction that is
+    not linear attention (a refusal at stage "QK"), are not attention and are not."""
+    if kind not in ("sigmoid", *LINEAR_ANCHORS) or decision.site is not None:
+        return True
+    return decision.refusal.stage != NOT_ATTENTION
 
 
 def guarded(index: int, node: Node, stage: str, step: Callable[[int, Node], Decision]) -> Decision:
@@ -100,7 +109,7 @@ def internal_error(exc: Exception, stage: str) -> Refusal:
 
 
 def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning) -> Decision:
-    site = lift(node, evaluator)
+    site = (lift_linear if ops.kind(node) in LINEAR_ANCHORS else lift)(node, evaluator)
     if isinstance(site, Refusal):
         return Decision(index, node, "REFUSED", site)
     if site.dropout_p and planning.exact_dropout:
