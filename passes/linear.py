@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch.fx import Node
 
 from attnfx.cost_model.spec import Causal, Kind
@@ -78,6 +79,20 @@ def lift_linear(anchor: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     return _site(anchor, av, sp, weights, values, normaliser, after is not None, evaluator)
 
 
+def feature_maps(site: Site) -> set[Node]:
+    """The nodes a linear site's q and k are views of (its feature maps phi(q), phi(k)); empty for
+    other kinds. A softmax among them normalises features, not attention weights."""
+    if site.kind is not Kind.LINEAR:
+        return set()
+    sources = set()
+    for arranged in (site.q, site.k):
+        node = arranged.node
+        while ops.kind(node) in _VIEWS and isinstance(node.args[0], Node):
+            node = node.args[0]
+        sources.add(node)
+    return sources
+
+
 def _not_attention(message: str) -> Refusal:
     return Refusal(Reason.NO_QK_CONTRACTION, message, NOT_ATTENTION)
 
@@ -116,7 +131,7 @@ def _row_sum(den: Node, weights: Node) -> tuple[float, list[Node], Node] | None:
             eps, nodes, den = eps + constant_scalar(den.args[1]), nodes + [den], den.args[0]
         elif k == "add" and len(den.args) == 2 and constant_scalar(den.args[0]) is not None:
             eps, nodes, den = eps + constant_scalar(den.args[0]), nodes + [den], den.args[1]
-        elif k in ("unsqueeze", "reshape", "cast", "identity") and isinstance(den.args[0], Node):
+        elif k in ("unsqueeze", "reshape", "cast", "identity", "transpose", "permute") and isinstance(den.args[0], Node):
             nodes, den = nodes + [den], den.args[0]
         else:
             break
@@ -169,6 +184,24 @@ def _rows_line_up(den: Node, out: Node, out_roles: Roles) -> bool:
     return True
 
 
+def _trained_parameter(node: Node) -> str | None:
+    """The name of a parameter that requires grad which `node` is computed from, if any."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            value = current.graph.owning_module
+            for part in str(current.target).split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+                return str(current.target)
+        stack.extend(current.all_input_nodes)
+    return None
+
+
 def _escape(weights: Node, allowed: set[Node]) -> Refusal | None:
     other = next((u for u in ops.users(weights) if u not in allowed), None)
     if other is None:
@@ -191,6 +224,10 @@ def _site(anchor: Node, av: Contraction, sp: ScorePath, weights: Node, values: t
     proven = prove(algebra, sp.final_roles, q_len, kv_len, heads, anchor.graph)
     if isinstance(proven, Refusal):
         return proven
+    trained = _trained_parameter(proven.decay.source) if proven.decay and proven.decay.source else None
+    if trained is not None:
+        return Refusal(Reason.DECAY_TRAINED, f"the decay is computed from the trainable parameter {trained}, and "
+                       "attnfx::linear_attention gives the decay no gradient (freeze it to rewrite the site)", "mask")
     extra = [anchor] if after else []
     path = [*extra, *(normaliser.nodes if normaliser else ())]
     output = normaliser.output if after else anchor
@@ -210,4 +247,4 @@ def _site(anchor: Node, av: Contraction, sp: ScorePath, weights: Node, values: t
     return site
 
 
-__all__ = ["ANCHORS", "NOT_ATTENTION", "RULE", "lift_linear"]
+__all__ = ["ANCHORS", "NOT_ATTENTION", "RULE", "feature_maps", "lift_linear"]

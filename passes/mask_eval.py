@@ -179,6 +179,7 @@ class MaskEvaluator:
             "cast": self._cast, "identity": self._same,
             "diff": self._diff, "cumsum": self._cumsum, "repeat": self._repeat,
             "pow": self._pow, "exp": self._exp, "log": self._exp, "clamp_min": self._clamp,
+            "reciprocal": self._reciprocal,
         }
 
     # -- entry point ---------------------------------------------------------------------------
@@ -298,6 +299,10 @@ class MaskEvaluator:
         x = self.value(node.args[0])
         fn = sympy.exp if ops.kind(node) == "exp" else sympy.log
         return Sym(fn(to_number(x.expr)), x.shape)
+
+    def _reciprocal(self, node: Node) -> Sym:
+        x = self.value(node.args[0])
+        return Sym(1 / to_number(x.expr), x.shape)
 
     def _clamp(self, node: Node) -> Sym:
         """max(x, lo) and min(x, hi) (decay masks clamp the age i - j at 0)."""
