@@ -59,10 +59,13 @@ def lift_linear(anchor: Node, evaluator: MaskEvaluator) -> Site | Refusal:
         name = next(ops.kind(n) for n in sp.path if ops.kind(n) in NORMALISERS)
         return Refusal(Reason.SOFTMAX_PRESENT, f"the weights pass a {name}: that is {name} attention (its own "
                        "rule's site), not linear attention", NOT_ATTENTION)
-    state = next((n for n in (sp.contraction.rhs, _values_of(av, weights if before is None else before.output))
-                  if _is_model_tensor(n)), None)
+    c, values_node = sp.contraction, _values_of(av, weights if before is None else before.output)
+    state = next((n for n in (c.rhs, values_node) if _is_model_tensor(n)), None)
     if state is not None:
         return _not_attention(f"{state.name} is a tensor of the model: a product of projections, not attention")
+    if len({_source(n) for n in (c.lhs, c.rhs, values_node)}) < 3:
+        return _not_attention("queries, keys and values are not three tensors (a Gram product such as x x^T x, "
+                              "or attention weights multiplied together)")
     values = _value_roles(av, weights if before is None else before.output, sp.final_roles)
     if isinstance(values, Refusal):
         return _not_attention(values.message)
@@ -84,13 +87,7 @@ def feature_maps(site: Site) -> set[Node]:
     other kinds. A softmax among them normalises features, not attention weights."""
     if site.kind is not Kind.LINEAR:
         return set()
-    sources = set()
-    for arranged in (site.q, site.k):
-        node = arranged.node
-        while ops.kind(node) in _VIEWS and isinstance(node.args[0], Node):
-            node = node.args[0]
-        sources.add(node)
-    return sources
+    return {_source(site.q.node), _source(site.k.node)}
 
 
 def _not_attention(message: str) -> Refusal:
@@ -115,11 +112,16 @@ def _values_of(av: Contraction, weights_operand: Node) -> Node:
     return av.rhs if av.lhs is weights_operand else av.lhs
 
 
+def _source(node: Node) -> Node:
+    """The tensor `node` is a view of."""
+    while ops.kind(node) in _VIEWS and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
 def _is_model_tensor(node: Node) -> bool:
     """A parameter, buffer or constant of the model, seen through views."""
-    while ops.kind(node) in _VIEWS and ops.is_tensor(ops.arg(node, "self", 0)):
-        node = ops.arg(node, "self", 0)
-    return node.op == "get_attr"
+    return _source(node).op == "get_attr"
 
 
 def _row_sum(den: Node, weights: Node) -> tuple[float, list[Node], Node] | None:
