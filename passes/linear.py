@@ -25,7 +25,7 @@ from attnfx.cost_model.spec import Causal, Kind
 
 from . import ops
 from .attention import _build_site, _ProbPath, _value_roles, qk_roles
-from .layout import Contraction, Roles, look_through_permutes, Arranged, read_contraction
+from .layout import Arranged, Contraction, Roles, read_contraction
 from .linear_weights import NORMALISERS, prove, read_weights
 from .mask_eval import MaskEvaluator
 from .scores import ScoreAlgebra, ScorePath, constant_scalar, find_contraction
@@ -54,21 +54,18 @@ def lift_linear(anchor: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     found = _find_weights(av) if av is not None else None
     if found is None:
         return _not_attention(f"{anchor.name} does not contract query-key weights with values")
-    sp, weights, before = found
+    sp, weights, before, values = found
     if any(ops.kind(n) in NORMALISERS for n in sp.path):
         name = next(ops.kind(n) for n in sp.path if ops.kind(n) in NORMALISERS)
         return Refusal(Reason.SOFTMAX_PRESENT, f"the weights pass a {name}: that is {name} attention (its own "
                        "rule's site), not linear attention", NOT_ATTENTION)
-    c, values_node = sp.contraction, _values_of(av, weights if before is None else before.output)
+    c, values_node = sp.contraction, values[0].node
     state = next((n for n in (c.rhs, values_node) if _is_model_tensor(n)), None)
     if state is not None:
         return _not_attention(f"{state.name} is a tensor of the model: a product of projections, not attention")
     if len({_source(n) for n in (c.lhs, c.rhs, values_node)}) < 3:
         return _not_attention("queries, keys and values are not three tensors (a Gram product such as x x^T x, "
                               "or attention weights multiplied together)")
-    values = _value_roles(av, weights if before is None else before.output, sp.final_roles)
-    if isinstance(values, Refusal):
-        return _not_attention(values.message)
     after = _normaliser(anchor, weights, sp.final_roles, values[1]) if before is None else None
     normaliser = before or after
     if isinstance(normaliser, Refusal):
@@ -94,22 +91,19 @@ def _not_attention(message: str) -> Refusal:
     return Refusal(Reason.NO_QK_CONTRACTION, message, NOT_ATTENTION)
 
 
-def _find_weights(av: Contraction) -> tuple[ScorePath, Node, _Normaliser | None] | None:
-    """(score path, weights, the normaliser dividing them before AV) for the operand of `av` that
-    traces back to a query-key contraction and is contracted over its key axis."""
+def _find_weights(av: Contraction) -> tuple[ScorePath, Node, _Normaliser | None, tuple[Arranged, Roles]] | None:
+    """(score path, weights, the normaliser dividing them before AV, values and output roles) for
+    the operand of `av` that traces back to a query-key contraction and is contracted over its key axis."""
     for operand in (av.lhs, av.rhs):
         before = _divided_weights(operand)
         weights = before.output.args[0] if before is not None else operand
         sp = find_contraction(weights, qk_roles, accepts=lambda node: True)
         if isinstance(sp, Refusal) or sp.contraction.node is av.node:
             continue
-        if not isinstance(_value_roles(av, operand, sp.final_roles), Refusal):
-            return sp, weights, before
+        values = _value_roles(av, operand, sp.final_roles)
+        if not isinstance(values, Refusal):
+            return sp, weights, before, values
     return None
-
-
-def _values_of(av: Contraction, weights_operand: Node) -> Node:
-    return av.rhs if av.lhs is weights_operand else av.lhs
 
 
 def _source(node: Node) -> Node:
@@ -120,8 +114,11 @@ def _source(node: Node) -> Node:
 
 
 def _is_model_tensor(node: Node) -> bool:
-    """A parameter, buffer or constant of the model, seen through views."""
-    return _source(node).op == "get_attr"
+    """A parameter, buffer or constant of the model, seen through views (in Dynamo's graphs, an
+    input Dynamo named after a module's parameter or buffer)."""
+    source = _source(node)
+    dynamo_state = source.op == "placeholder" and ("_parameters_" in source.name or "_buffers_" in source.name)
+    return source.op == "get_attr" or dynamo_state
 
 
 def _row_sum(den: Node, weights: Node) -> tuple[float, list[Node], Node] | None:
@@ -187,19 +184,20 @@ def _rows_line_up(den: Node, out: Node, out_roles: Roles) -> bool:
 
 
 def _trained_parameter(node: Node) -> str | None:
-    """The name of a parameter that requires grad which `node` is computed from, if any."""
+    """The name of a parameter (or input) that requires grad which `node` is computed from, if any."""
     seen, stack = set(), [node]
     while stack:
         current = stack.pop()
         if current in seen:
             continue
         seen.add(current)
+        value = current.meta.get("val") if current.op == "placeholder" else None  # Dynamo's graphs
         if current.op == "get_attr":
             value = current.graph.owning_module
             for part in str(current.target).split("."):
                 value = getattr(value, part, None)
-            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
-                return str(current.target)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return str(current.target)
         stack.extend(current.all_input_nodes)
     return None
 

@@ -122,10 +122,6 @@ POSITIVE = {
 LINEAR_VARIANTS = ["attnfx_linear", "attnfx_lightning"]
 
 
-def _calls(opt, op: str) -> list:
-    return [n for n in opt.graph_module.graph.nodes if getattr(n.target, "name", str)() == op]
-
-
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
@@ -141,7 +137,7 @@ def test_linear_attention_is_rewritten_exactly(name: str) -> None:
     spec = entry.spec
     assert (spec.kind.value, spec.causal.value, spec.decay, spec.normalize) == \
         ("linear", "top_left" if causal else "none", decay, normalize)
-    (call,) = _calls(opt, "attnfx::linear_attention")
+    (call,) = cases.op_calls(opt, "attnfx::linear_attention")
     assert (call.args[3] is not None) == decay
     squares = [n for n in opt.graph_module.graph.nodes if n.op == "call_function"
                and tuple(getattr(n.meta.get("val"), "shape", ()))[-2:] == (T, T)]
@@ -156,7 +152,7 @@ def test_decay_is_read_from_the_models_tensor_or_proven_per_head() -> None:
     """A decay built from the model's own per-head tensor is passed as that tensor; RetNet's closed
     form 1 - 2^(-5-h) becomes its numbers."""
     opt = attnfx.optimize(Projected(decay_retnet_exp_normalised).eval(), inputs(), variants=LINEAR_VARIANTS)
-    (call,) = _calls(opt, "attnfx::linear_attention")
+    (call,) = cases.op_calls(opt, "attnfx::linear_attention")
     values = [n for n in opt.graph_module.graph.nodes if n.target is torch.tensor]
     assert len(values) == 1 and call.args[3] is values[0]
     expected = 1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float64))
@@ -188,7 +184,7 @@ def test_a_trained_decay_is_kept_and_a_frozen_one_rewritten() -> None:
     model.logit.requires_grad_(False)
     opt = attnfx.optimize(model, inputs(), variants=LINEAR_VARIANTS)
     assert opt.report.entries[0].status == "REWRITTEN"
-    (call,) = _calls(opt, "attnfx::linear_attention")
+    (call,) = cases.op_calls(opt, "attnfx::linear_attention")
     assert ops_name(call.args[3]) == "reshape"  # the sigmoid of the parameter, one value per head
     for t in LENGTHS:
         x = inputs(t)
@@ -280,15 +276,7 @@ NEAR_MISSES = {
 @pytest.mark.parametrize("name", NEAR_MISSES)
 def test_linear_near_miss_is_kept_with_its_reason(name: str) -> None:
     attend, code, text = NEAR_MISSES[name]
-    model = Projected(attend).eval()
-    opt = attnfx.optimize(model, inputs(), variants=LINEAR_VARIANTS)
-    (entry,) = opt.report.entries
-    assert (entry.rule, entry.status, entry.reason_code) == ("attention.linear", "REFUSED", code)
-    assert text in entry.reason
-    assert not _calls(opt, "attnfx::linear_attention")
-    x = inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(opt(*x), model(*x))
+    cases.check_kept(attend, "attention.linear", code, text, "attnfx::linear_attention", variants=LINEAR_VARIANTS)
 
 
 def test_weights_returned_by_the_model_are_kept() -> None:
@@ -311,7 +299,7 @@ def softmax_times_decay(q, k, v):  # a softmax present: the softmax rule's site 
 def test_weights_through_a_softmax_are_the_softmax_rules(attend, status: str) -> None:
     opt = attnfx.optimize(Projected(attend).eval(), inputs())
     assert [(e.rule, e.status) for e in opt.report.entries] == [("attention.softmax", status)]
-    assert not _calls(opt, "attnfx::linear_attention")
+    assert not cases.op_calls(opt, "attnfx::linear_attention")
 
 
 class TwoProjections(nn.Module):
