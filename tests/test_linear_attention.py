@@ -321,3 +321,18 @@ def test_products_of_projections_are_not_listed() -> None:
     x = inputs(20)
     with torch.no_grad():
         torch.testing.assert_close(opt(*x), model(*x))
+
+
+def test_the_compile_backend_rewrites_linear_attention() -> None:
+    """torch.compile(backend="attnfx") lifts the same site from Dynamo's graph, decay included."""
+    torch._dynamo.reset()
+    model = Projected(decay_pow_clamped).eval()
+    opt = torch.compile(model, backend="attnfx", options={"inductor": False, "variants": LINEAR_VARIANTS})
+    x = inputs()
+    with torch.no_grad():
+        assert _relative_error(opt(*x), model(*x)) < 1e-4
+    (report,) = attnfx.reports(model)
+    (entry,) = report.entries
+    assert (entry.rule, entry.status, entry.variant) == ("attention.linear", "REWRITTEN", "attnfx_lightning")
+    assert entry.spec.decay
+    torch._dynamo.reset()
