@@ -31,7 +31,6 @@ from .mask_eval import MaskEvaluator
 from .scores import ScoreAlgebra, ScorePath, constant_scalar, find_contraction
 from .site import Lowering, Reason, Refusal, Site
 
-RULE = "attention.linear"
 ANCHORS = ("matmul", "einsum")  # the op kinds a linear site is anchored on (its AV contraction)
 NOT_ATTENTION = "QK"  # the stage of refusals that mean "not linear attention": such anchors are not listed
 _VIEWS = ("cast", "identity", "transpose", "permute", "reshape", "unsqueeze", "squeeze", "expand", "flatten",
@@ -247,4 +246,4 @@ def _site(anchor: Node, av: Contraction, sp: ScorePath, weights: Node, values: t
     return site
 
 
-__all__ = ["ANCHORS", "NOT_ATTENTION", "RULE", "feature_maps", "lift_linear"]
+__all__ = ["ANCHORS", "NOT_ATTENTION", "feature_maps", "lift_linear"]
