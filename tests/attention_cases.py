@@ -65,6 +65,17 @@ def check_kept(attend: Callable, rule: str, code: str, text: str, op: str, **opt
         torch.testing.assert_close(opt(*x), model(*x))
 
 
+def check_gradients(model: nn.Module, opt: nn.Module, x: tuple, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """The optimised model's parameter gradients of a loss at `x` are the model's own."""
+    model.zero_grad()
+    opt(*x).square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(*x).square().sum().backward()
+    for g, want in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(g, want, rtol=rtol, atol=atol)
+
+
 def causal_keep(t: int, device=None) -> torch.Tensor:
     return torch.ones(t, t, dtype=torch.bool, device=device).tril()
 

@@ -203,14 +203,7 @@ def test_gradients_flow_through_a_rewritten_linear_site(name: str) -> None:
     opt = attnfx.optimize(model, inputs(), variants=LINEAR_VARIANTS)
     assert opt.report.rewritten == 1
     for t in (T, 29):
-        x = inputs(t)
-        opt(*x).square().sum().backward()
-        got = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        model(*x).square().sum().backward()
-        for g, want in zip(got, (p.grad for p in model.parameters())):
-            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
-        model.zero_grad()
+        cases.check_gradients(model, opt, inputs(t))
 
 
 def test_the_cost_model_prices_each_order_and_chooses_lightning_for_long_causal_sites() -> None:

@@ -98,13 +98,7 @@ def test_gradients_flow_through_a_rewritten_sigmoid_site() -> None:
     model = Projected(logit_bias)
     opt = attnfx.optimize(model, inputs(), variants=["attnfx_sigmoid_chunked"])
     assert opt.report.rewritten == 1
-    x = inputs()
-    opt(*x).square().sum().backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model(*x).square().sum().backward()
-    for g, want in zip(got, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+    cases.check_gradients(model, opt, inputs())
 
 
 def renormalised(q, k, v):
