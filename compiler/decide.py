@@ -7,7 +7,7 @@ site becomes that site's `INTERNAL_ERROR` refusal; the rest of the model is stil
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from torch.fx import Graph, Node
@@ -20,6 +20,7 @@ from attnfx.cost_model.spec import AttentionSpec
 from attnfx.kernels import Variant
 from attnfx.passes import ops
 from attnfx.passes.attention import RULES, lift
+from attnfx.passes.linear import ANCHORS as LINEAR_ANCHORS, NOT_ATTENTION, feature_maps, lift_linear
 from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
@@ -78,9 +79,20 @@ def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning,
             decisions.append(Decision(len(decisions), node, "ALREADY_FUSED"))
         elif k in RULES:
             decision = guarded(len(decisions), node, "match", lambda index, n: _decide(index, n, evaluator, planning))
-            if k != "sigmoid" or decision.site is not None or decision.refusal.stage != "QK":
-                decisions.append(decision)  # a sigmoid of anything but query-key scores is not attention
-    return decisions
+            if _listed(k, decision):
+                decisions.append(decision)
+    maps = {n for d in decisions if d.site is not None for n in feature_maps(d.site)}
+    kept = [d for d in decisions if not (d.node in maps and d.site is None and d.refusal.stage == NOT_ATTENTION)]
+    return [replace(d, index=i) for i, d in enumerate(kept)]
+
+
+def _listed(kind: str, decision: Decision) -> bool:
+    """Every softmax is listed (but a softmax over the features of a linear site's q or k, see
+    decide_all); a sigmoid of anything but query-key scores, and a contraction that is
+    not linear attention (a refusal at stage "QK"), are not attention and are not."""
+    if kind not in ("sigmoid", *LINEAR_ANCHORS) or decision.site is not None:
+        return True
+    return decision.refusal.stage != NOT_ATTENTION
 
 
 def guarded(index: int, node: Node, stage: str, step: Callable[[int, Node], Decision]) -> Decision:
@@ -100,7 +112,7 @@ def internal_error(exc: Exception, stage: str) -> Refusal:
 
 
 def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning) -> Decision:
-    site = lift(node, evaluator)
+    site = (lift_linear if ops.kind(node) in LINEAR_ANCHORS else lift)(node, evaluator)
     if isinstance(site, Refusal):
         return Decision(index, node, "REFUSED", site)
     if site.dropout_p and planning.exact_dropout:

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from attnfx.cost_model.hardware import HardwareProfile
 from attnfx.cost_model.targets import resolve_target
 from attnfx.kernels import VARIANTS, Variant
+from attnfx.passes import ops
 from attnfx.passes.emit import Emitted, emit
 from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.site import Reason, Refusal
@@ -240,10 +241,16 @@ def _variants(names: Sequence[str] | None) -> tuple[Variant, ...]:
 
 
 def _remove_dead_nodes(graph: torch.fx.Graph) -> None:
-    """Drop pure nodes nothing uses (weights the caller discarded, what replaced sites read)."""
+    """Drop pure nodes nothing uses (weights the caller discarded, what replaced sites read), and
+    the metadata checks of tensors nothing else reads."""
     for node in reversed(list(graph.nodes)):
-        if node.op in ("call_function", "get_attr") and not node.users and not node.is_impure():
+        if node.op in ("call_function", "get_attr") and not node.users and (not node.is_impure() or _lone_check(node)):
             graph.erase_node(node)
+
+
+def _lone_check(node: Node) -> bool:
+    """An export metadata check of a tensor nothing else reads (a mask the rewrite no longer uses)."""
+    return ops.is_metadata_check(node) and all(len(arg.users) == 1 for arg in node.all_input_nodes)
 
 
 def _erase_unused(graph: torch.fx.Graph, nodes: Sequence[Node]) -> None:

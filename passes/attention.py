@@ -32,7 +32,8 @@ from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
 from .site import BiasTerm, Lowering, MaskFacts, MaskTerm, Reason, Refusal, Site
 
-RULES = {"softmax": "attention.softmax", "log_softmax": "attention.softmax", "sigmoid": "attention.sigmoid"}
+RULES = {"softmax": "attention.softmax", "log_softmax": "attention.softmax", "sigmoid": "attention.sigmoid",
+         "matmul": "attention.linear", "einsum": "attention.linear"}  # linear: anchored on AV (passes/linear.py)
 _KINDS = {"softmax": Kind.SOFTMAX, "sigmoid": Kind.SIGMOID}
 
 

@@ -15,7 +15,7 @@ from attnfx.kernels import Operands, Variant
 
 from . import ops
 from .layout import Arranged, arrange, is_batch_role, unflatten_sizes
-from .site import Lowering, Site
+from .site import Decay, Lowering, Site
 
 aten = torch.ops.aten
 
@@ -40,7 +40,8 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
         v = builder.operand(site.v, ("n", "f"))
         k, v = builder.broadcast_batch(site, site.k, k), builder.broadcast_batch(site, site.v, v)
         mask = builder.mask(lowering, ops.dtype(site.q.node))
-        operands = Operands(q=q, k=k, v=v, mask=mask)
+        decay = builder.decay(site.decay) if lowering.spec.decay else None
+        operands = Operands(q=q, k=k, v=v, mask=mask, decay=decay)
         call = variant.call(lowering.spec, operands)
         out = call_node = graph.call_function(call.target, call.args, call.kwargs)
         if call.output_index is not None:
@@ -145,6 +146,15 @@ class _Builder:
         if _dtype_of(total) not in (None, dtype):
             total = self.call(aten._to_copy.default, total, dtype=dtype)
         return self.to_4d(total)
+
+    def decay(self, decay: Decay) -> Node:
+        """A linear site's decay lambda, one value per canonical head: (H,)."""
+        if decay.values is not None:
+            return self.call(torch.tensor, list(decay.values), dtype=torch.float32)
+        node = self.call(aten.reshape.default, decay.source, [-1])
+        if decay.exp_coeff is not None:
+            node = self.call(aten.exp.default, self.call(aten.mul.Tensor, node, decay.exp_coeff))
+        return node
 
     def _bias_term(self, term) -> Node:
         node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))

@@ -178,6 +178,8 @@ class MaskEvaluator:
             "permute": self._permute, "transpose": self._permute,
             "cast": self._cast, "identity": self._same,
             "diff": self._diff, "cumsum": self._cumsum, "repeat": self._repeat,
+            "pow": self._pow, "exp": self._exp, "log": self._exp, "clamp_min": self._clamp,
+            "reciprocal": self._reciprocal,
         }
 
     # -- entry point ---------------------------------------------------------------------------
@@ -286,6 +288,34 @@ class MaskEvaluator:
     def _abs(self, node: Node) -> Sym:
         x = self.value(node.args[0])
         return Sym(sympy.Abs(to_number(x.expr)), x.shape)
+
+    def _pow(self, node: Node) -> Sym:
+        """base ** exponent (decay masks: lambda[h] ** (i - j))."""
+        a, b, shape = self._binary(node)
+        return Sym(sympy.Pow(to_number(a), to_number(b)), shape)
+
+    def _exp(self, node: Node) -> Sym:
+        """exp or log of a value (decay masks: exp(log_lambda[h] * (i - j)))."""
+        x = self.value(node.args[0])
+        fn = sympy.exp if ops.kind(node) == "exp" else sympy.log
+        return Sym(fn(to_number(x.expr)), x.shape)
+
+    def _reciprocal(self, node: Node) -> Sym:
+        x = self.value(node.args[0])
+        return Sym(1 / to_number(x.expr), x.shape)
+
+    def _clamp(self, node: Node) -> Sym:
+        """max(x, lo) and min(x, hi) (decay masks clamp the age i - j at 0)."""
+        shape = _sizes(node)
+        x = to_number(_align(self.value(node.args[0]), len(shape)))
+        if ops.target_name(node) == "clamp":
+            lo, hi = ops.arg(node, "min", 1), ops.arg(node, "max", 2)
+        else:
+            lo, hi = node.args[1], None
+        for bound, fn in ((lo, sympy.Max), (hi, sympy.Min)):
+            if bound is not None:
+                x = fn(x, to_number(_align(self.value(bound), len(shape))))
+        return Sym(x, shape)
 
     def _cmp(self, node: Node) -> Sym:
         a, b, shape = self._binary(node)

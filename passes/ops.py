@@ -70,6 +70,8 @@ _KIND_NAMES: dict[str, tuple[str, ...]] = {
     "repeat": ("repeat",),
     # what a softmax written out by hand is made of
     "exp": ("exp",),
+    "pow": ("pow",),
+    "log": ("log",),
     "sigmoid": ("sigmoid",),
     "sum": ("sum",),
     "reduce_max": ("amax",),

@@ -98,9 +98,12 @@ def _score_operands(node: Node) -> list[Node]:
     return [a for a in node.all_input_nodes if ops.is_tensor(a) and ops.shape(a) == ops.shape(node)]
 
 
-def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refusal]) -> ScorePath | Refusal:
+def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refusal],
+                     accepts: Callable[[Node], bool] | None = None) -> ScorePath | Refusal:
     """Walk back from the softmax input to the QK contraction (trying each operand that may hold
-    the scores, depth-first), then derive the score roles along the way."""
+    the scores, depth-first), then derive the score roles along the way. `accepts` says which ops
+    may stand on the path (default: those the score algebra replays); a caller that classifies the
+    path itself accepts more."""
     refusals: list[Refusal] = []
 
     def walk(node: Node, depth: int) -> list[Node] | None:
@@ -129,7 +132,8 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
                        "through score operations", "QK")
     contraction = read_contraction(chain[0])
     roles = roles_of(contraction)
-    unknown = next((n for n in chain[1:] if ops.kind(n) not in _ALGEBRA_KINDS), None)
+    accepts = accepts or (lambda node: ops.kind(node) in _ALGEBRA_KINDS)
+    unknown = next((n for n in chain[1:] if not accepts(n)), None)
     if unknown is not None:
         return _unsupported(unknown)
     for node in chain[:-1]:

@@ -33,6 +33,11 @@ class Reason(str, enum.Enum):
     VIEW_ON_SCORES = "VIEW_ON_SCORES"
     RANK_UNSUPPORTED = "RANK_UNSUPPORTED"
     DTYPE_UNSUPPORTED = "DTYPE_UNSUPPORTED"
+    FEATURE_MAP_AFTER_PRODUCT = "FEATURE_MAP_AFTER_PRODUCT"
+    DECAY_NOT_GEOMETRIC = "DECAY_NOT_GEOMETRIC"
+    DECAY_TRAINED = "DECAY_TRAINED"
+    NORMALIZER_AXIS = "NORMALIZER_AXIS"
+    SOFTMAX_PRESENT = "SOFTMAX_PRESENT"
     NO_VARIANT = "NO_VARIANT"
     EAGER_FASTEST = "EAGER_FASTEST"
     VERIFICATION_FAILED = "VERIFICATION_FAILED"
@@ -92,6 +97,17 @@ class MaskTerm:
 
 
 @dataclass(frozen=True)
+class Decay:
+    """A linear site's per-head decay lambda (canonical heads H), proven from its decay mask:
+    `values` when it is a number per head, else `exp_coeff`-free `source` (lambda = source) or
+    lambda = exp(exp_coeff * source), `source` a tensor of the model holding one value per head."""
+
+    values: tuple[float, ...] | None = None
+    source: Node | None = None
+    exp_coeff: float | None = None
+
+
+@dataclass(frozen=True)
 class Lowering:
     """One exact way to hand the site to a kernel: its spec and how to build the mask operand."""
 
@@ -124,5 +140,6 @@ class Site:
     dropout_p: float = 0.0  # training-mode dropout on the probabilities
     kind: Kind = Kind.SOFTMAX
     logit_bias: float = 0.0  # a sigmoid site's constant shift of every score
+    decay: Decay | None = None  # a linear site's decay operand
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces

@@ -44,6 +44,38 @@ def inputs(t: int = T, b: int = B) -> tuple[torch.Tensor]:
     return (torch.randn(b, t, C, generator=torch.Generator().manual_seed(t * 31 + b)),)
 
 
+def op_calls(opt, op: str) -> list:
+    """The nodes of an optimised model's graph that call the custom op `op` ("attnfx::...")."""
+    return [n for n in opt.graph_module.graph.nodes if getattr(n.target, "name", str)() == op]
+
+
+def check_kept(attend: Callable, rule: str, code: str, text: str, op: str, **options) -> None:
+    """`Projected(attend)` optimised lists one site, of `rule`, refused with `code` (its message
+    saying `text`); no call of `op` is emitted and the outputs are the model's."""
+    import attnfx
+
+    model = Projected(attend).eval()
+    opt = attnfx.optimize(model, inputs(), **options)
+    (entry,) = opt.report.entries
+    assert (entry.rule, entry.status, entry.reason_code) == (rule, "REFUSED", code)
+    assert text in entry.reason
+    assert not op_calls(opt, op)
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*x), model(*x))
+
+
+def check_gradients(model: nn.Module, opt: nn.Module, x: tuple, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """The optimised model's parameter gradients of a loss at `x` are the model's own."""
+    model.zero_grad()
+    opt(*x).square().sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(*x).square().sum().backward()
+    for g, want in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(g, want, rtol=rtol, atol=atol)
+
+
 def causal_keep(t: int, device=None) -> torch.Tensor:
     return torch.ones(t, t, dtype=torch.bool, device=device).tril()
 

@@ -98,13 +98,7 @@ def test_gradients_flow_through_a_rewritten_sigmoid_site() -> None:
     model = Projected(logit_bias)
     opt = attnfx.optimize(model, inputs(), variants=["attnfx_sigmoid_chunked"])
     assert opt.report.rewritten == 1
-    x = inputs()
-    opt(*x).square().sum().backward()
-    got = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model(*x).square().sum().backward()
-    for g, want in zip(got, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+    cases.check_gradients(model, opt, inputs())
 
 
 def renormalised(q, k, v):
@@ -137,15 +131,7 @@ NEAR_MISSES = {
 @pytest.mark.parametrize("name", NEAR_MISSES)
 def test_sigmoid_near_miss_is_kept_with_its_reason(name: str) -> None:
     attend, code, text = NEAR_MISSES[name]
-    model = Projected(attend).eval()
-    opt = attnfx.optimize(model, inputs())
-    (entry,) = opt.report.entries
-    assert (entry.rule, entry.status, entry.reason_code) == ("attention.sigmoid", "REFUSED", code)
-    assert text in entry.reason
-    assert not _calls(opt, "attnfx::sigmoid_attention")
-    x = inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(opt(*x), model(*x))
+    cases.check_kept(attend, "attention.sigmoid", code, text, "attnfx::sigmoid_attention")
 
 
 def swiglu_block(q, k, v):  # a SiLU gate on the values, then softmax attention
