@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch._inductor.metrics
 import transformers
 
 import attnfx
@@ -96,9 +97,11 @@ def build(case: ModelCase, n: int, attention: str) -> torch.nn.Module:
     return getattr(transformers, case.model_class)(config).eval()
 
 
-def contenders(case: ModelCase, n: int, inputs: dict, wanted: tuple[str, ...]) -> tuple[dict, dict]:
-    """Each contender's callable, and the seconds its preparation and first call took."""
-    models, setup = {}, {}
+def contenders(case: ModelCase, n: int, inputs: dict, wanted: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """Each contender's callable, the seconds its preparation and first call took, and the kernels
+    Inductor generated for the compiled ones (fusion around rewritten sites shows as a count close
+    to torch.compile's)."""
+    models, setup, kernels = {}, {}, {}
     for key in wanted:
         if key.startswith("sdpa") and not case.has_sdpa:
             continue
@@ -110,10 +113,13 @@ def contenders(case: ModelCase, n: int, inputs: dict, wanted: tuple[str, ...]) -
             model = torch.compile(model, backend="attnfx")
         elif key == "optimize":
             model = attnfx.optimize(model, (), inputs)
+        torch._inductor.metrics.reset()
         with torch.no_grad():
             model(**inputs)
         models[key], setup[key] = model, time.perf_counter() - started
-    return models, setup
+        if key in ("compile", "sdpa+compile", "attnfx"):
+            kernels[key] = torch._inductor.metrics.generated_kernel_count
+    return models, setup, kernels
 
 
 def _output(result: Any) -> torch.Tensor:
@@ -143,20 +149,22 @@ def chosen(model: Any) -> str:
     return ", ".join(picks)
 
 
-def row(name: str, n: int, times: dict, errors: dict, setup: dict) -> str:
+def row(name: str, n: int, times: dict, errors: dict, setup: dict, kernels: dict) -> str:
     base = times["optimize"]
     cells = " | ".join(f"{times[c] / base if c in times else float('nan'):.2f}x".replace("nanx", "—")
                        if c != "optimize" else f"{times[c] * 1e3:.0f} ms" for c in CONTENDERS)
     best_peer = min(times[c] for c in ("eager", "compile", "sdpa", "sdpa+compile") if c in times)
     worst = max(errors.values())
     compile_s = " / ".join(f"{setup[c]:.0f}" for c in ("compile", "optimize", "attnfx") if c in setup)
-    return f"| {name} | {n} | {cells} | {best_peer / min(base, times.get('attnfx', base)):.2f}x | {worst:.1e} | {compile_s} |"
+    counts = " / ".join(str(kernels[c]) for c in ("compile", "attnfx") if c in kernels)
+    return (f"| {name} | {n} | {cells} | {best_peer / min(base, times.get('attnfx', base)):.2f}x | {worst:.1e} | "
+            f"{compile_s} | {counts} |")
 
 
 def header() -> str:
     cells = " | ".join("optimize" if c == "optimize" else f"{c}" for c in CONTENDERS)
-    return (f"| model | N | {cells} | attnfx best vs best peer | max err | setup s (compile / optimize / backend) |\n"
-            "|" + "---|" * (len(CONTENDERS) + 5))
+    return (f"| model | N | {cells} | attnfx best vs best peer | max err | setup s (compile / optimize / backend) "
+            "| Inductor kernels (compile / backend) |\n" + "|" + "---|" * (len(CONTENDERS) + 6))
 
 
 def main() -> None:
@@ -179,9 +187,9 @@ def main() -> None:
     for name in models:
         for n in lengths:
             inputs = MODELS[name].inputs(n)
-            models_, setup = contenders(MODELS[name], n, inputs, wanted)
+            models_, setup, kernels = contenders(MODELS[name], n, inputs, wanted)
             times, errors = measure(models_, inputs, repeats)
-            rows.append(row(name, n, times, errors, setup))
+            rows.append(row(name, n, times, errors, setup, kernels))
             print(rows[-1], "optimize:", chosen(models_["optimize"]),
                   "| backend:", chosen(models_["attnfx"]) if "attnfx" in models_ else "-", flush=True)
             torch._dynamo.reset()

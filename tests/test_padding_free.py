@@ -101,18 +101,22 @@ def test_decoder_left_padding_matches_at_rows_that_keep_no_key() -> None:
 
 
 class MaskedAttention(torch.nn.Module):
-    """Attention whose mask is `build(attention_mask, t)`, applied as `where(keep, scores, fill)`."""
+    """Attention whose scores are masked by `mask_scores(scores, attention_mask, t)`."""
 
-    def __init__(self, build, fill: float = float("-inf")) -> None:
+    def __init__(self, mask_scores) -> None:
         super().__init__()
         self.proj = torch.nn.Linear(cases.C, 3 * cases.C)
-        self.build, self.fill = build, fill
+        self.mask_scores = mask_scores
 
     def forward(self, x, attention_mask):
         b, t, _ = x.shape
-        q, k, v = (z.view(b, t, cases.H, cases.D).transpose(1, 2) for z in self.proj(x).split(cases.C, -1))
-        s = (q @ k.transpose(-2, -1) * cases.SCALE).masked_fill(~self.build(attention_mask.bool(), t), self.fill)
-        return F.softmax(s, dim=-1) @ v
+        q, k, v = self.proj(x).view(b, t, 3, cases.H, cases.D).permute(2, 0, 3, 1, 4)
+        return F.softmax(self.mask_scores(q @ k.transpose(-2, -1) * cases.SCALE, attention_mask, t), dim=-1) @ v
+
+
+def keep_where(build, fill: float = -math.inf):
+    """Scores kept where `build(bool attention_mask, t)` is True, else `fill`."""
+    return lambda s, mask, t: s.masked_fill(~build(mask.bool(), t), fill)
 
 
 def _causal(t: int) -> torch.Tensor:
@@ -120,7 +124,7 @@ def _causal(t: int) -> torch.Tensor:
 
 
 def test_per_key_bool_mask_with_causal_is_padding_free() -> None:
-    model = MaskedAttention(lambda mask, t: mask[:, None, None, :] & _causal(t)).eval()
+    model = MaskedAttention(keep_where(lambda mask, t: mask[:, None, None, :] & _causal(t))).eval()
     x, mask = inputs(12, 3)[0], _padding([12, 9, 4], 12)
     opt = attnfx.optimize(model, (x, mask), variants=["padded"])
     (entry,) = opt.report.entries
@@ -140,7 +144,7 @@ NOT_PER_KEY = "padded_attention takes a per-key bool mask (B, 1, 1, N); this sit
      None),
 ])
 def test_padding_that_is_not_per_key_keeps_the_mask_tensor(build, proof) -> None:
-    model = MaskedAttention(build, fill=torch.finfo(torch.float32).min).eval()
+    model = MaskedAttention(keep_where(build, torch.finfo(torch.float32).min)).eval()
     x, mask = inputs(12, 3)[0], _padding([12, 9, 4], 12)
     opt = attnfx.optimize(model, (x, mask))
     (entry,) = opt.report.entries
@@ -153,23 +157,14 @@ def test_padding_that_is_not_per_key_keeps_the_mask_tensor(build, proof) -> None
         torch.testing.assert_close(opt(x, mask), model(x, mask), atol=1e-5, rtol=1e-5)
 
 
-class TwoFills(torch.nn.Module):
-    """Causal excluded with -inf, padding with finfo.min: rows that keep no key depend on both."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(cases.C, 3 * cases.C)
-
-    def forward(self, x, attention_mask):
-        b, t, _ = x.shape
-        q, k, v = (z.view(b, t, cases.H, cases.D).transpose(1, 2) for z in self.proj(x).split(cases.C, -1))
-        pad = torch.where(attention_mask.bool()[:, None, None, :], 0.0, torch.finfo(x.dtype).min)
-        s = (q @ k.transpose(-2, -1) * cases.SCALE + pad).masked_fill(~_causal(t), -math.inf)
-        return F.softmax(s, dim=-1) @ v
+def two_fills(s, mask, t):
+    """Padding excluded with finfo.min, causal with -inf: rows that keep no key depend on both."""
+    pad = torch.where(mask.bool()[:, None, None, :], 0.0, torch.finfo(s.dtype).min)
+    return (s + pad).masked_fill(~_causal(t), -math.inf)
 
 
 def test_two_exclusion_values_get_no_key_keep_lowering() -> None:
-    model = TwoFills().eval()
+    model = MaskedAttention(two_fills).eval()
     x, mask = inputs(12, 3)[0], _padding([12, 9, 4], 12, left=True)
     opt = attnfx.optimize(model, (x, mask))
     (entry,) = opt.report.entries
