@@ -106,20 +106,29 @@ def contenders(case: ModelCase, n: int, inputs: dict, wanted: tuple[str, ...]) -
         if key.startswith("sdpa") and not case.has_sdpa:
             continue
         started = time.perf_counter()
-        model = build(case, n, "sdpa" if key.startswith("sdpa") else "eager")
-        if key in ("compile", "sdpa+compile"):
-            model = torch.compile(model)
-        elif key == "attnfx":
-            model = torch.compile(model, backend="attnfx")
-        elif key == "optimize":
-            model = attnfx.optimize(model, (), inputs)
         torch._inductor.metrics.reset()
-        with torch.no_grad():
-            model(**inputs)
+        try:
+            model = _prepare(key, build(case, n, "sdpa" if key.startswith("sdpa") else "eager"), inputs)
+        except Exception as exc:  # noqa: BLE001 - a peer that fails on a model is a row's cell, not the run
+            print(f"  {key} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+            continue
         models[key], setup[key] = model, time.perf_counter() - started
         if key in ("compile", "sdpa+compile", "attnfx"):
             kernels[key] = torch._inductor.metrics.generated_kernel_count
     return models, setup, kernels
+
+
+def _prepare(key: str, model: torch.nn.Module, inputs: dict) -> Any:
+    """The contender `key` made from `model`, called once (which compiles what it compiles)."""
+    if key in ("compile", "sdpa+compile"):
+        model = torch.compile(model)
+    elif key == "attnfx":
+        model = torch.compile(model, backend="attnfx")
+    elif key == "optimize":
+        model = attnfx.optimize(model, (), inputs)
+    with torch.no_grad():
+        model(**inputs)
+    return model
 
 
 def _output(result: Any) -> torch.Tensor:
