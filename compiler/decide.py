@@ -143,6 +143,8 @@ def _options(site: Site, planning: Planning) -> tuple[list[Option], dict]:
     options, by_key = [], {}
     for lowering in site.lowerings:
         for variant in planning.candidates:
+            if lowering.only and variant.name not in lowering.only:
+                continue
             options.append(Option(variant.name, variant.algorithm, lowering.spec, lowering.name,
                                   variant.refusal(lowering.spec, planning.device)))
             by_key[(variant.name, lowering.name)] = (lowering, variant)

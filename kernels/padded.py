@@ -145,7 +145,7 @@ def _padding_free(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, bias: Tensor | 
         sliced = _sliced_causal(None if offset is None else qa + offset - lo, m_len - qa, hi - lo)
         rows = torch.tensor(members, device=q.device)
         whole = len(members) == q.shape[0]
-        pick = (lambda x: x) if whole else (lambda x: x.index_select(0, rows))
+        pick = _row_picker(members, rows, whole)
         if sliced is None:
             qa, target = 0, _dense(pick(q), pick(k), pick(v), pick(keep), _slice_bias(bias, rows, 0, 0, n_len),
                                    slopes, mods)
@@ -154,8 +154,24 @@ def _padding_free(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, bias: Tensor | 
                              _slice_bias(bias, rows, qa, lo, hi), slopes, mods, sliced)
         if whole:
             out[:, :, qa:] = target
+        elif _consecutive(members):
+            out[members[0]:members[-1] + 1, :, qa:] = target
         else:
             out[rows, :, qa:] = target
+
+
+def _consecutive(members: list[int]) -> bool:
+    return members[-1] - members[0] == len(members) - 1
+
+
+def _row_picker(members: list[int], rows: Tensor, whole: bool):
+    """Batch rows of a group: the tensor itself, a view for consecutive rows (no copy: a gather of
+    strided q/k/v costs as much as the attention it saves), else a gather."""
+    if whole:
+        return lambda x: x
+    if _consecutive(members):
+        return lambda x: x[members[0]:members[-1] + 1]
+    return lambda x: x.index_select(0, rows)
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, bias: Tensor | None, slopes: Tensor | None,
@@ -360,4 +376,4 @@ class PaddedVariant:
         return None
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
-        return padded_call(spec, operands, operands.mask)
+        return padded_call(spec, operands, operands.mask, operands.fill)

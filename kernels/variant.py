@@ -7,6 +7,7 @@ what runs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -28,6 +29,7 @@ class Operands:
     slopes: Any = None  # (H,) ALiBi slopes
     kv_lengths: Any = None  # (B,) int, keys at n >= length are masked
     decay: Any = None  # (H,) linear attention's per-head decay, in (0, 1]
+    fill: float = -math.inf  # the value excluded scores receive: what rows that keep no key compute
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
                      look_through_permutes, read_contraction, unflatten_sizes)
 from .mask_eval import MaskEvaluator
-from .mask_proof import additive_keep, classify, conjunction, keep_predicate
+from .mask_proof import additive_keep, classify, conjunction, exclusion_values, keep_predicate
 from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
 from .site import BiasTerm, Lowering, MaskFacts, MaskTerm, Reason, Refusal, Site
@@ -279,7 +279,12 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
         structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p,
         nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
     )
-    site.lowerings = _lowerings(site, [t for t, keep in zip(site.bias, bias_keeps) if keep is None])
+    real_bias = [t for t, keep in zip(site.bias, bias_keeps) if keep is None]
+    site.lowerings = _lowerings(site, real_bias)
+    if not real_bias:
+        fills = {t.fill for t in site.masks}.union(*(exclusion_values(evaluator.value(t.node), t.roles)
+                                                     for t in site.bias))
+        site.lowerings[-1:-1] = _key_keep_lowering(site, fills)
     return site
 
 
@@ -376,6 +381,23 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
         spec = replace(base, mask=kind, mask_shape=_canonical_mask_shape(terms, site))
         lowerings.append(Lowering("tensor", spec, bias=site.bias, masks=site.masks))
     return lowerings
+
+
+def _key_keep_lowering(site: Site, fills: set[float]) -> list[Lowering]:
+    """For proven key padding (with causal/window flags and nothing unproven): the per-key keep mask
+    (B|1, 1, 1, N) as the mask, for attnfx::padded_attention, which skips padded keys at run time.
+    Needs one exclusion value for every excluded score (it decides rows that keep no key) and the
+    canonical (batch, heads) layout, whose first dim the padding is read along."""
+    facts = site.facts
+    if not facts.key_padding or facts.unproven or len(site.batch_roles) < 2 or len(fills) != 1:
+        return []
+    if any(site.bias[t.later_bias:] for t in site.masks):  # a fill with bias added on top varies
+        return []
+    shape = _canonical_mask_shape([*site.bias, *site.masks], site)
+    spec = replace(_base_spec(site), mask=MaskInput.BOOL, mask_shape=(shape[0], 1, 1, shape[3]),
+                   causal=facts.causal, window=facts.window)
+    return [Lowering("key_keep", spec, bias=site.bias, masks=site.masks, per_key=True, fill=fills.pop(),
+                     only=("padded",))]
 
 
 def _base_spec(site: Site) -> AttentionSpec:

@@ -15,7 +15,8 @@ from attnfx.kernels import Operands, Variant
 
 from . import ops
 from .layout import Arranged, arrange, is_batch_role, unflatten_sizes
-from .site import Decay, Lowering, Site
+from .narrow import pick
+from .site import BiasTerm, Decay, Lowering, Site
 
 aten = torch.ops.aten
 
@@ -41,7 +42,7 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
         k, v = builder.broadcast_batch(site, site.k, k), builder.broadcast_batch(site, site.v, v)
         mask = builder.mask(lowering, ops.dtype(site.q.node))
         decay = builder.decay(site.decay) if lowering.spec.decay else None
-        operands = Operands(q=q, k=k, v=v, mask=mask, decay=decay)
+        operands = Operands(q=q, k=k, v=v, mask=mask, decay=decay, fill=lowering.fill)
         call = variant.call(lowering.spec, operands)
         out = call_node = graph.call_function(call.target, call.args, call.kwargs)
         if call.output_index is not None:
@@ -124,6 +125,8 @@ class _Builder:
     def mask(self, lowering: Lowering, dtype: torch.dtype) -> Node | None:
         if lowering.spec.mask is MaskInput.NONE:
             return None
+        if lowering.per_key:
+            return self.key_keep(lowering)
         terms = [self._bias_term(term) for term in lowering.bias]
         total = self._sum(terms)
         keeps = []
@@ -155,6 +158,26 @@ class _Builder:
         if decay.exp_coeff is not None:
             node = self.call(aten.exp.default, self.call(aten.mul.Tensor, node, decay.exp_coeff))
         return node
+
+    def key_keep(self, lowering: Lowering) -> Node:
+        """The per-key keep mask (B|1, 1, 1, N) of the site's 0/exclusion terms. The proof says the
+        keep-predicate is band(m, n) & padding(b, n): the last query row sees every key the band
+        lets any row see, so its keep row is the padding (any row sees nothing more under a window)."""
+        keep = None
+        for term in (*lowering.bias, *lowering.masks):
+            node = term.node
+            if lowering.spec.window is None and "m" in term.roles:
+                node = pick(self.graph, node, term.roles.index("m"), -1)
+            node = self.to_4d(self.canonical(Arranged(node, term.roles), ("m", "n")))
+            node = self.call(aten.slice.Tensor, node, 1, 0, 1)
+            if isinstance(term, BiasTerm):
+                node = self.call(aten.eq.Scalar, node, 0)
+            elif not term.keep_when:
+                node = self.call(aten.logical_not.default, node)
+            if lowering.spec.window is not None:
+                node = self.call(aten.any.dim, node, 2, True)
+            keep = node if keep is None else self.call(aten.logical_and.default, keep, node)
+        return keep
 
     def _bias_term(self, term) -> Node:
         node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))

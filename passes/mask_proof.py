@@ -129,8 +129,16 @@ def additive_keep(sym: Sym, roles: tuple[str, ...], is_exclusion: Callable[[floa
     return keep
 
 
+def exclusion_values(sym: Sym, roles: tuple[str, ...]) -> set[float]:
+    """The values an additive 0/exclusion mask (one `additive_keep` accepts) gives excluded scores."""
+    expr = in_roles(sym, roles)
+    if not isinstance(expr, sympy.Piecewise):
+        return set()
+    return {float(value) for value, _ in expr.args if value != 0}
+
+
 def conjunction(predicates: list[Any]) -> Any:
     return reduce(sympy.And, predicates, sympy.true)
 
 
-__all__ = ["additive_keep", "classify", "conjunction", "keep_predicate"]
+__all__ = ["additive_keep", "classify", "conjunction", "exclusion_values", "keep_predicate"]

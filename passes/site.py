@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from torch.fx import Node
@@ -111,10 +112,16 @@ class Decay:
 class Lowering:
     """One exact way to hand the site to a kernel: its spec and how to build the mask operand."""
 
-    name: str  # "flag" (proven structure), "tensor" (mask as the model built it), "bias+flag"
+    name: str  # "flag" (proven structure), "tensor" (mask as the model built it), "bias+flag", "key_keep"
     spec: AttentionSpec
     bias: tuple[BiasTerm, ...] = ()
     masks: tuple[MaskTerm, ...] = ()
+    # "key_keep": the mask operand is the per-key keep mask (B|1, 1, 1, N) read from `masks` and
+    # `bias` (all 0/exclusion terms), beside the proven causal/window flags; `fill` is the value
+    # the model gives excluded scores, which decides rows that keep no key
+    per_key: bool = False
+    fill: float = -math.inf
+    only: tuple[str, ...] = ()  # the variants that may take it (empty: any)
 
 
 @dataclass
