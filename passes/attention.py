@@ -244,6 +244,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     v, out_roles = Arranged(v.node, canon(v.roles)), canon(out_roles)
     algebra.bias = [BiasTerm(t.node, canon(t.roles), t.coeff) for t in algebra.bias]
     algebra.masks = [replace(t, roles=canon(t.roles)) for t in algebra.masks]
+    algebra.scale_tensors = [replace(t, roles=canon(t.roles)) for t in algebra.scale_tensors]
     structures = {canon(batch): sizes for batch, sizes in sp.structures.items()}
     batch_roles = tuple(rename.values())
     batch_sizes = tuple(ops.hint_int(size) for size in sp.structures[finest])
@@ -262,7 +263,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     if refusal is not None:
         return refusal
     source = set(sp.path) | {c.node, weights, av.node, *prob_path}
-    for term in (*algebra.bias, *algebra.masks):
+    for term in (*algebra.bias, *algebra.masks, *algebra.scale_tensors):
         if ops.depends_on(term.node, source):
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
                            "scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
@@ -286,7 +287,7 @@ def _check_structures(structures: dict[Roles, tuple], batch_roles: Roles, operan
                       algebra: ScoreAlgebra, out_roles: Roles) -> Refusal | None:
     """Tensors in another batch layout than the canonical one must convert by flatten + unflatten:
     whole (or broadcast over every batch dim), with at most one dynamic size to unflatten into."""
-    foreign = [a for a in (*operands, *algebra.bias, *algebra.masks)
+    foreign = [a for a in (*operands, *algebra.bias, *algebra.masks, *algebra.scale_tensors)
                if any(is_batch_role(r) and r not in batch_roles for r in a.roles)]
     out_layout = tuple(r for r in out_roles if is_batch_role(r))
     targets = ([batch_roles] if foreign else []) + ([out_layout] if out_layout != batch_roles else [])

@@ -33,9 +33,7 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
     before = av.prev
     with graph.inserting_before(av):
         builder = _Builder(graph, site)
-        q = builder.operand(site.q, ("m", "e"))
-        for tensor, divides in site.scale_tensors:
-            q = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (q, tensor))
+        q = builder.scaled_q(site)
         k = builder.operand(site.k, ("n", "e"))
         v = builder.operand(site.v, ("n", "f"))
         k, v = builder.broadcast_batch(site, site.k, k), builder.broadcast_batch(site, site.v, v)
@@ -82,6 +80,19 @@ class _Builder:
 
     def operand(self, arranged: Arranged, inner: Roles) -> Node:
         return self.to_4d(self.canonical(arranged, inner))
+
+    def scaled_q(self, site: Site) -> Node:
+        """q with the site's tensor scales folded in (each is constant along the keys), in q's dtype."""
+        q = self.operand(site.q, ("m", "e"))
+        dtype = ops.dtype(site.q.node)
+        promotes = False
+        for term in site.scale_tensors:
+            factor = term.node
+            if ops.rank(factor) > 0:  # a 0-d factor does not promote q's dtype; others may
+                promotes |= ops.dtype(factor) != dtype
+                factor = self.to_4d(self.canonical(Arranged(factor, term.roles), ("m", "n")))
+            q = self.call(aten.div.Tensor if term.divides else aten.mul.Tensor, q, factor)
+        return self.call(aten._to_copy.default, q, dtype=dtype) if promotes else q
 
     def _layout_of(self, roles: Roles) -> Roles:
         batch = [r for r in roles if is_batch_role(r)]

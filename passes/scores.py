@@ -8,6 +8,7 @@ refusal with its reason, never a guess.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -16,7 +17,7 @@ from torch.fx import Node
 
 from . import ops
 from .layout import Contraction, Roles, _permute_source, batch_reshape, is_batch_role, read_contraction
-from .site import BiasTerm, MaskTerm, Reason, Refusal
+from .site import BiasTerm, MaskTerm, Reason, Refusal, ScaleTerm
 
 MAX_PATH = 24
 _PASS_THROUGH = ("cast", "identity")
@@ -28,7 +29,7 @@ class ScoreAlgebra:
 
     scale: float = 1.0
     shift: float = 0.0  # a constant on every score (it cancels in a softmax, not in a sigmoid)
-    scale_tensors: list[tuple[Node, bool]] = field(default_factory=list)
+    scale_tensors: list[ScaleTerm] = field(default_factory=list)
     softcap: float | None = None
     bias: list[BiasTerm] = field(default_factory=list)
     masks: list[MaskTerm] = field(default_factory=list)
@@ -229,7 +230,7 @@ def _apply(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, score_d
     if k in _PASS_THROUGH or k in ("transpose", "permute", "reshape"):
         return None
     if k in ("mul", "div", "neg"):
-        return _apply_factor(algebra, node, score, k, constants_cancel)
+        return _apply_factor(algebra, node, score, k, roles, constants_cancel)
     if k in ("add", "sub"):
         return _apply_add(algebra, node, score, roles, constants_cancel)
     if k in ("masked_fill", "where"):
@@ -264,7 +265,8 @@ def _is_exclusion_floor(node: Node, score: Node, dtype: torch.dtype) -> bool:
     return value is not None and ops.is_exclusion_fill(value, dtype) and value <= torch.finfo(dtype).min / 2
 
 
-def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, constants_cancel: bool) -> Refusal | None:
+def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, roles: Roles,
+                  constants_cancel: bool) -> Refusal | None:
     if k == "neg":
         factor: float | None = -1.0
         other = None
@@ -278,15 +280,7 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, consta
         if factor is not None and k == "div":
             factor = 1.0 / factor if factor != 0 else None
     if factor is None:
-        if not ops.numel_is_one(other):
-            return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape "
-                           f"{tuple(ops.hint_int(d) for d in ops.shape(other)) if ops.is_tensor(other) else other}; only a scalar scale "
-                           "is a softmax temperature", "S")
-        if algebra.softcap is not None or algebra.bias or algebra.masks or (algebra.shift and not constants_cancel):
-            return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "
-                           "mask, shift or softcap", "S")
-        algebra.scale_tensors.append((other, k == "div"))
-        return None
+        return _apply_scale_tensor(algebra, node, score, other, k == "div", roles, constants_cancel)
     if algebra.softcap is not None:
         return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores after the softcap", "S")
     if algebra.masks and factor <= 0:
@@ -294,6 +288,57 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, consta
                        "would bring excluded keys back", "S")
     _rescale(algebra, factor)
     return None
+
+
+def _apply_scale_tensor(algebra: ScoreAlgebra, node: Node, score: Node, other: object, divides: bool,
+                        roles: Roles, constants_cancel: bool) -> Refusal | None:
+    """A tensor factor constant along the key axis (per head, per query, or one value) multiplies
+    each query's row of scores: exactly q scaled by it. After -inf masks a provably positive
+    factor keeps excluded scores at -inf; anything else there is refused."""
+    if not _folds_into_q(other, node, score, roles):
+        shape = tuple(ops.hint_int(d) for d in ops.shape(other)) if ops.is_tensor(other) else other
+        return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape {shape} "
+                       "that varies along the keys; only a factor per head or per query is a softmax "
+                       "temperature", "S")
+    term = ScaleTerm(other, roles[len(roles) - ops.rank(other):], divides)
+    if algebra.softcap is not None or algebra.bias or (algebra.shift and not constants_cancel):
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "
+                       "shift or softcap", "S")
+    if algebra.masks and not (_positive(other) and all(math.isinf(m.fill) for m in algebra.masks)):
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales masked scores by a tensor that is not "
+                       "provably positive (or masks with a finite fill it would rescale)", "S")
+    algebra.scale_tensors.append(term)
+    return None
+
+
+def _folds_into_q(factor: object, node: Node, score: Node, roles: Roles) -> bool:
+    """A tensor that broadcasts onto the scores without growing them and is size 1 on the key axis."""
+    if not ops.is_tensor(factor) or ops.rank(factor) > len(roles) or not ops.same_shape(node, score):
+        return False
+    aligned = dict(zip(roles[len(roles) - ops.rank(factor):], ops.shape(factor)))
+    return "n" not in aligned or ops.static_int(aligned["n"]) == 1
+
+
+_POSITIVE_OPS = ("exp", "softplus", "sigmoid")
+
+
+def _positive(node: object) -> bool:
+    """Provably > 0 for every input: exp/softplus/sigmoid of anything or a clamp to a positive
+    floor, through casts and views, or products of such."""
+    if not isinstance(node, Node):
+        value = ops.scalar_value(node)
+        return value is not None and value > 0
+    name = ops.target_name(node)
+    if name in _POSITIVE_OPS:
+        return True
+    if ops.kind(node) in ("cast", "identity", "reshape", "transpose", "permute") or name == "expand":
+        return _positive(node.args[0])
+    if name in ("clamp", "clamp_min"):  # max(x, c) > 0 when c > 0
+        floor = ops.scalar_value(ops.arg(node, "min", 1))
+        return floor is not None and floor > 0
+    if ops.kind(node) == "mul" or name == "div":
+        return all(_positive(a) for a in node.args[:2])
+    return False
 
 
 def _apply_add(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, constants_cancel: bool

@@ -80,6 +80,16 @@ class BiasTerm:
 
 
 @dataclass(frozen=True)
+class ScaleTerm:
+    """A tensor the scores are multiplied (or divided) by, constant along the key axis, so it folds
+    into q: one temperature per head (Swin V2's `logit_scale`), per query, or a run-time scalar."""
+
+    node: Node
+    roles: Roles
+    divides: bool = False
+
+
+@dataclass(frozen=True)
 class MaskTerm:
     """A boolean tensor that excludes scores: kept where it equals `keep_when`."""
 
@@ -114,7 +124,7 @@ class Site:
     batch_roles: Roles
     out_roles: Roles
     scale: float
-    scale_tensors: tuple[tuple[Node, bool], ...]  # (numel-1 tensor, divides) folded into q
+    scale_tensors: tuple[ScaleTerm, ...]  # folded into q
     softcap: float | None
     bias: tuple[BiasTerm, ...]
     masks: tuple[MaskTerm, ...]

@@ -68,10 +68,9 @@ def _mask_probs(w, p: str) -> str:
     return "p"
 
 
-def _temperature(w) -> None:
-    w.init("self.temperature = nn.Linear(C, H)")
-    w.line("t = F.softplus(self.temperature(x))  # (b, m, h): one temperature per query")
-    w.line(f"s = s * {w.align('t', 'bmh')}")
+def _key_temperature(w) -> None:
+    w.init("self.key_temperature = nn.Parameter(torch.rand(TABLE) + 0.5)")
+    w.line(f"s = s * {w.align('self.key_temperature[:n]', 'n')}  # one temperature per key: not q-foldable")
 
 
 def _early_bias(w) -> None:
@@ -111,7 +110,7 @@ MUTATIONS: dict[str, Mutation] = {
     "probs_scaled": Mutation(_codes("PROBS_MODIFIED"), probs=_scale_probs),
     "probs_returned": Mutation(_codes("PROBS_ESCAPE"), probs=_return_probs),
     "probs_renormalised": Mutation(_codes("PROBS_ESCAPE", "PROBS_MODIFIED"), probs=_renormalise),
-    "query_temperature": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_last(_temperature)),
+    "key_temperature": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_last(_key_temperature)),
     "log_softmax": Mutation(_codes("LOG_SOFTMAX"), {"softmax": EXPLICIT}, softmax={"log": True}),
     "topk_mask": Mutation(_codes("SCORE_DEPENDENT_MASK"), scores=_last(
         lambda w: w.line(f"s = s.masked_fill(s < s.topk(1, dim={w.dim('n')}).values, float('-inf'))"))),
