@@ -243,8 +243,9 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     k = Arranged(c.rhs, canon(tuple(label_roles[x] for x in c.rhs_labels)))
     v, out_roles = Arranged(v.node, canon(v.roles)), canon(out_roles)
     algebra.bias = [BiasTerm(t.node, canon(t.roles), t.coeff) for t in algebra.bias]
-    algebra.masks = [replace(t, roles=canon(t.roles)) for t in algebra.masks]
     algebra.scale_tensors = [replace(t, roles=canon(t.roles)) for t in algebra.scale_tensors]
+    algebra.masks = [replace(t, roles=canon(t.roles), scaled_by=tuple(replace(f, roles=canon(f.roles))
+                                                                      for f in t.scaled_by)) for t in algebra.masks]
     structures = {canon(batch): sizes for batch, sizes in sp.structures.items()}
     batch_roles = tuple(rename.values())
     batch_sizes = tuple(ops.hint_int(size) for size in sp.structures[finest])
@@ -355,7 +356,8 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
     base = _base_spec(site)
     lowerings = []
     facts = site.facts
-    if facts.structural:
+    rescaled = any(t.scaled_by for t in site.masks)  # excluded scores are fill * a tensor: only the tensor says so
+    if facts.structural and not rescaled:
         flags = dict(causal=facts.causal, window=facts.window)
         if not real_bias:
             lowerings.append(Lowering("flag", replace(base, **flags)))
@@ -371,9 +373,10 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
         # reproduces masked_fill exactly, fully masked rows included; a boolean mask would not.
         absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.weights)).min / 2
                         for t in site.masks)
-        single_bool = not site.bias and len(site.masks) == 1 and not absorbing
+        single_bool = not site.bias and len(site.masks) == 1 and not absorbing and not rescaled
         kind = MaskInput.BOOL if single_bool else MaskInput.ADDITIVE
-        spec = replace(base, mask=kind, mask_shape=_canonical_mask_shape(terms, site))
+        scales = [scale for t in site.masks for scale in t.scaled_by if ops.rank(scale.node)]
+        spec = replace(base, mask=kind, mask_shape=_canonical_mask_shape([*terms, *scales], site))
         lowerings.append(Lowering("tensor", spec, bias=site.bias, masks=site.masks))
     return lowerings
 

@@ -141,7 +141,8 @@ class _Builder:
             node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))
             keep = node if term.keep_when else self.call(aten.logical_not.default, node)
             later = self._sum(terms[term.later_bias:])  # what was added on top of the fill
-            keeps.append((keep, term.fill if later is None else self.call(aten.add.Tensor, later, term.fill)))
+            excluded = term.fill if later is None else self.call(aten.add.Tensor, later, term.fill)
+            keeps.append((keep, self._scaled_fill(excluded, term.scaled_by, dtype)))
         if lowering.spec.mask is MaskInput.BOOL:
             return self.to_4d(keeps[0][0])
         for keep, excluded in keeps:
@@ -156,6 +157,21 @@ class _Builder:
         if _dtype_of(total) not in (None, dtype):
             total = self.call(aten._to_copy.default, total, dtype=dtype)
         return self.to_4d(total)
+
+    def _scaled_fill(self, excluded: Node | float, scales: tuple, dtype: torch.dtype) -> Node | float:
+        """The excluded scores' value after the tensor scales that followed the mask, in `dtype`."""
+        for scale in scales:
+            factor = scale.node
+            if ops.rank(factor):
+                factor = self.canonical(Arranged(factor, scale.roles), ("m", "n"))
+            if isinstance(excluded, Node):
+                excluded = self.call(aten.div.Tensor if scale.divides else aten.mul.Tensor, excluded, factor)
+            else:
+                factor = self.call(aten.reciprocal.default, factor) if scale.divides else factor
+                excluded = self.call(aten.mul.Scalar, factor, excluded)
+        if scales:
+            excluded = self.call(aten._to_copy.default, excluded, dtype=dtype)
+        return excluded
 
     def _bias_term(self, term) -> Node:
         node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))

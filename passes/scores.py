@@ -8,7 +8,6 @@ refusal with its reason, never a guess.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -281,8 +280,11 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, roles:
             factor = 1.0 / factor if factor != 0 else None
     if factor is None:
         return _apply_scale_tensor(algebra, node, score, other, k == "div", roles, constants_cancel)
-    if algebra.softcap is not None:
-        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores after the softcap", "S")
+    if algebra.softcap is not None and (factor <= 0 or algebra.bias or algebra.masks):
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by {factor:g} after the softcap "
+                       "and a bias or mask, or flips their sign", "S")
+    if algebra.softcap is not None:  # k * c * tanh(z / c) == softcap_{c k}(k * z) for k > 0
+        algebra.softcap *= factor
     if algebra.masks and factor <= 0:
         return Refusal(Reason.SCORE_ORDER, f"{node.name} multiplies masked scores by {factor:g}, which "
                        "would bring excluded keys back", "S")
@@ -292,22 +294,20 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, roles:
 
 def _apply_scale_tensor(algebra: ScoreAlgebra, node: Node, score: Node, other: object, divides: bool,
                         roles: Roles, constants_cancel: bool) -> Refusal | None:
-    """A tensor factor constant along the key axis (per head, per query, or one value) multiplies
-    each query's row of scores: exactly q scaled by it. After -inf masks a provably positive
-    factor keeps excluded scores at -inf; anything else there is refused."""
+    """A tensor factor constant along the key axis (per head, per query, or one run-time value)
+    multiplies each query's row of scores: exactly q scaled by it. After a mask, excluded scores
+    become fill * factor (whatever the factor's sign or value), which the mask then reproduces."""
     if not _folds_into_q(other, node, score, roles):
         shape = tuple(ops.hint_int(d) for d in ops.shape(other)) if ops.is_tensor(other) else other
         return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape {shape} "
                        "that varies along the keys; only a factor per head or per query is a softmax "
                        "temperature", "S")
-    term = ScaleTerm(other, roles[len(roles) - ops.rank(other):], divides)
     if algebra.softcap is not None or algebra.bias or (algebra.shift and not constants_cancel):
         return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "
                        "shift or softcap", "S")
-    if algebra.masks and not (_positive(other) and all(math.isinf(m.fill) for m in algebra.masks)):
-        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales masked scores by a tensor that is not "
-                       "provably positive (or masks with a finite fill it would rescale)", "S")
+    term = ScaleTerm(other, roles[len(roles) - ops.rank(other):], divides)
     algebra.scale_tensors.append(term)
+    algebra.masks = [replace(m, scaled_by=(*m.scaled_by, term)) for m in algebra.masks]
     return None
 
 
@@ -317,28 +317,6 @@ def _folds_into_q(factor: object, node: Node, score: Node, roles: Roles) -> bool
         return False
     aligned = dict(zip(roles[len(roles) - ops.rank(factor):], ops.shape(factor)))
     return "n" not in aligned or ops.static_int(aligned["n"]) == 1
-
-
-_POSITIVE_OPS = ("exp", "softplus", "sigmoid")
-
-
-def _positive(node: object) -> bool:
-    """Provably > 0 for every input: exp/softplus/sigmoid of anything or a clamp to a positive
-    floor, through casts and views, or products of such."""
-    if not isinstance(node, Node):
-        value = ops.scalar_value(node)
-        return value is not None and value > 0
-    name = ops.target_name(node)
-    if name in _POSITIVE_OPS:
-        return True
-    if ops.kind(node) in ("cast", "identity", "reshape", "transpose", "permute") or name == "expand":
-        return _positive(node.args[0])
-    if name in ("clamp", "clamp_min"):  # max(x, c) > 0 when c > 0
-        floor = ops.scalar_value(ops.arg(node, "min", 1))
-        return floor is not None and floor > 0
-    if ops.kind(node) == "mul" or name == "div":
-        return all(_positive(a) for a in node.args[:2])
-    return False
 
 
 def _apply_add(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, constants_cancel: bool

@@ -99,6 +99,8 @@ class MaskTerm:
     fill: float
     later_bias: int = 0  # bias terms from this index on were added after the mask: excluded scores
     # hold fill + those biases (fill + finfo.min overflows to -inf), which a lowering reproduces
+    scaled_by: tuple[ScaleTerm, ...] = ()  # tensor scales applied after the mask: excluded scores
+    # hold fill * those factors (-inf, or nan where a factor is 0), which the tensor lowering reproduces
 
 
 @dataclass(frozen=True)
