@@ -280,10 +280,10 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, roles:
             factor = 1.0 / factor if factor != 0 else None
     if factor is None:
         return _apply_scale_tensor(algebra, node, score, other, k == "div", roles, constants_cancel)
-    if algebra.softcap is not None and (factor <= 0 or algebra.bias or algebra.masks):
-        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by {factor:g} after the softcap "
-                       "and a bias or mask, or flips their sign", "S")
-    if algebra.softcap is not None:  # k * c * tanh(z / c) == softcap_{c k}(k * z) for k > 0
+    if algebra.softcap is not None and factor <= 0:
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales softcapped scores by {factor:g}; only a "
+                       "positive factor is a wider softcap", "S")
+    if algebra.softcap is not None:  # k * c * tanh(z / c) == softcap_{c k}(k * z) for k > 0 (biases, fills: * k)
         algebra.softcap *= factor
     if algebra.masks and factor <= 0:
         return Refusal(Reason.SCORE_ORDER, f"{node.name} multiplies masked scores by {factor:g}, which "
