@@ -7,7 +7,7 @@ site becomes that site's `INTERNAL_ERROR` refusal; the rest of the model is stil
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from torch.fx import Graph, Node
@@ -21,6 +21,7 @@ from attnfx.kernels import Variant
 from attnfx.passes import ops
 from attnfx.passes.attention import RULES, lift
 from attnfx.passes.mask_eval import MaskEvaluator
+from attnfx.passes.sdpa_sites import lift_sdpa
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
 
@@ -75,7 +76,8 @@ def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning,
             decisions.append(Decision(len(decisions), node, "REFUSED",
                                       Refusal(Reason.PROBS_ESCAPE, escaped[node], "softmax")))
         elif k == "sdpa":
-            decisions.append(Decision(len(decisions), node, "ALREADY_FUSED"))
+            decisions.append(guarded(len(decisions), node, "match",
+                                     lambda index, n: _reexamine_sdpa(index, n, evaluator, planning)))
         elif k in RULES:
             decision = guarded(len(decisions), node, "match", lambda index, n: _decide(index, n, evaluator, planning))
             if k != "sigmoid" or decision.site is not None or decision.refusal.stage != "QK":
@@ -99,6 +101,14 @@ def internal_error(exc: Exception, stage: str) -> Refusal:
                    f"{where}; the site was left as written (please report this)", stage)
 
 
+def _reexamine_sdpa(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning) -> Decision:
+    """An existing SDPA call whose dense mask is a proven causal band gets the flag lowering when a
+    variant takes it; otherwise (and never against eager's price: SDPA is not eager) it stays."""
+    site = lift_sdpa(node, evaluator)
+    decision = None if site is None else _choose(index, node, site, replace(planning, eager=False))
+    return decision if decision is not None and decision.status == "CHOSEN" else Decision(index, node, "ALREADY_FUSED")
+
+
 def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning) -> Decision:
     site = lift(node, evaluator)
     if isinstance(site, Refusal):
@@ -107,6 +117,10 @@ def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning
         return Decision(index, node, "REFUSED", Refusal(
             Reason.DROPOUT_TRAINING, f"dropout (p={site.dropout_p:g}) on the attention probabilities in training "
             "mode, and exact_dropout=True keeps eager's random stream, which a fused variant does not draw", "A"))
+    return _choose(index, node, site, planning)
+
+
+def _choose(index: int, node: Node, site: Site, planning: Planning) -> Decision:
     options, by_key = _options(site, planning)
     selection = choose(options, planning.target, planning.memory_budget)
     winner = selection.winner
