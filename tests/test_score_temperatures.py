@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import attention_cases as cases
 import attnfx
 from attnfx.kernels import VARIANTS
 
@@ -151,3 +152,17 @@ def test_negative_scale_after_softcap_is_kept() -> None:
     opt = attnfx.optimize(model, (_x(B, T),))
     assert [(e.status, e.reason_code) for e in opt.report.entries] == [("REFUSED", "SCORE_ORDER")], opt.report
     _assert_matches_eager(model, opt)
+
+
+@pytest.mark.parametrize("attend", [cases.per_query_scale, cases.per_head_scale, cases.scale_after_softcap],
+                         ids=lambda f: f.__name__)
+def test_former_near_misses_are_exact_attention(attend) -> None:
+    """q / |q| per query, a per-head linspace, a scale after a softcap: once refused, all exact."""
+    model = cases.Projected(attend).eval()
+    opt = attnfx.optimize(model, cases.inputs())
+    assert [e.status for e in opt.report.entries] == ["REWRITTEN"], opt.report
+    assert (_fused_calls(opt), _softmaxes(opt)) == (1, 0)
+    for t, b in ((12, 2), (5, 3)):
+        x = cases.inputs(t, b)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(*x), model(*x), atol=1e-5, rtol=1e-5)
