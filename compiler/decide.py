@@ -22,6 +22,7 @@ from attnfx.passes import ops
 from attnfx.passes.attention import RULES, lift
 from attnfx.passes.mask_eval import MaskEvaluator
 from attnfx.passes.sdpa_sites import lift_sdpa
+from attnfx.passes.emit import SINK_OP
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
 
@@ -145,8 +146,10 @@ def _options(site: Site, planning: Planning) -> tuple[list[Option], dict]:
     options, by_key = [], {}
     for lowering in site.lowerings:
         for variant in planning.candidates:
-            options.append(Option(variant.name, variant.algorithm, lowering.spec, lowering.name,
-                                  variant.refusal(lowering.spec, planning.device)))
+            refusal = variant.refusal(lowering.spec, planning.device)
+            if site.sink is not None and refusal is None and variant.op != SINK_OP:
+                refusal = f"the attention sink is applied through the log-sum-exp, which only {SINK_OP} returns"
+            options.append(Option(variant.name, variant.algorithm, lowering.spec, lowering.name, refusal))
             by_key[(variant.name, lowering.name)] = (lowering, variant)
     if planning.eager:
         eager = site.lowerings[-1].spec

@@ -143,6 +143,7 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
                   ) -> _ProbPath | Refusal:
     node, path, zeroed, dropout_p = weights, [], [], 0.0
     name = ops.kind(weights)
+    sliced = algebra.sink is None
     while True:
         users = ops.users(node)
         if len(users) != 1 or users[0].op == "output":
@@ -152,6 +153,9 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
             return Refusal(Reason.PROBS_ESCAPE, f"the attention weights ({node.name}) are {what}", "A")
         user = users[0]
         contraction = read_contraction(user)
+        if contraction is not None and not sliced:
+            return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"the sink logit's weight reaches {user.name}: only a "
+                           "sink sliced off after the softmax is an attention sink", "A")
         if contraction is not None:
             return _ProbPath(contraction, node, roles, path, zeroed, dropout_p)
         k = ops.kind(user)
@@ -163,6 +167,8 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
                     return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention weights a second "
                                    "time", "A")
                 dropout_p = p
+        elif algebra.sink is not None and not sliced and _drops_sink(user, roles):
+            sliced = True  # the sink's own weight is dropped: what remains weighs the values
         elif k in ("masked_fill", "where") and name == "sigmoid" and _sigmoid_weight_mask(user, roles, algebra):
             algebra.masks.append(_sigmoid_weight_mask(user, roles, algebra))
         elif k in ("masked_fill", "where"):
@@ -189,6 +195,15 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
                            f"({ops.target_name(user)}), not a contraction with values", "AV")
         path.append(user)
         node = user
+
+
+def _drops_sink(node: Node, roles: Roles) -> bool:
+    """`p[..., :-1]`: a slice of the key axis that keeps every column but the last (the sink's)."""
+    if ops.target_name(node) != "slice" or len(node.args) < 4:
+        return False
+    dim = ops.normalize_dim(int(node.args[1]), len(roles))
+    step = node.args[4] if len(node.args) > 4 else 1
+    return roles[dim] == "n" and node.args[2] in (0, None) and node.args[3] == -1 and step == 1
 
 
 def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arranged, Roles] | Refusal:
@@ -244,6 +259,8 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     v, out_roles = Arranged(v.node, canon(v.roles)), canon(out_roles)
     algebra.bias = [BiasTerm(t.node, canon(t.roles), t.coeff) for t in algebra.bias]
     algebra.scale_tensors = [replace(t, roles=canon(t.roles)) for t in algebra.scale_tensors]
+    if algebra.sink is not None:
+        algebra.sink = replace(algebra.sink, roles=canon(algebra.sink.roles))
     algebra.masks = [replace(t, roles=canon(t.roles), scaled_by=tuple(replace(f, roles=canon(f.roles))
                                                                       for f in t.scaled_by)) for t in algebra.masks]
     structures = {canon(batch): sizes for batch, sizes in sp.structures.items()}
@@ -264,7 +281,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     if refusal is not None:
         return refusal
     source = set(sp.path) | {c.node, weights, av.node, *prob_path}
-    for term in (*algebra.bias, *algebra.masks, *algebra.scale_tensors):
+    for term in (*algebra.bias, *algebra.masks, *algebra.scale_tensors, *([algebra.sink] if algebra.sink else [])):
         if ops.depends_on(term.node, source):
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
                            "scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
@@ -277,7 +294,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
         qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
-        structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p,
+        structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p, sink=algebra.sink,
         nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
     )
     site.lowerings = _lowerings(site, [t for t, keep in zip(site.bias, bias_keeps) if keep is None])
@@ -288,7 +305,8 @@ def _check_structures(structures: dict[Roles, tuple], batch_roles: Roles, operan
                       algebra: ScoreAlgebra, out_roles: Roles) -> Refusal | None:
     """Tensors in another batch layout than the canonical one must convert by flatten + unflatten:
     whole (or broadcast over every batch dim), with at most one dynamic size to unflatten into."""
-    foreign = [a for a in (*operands, *algebra.bias, *algebra.masks, *algebra.scale_tensors)
+    foreign = [a for a in (*operands, *algebra.bias, *algebra.masks, *algebra.scale_tensors,
+                           *([algebra.sink] if algebra.sink else []))
                if any(is_batch_role(r) and r not in batch_roles for r in a.roles)]
     out_layout = tuple(r for r in out_roles if is_batch_role(r))
     targets = ([batch_roles] if foreign else []) + ([out_layout] if out_layout != batch_roles else [])

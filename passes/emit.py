@@ -18,6 +18,7 @@ from .layout import Arranged, arrange, is_batch_role, unflatten_sizes
 from .site import Lowering, Site
 
 aten = torch.ops.aten
+SINK_OP = "attnfx::attention"  # the op whose second output (lse) the attention-sink lowering reads
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
         out = call_node = graph.call_function(call.target, call.args, call.kwargs)
         if call.output_index is not None:
             out = graph.call_function(operator.getitem, (out, call.output_index))
+        if site.sink is not None:
+            out = builder.with_sink(call_node, out, site)
         out = builder.restore(out, site)
         if ops.dtype(av) != ops.dtype(site.q.node):
             out = graph.call_function(aten._to_copy.default, (out,), {"dtype": ops.dtype(av)})
@@ -93,6 +96,15 @@ class _Builder:
                 factor = self.to_4d(self.canonical(Arranged(factor, term.roles), ("m", "n")))
             q = self.call(aten.div.Tensor if term.divides else aten.mul.Tensor, q, factor)
         return self.call(aten._to_copy.default, q, dtype=dtype) if promotes else q
+
+    def with_sink(self, call: Node, out: Node, site: Site) -> Node:
+        """Softmax over keys + sink = attention * sum / (sum + e^sink) = attention * sigmoid(lse - sink);
+        a fully masked row (out 0, lse -inf) stays 0, as in eager."""
+        lse = self.call(operator.getitem, call, 1)
+        sink = self.to_4d(self.canonical(Arranged(site.sink.node, site.sink.roles), ("m", "n")))
+        gap = self.call(aten.sub.Tensor, self.call(aten.unsqueeze.default, lse, -1), sink)
+        scaled = self.call(aten.mul.Tensor, out, self.call(aten.sigmoid.default, gap))
+        return self.call(aten._to_copy.default, scaled, dtype=ops.dtype(site.q.node))
 
     def _layout_of(self, roles: Roles) -> Roles:
         batch = [r for r in roles if is_batch_role(r)]

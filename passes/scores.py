@@ -32,6 +32,7 @@ class ScoreAlgebra:
     softcap: float | None = None
     bias: list[BiasTerm] = field(default_factory=list)
     masks: list[MaskTerm] = field(default_factory=list)
+    sink: BiasTerm | None = None  # a logit column concatenated after the keys (attention sinks)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
                        "through score operations", "QK")
     contraction = read_contraction(chain[0])
     roles = roles_of(contraction)
-    unknown = next((n for n in chain[1:] if ops.kind(n) not in _ALGEBRA_KINDS), None)
+    unknown = next((n for n in chain[1:] if ops.kind(n) not in _ALGEBRA_KINDS and not _is_cat(n)), None)
     if unknown is not None:
         return _unsupported(unknown)
     for node in chain[:-1]:
@@ -181,11 +182,32 @@ def replay(score_path: ScorePath, score_dtype: torch.dtype, constants_cancel: bo
                 return refusal
             previous, i = nodes[i + 2], i + 3
             continue
-        refusal = _apply(algebra, node, previous, roles, score_dtype, constants_cancel)
+        if _is_cat(node) or (algebra.sink is not None and ops.kind(node) not in _PASS_THROUGH):
+            refusal = _apply_sink(algebra, node, previous, roles, constants_cancel)
+        else:
+            refusal = _apply(algebra, node, previous, roles, score_dtype, constants_cancel)
         if refusal is not None:
             return refusal
         previous, i = node, i + 1
     return algebra
+
+
+def _is_cat(node: Node) -> bool:
+    return ops.target_name(node) == "cat"
+
+
+def _apply_sink(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, constants_cancel: bool
+                ) -> Refusal | None:
+    """`cat([scores, sink], keys)` right before the softmax: one extra logit per row that only joins
+    the normaliser (its weight is sliced off after the softmax), i.e. an attention sink."""
+    operands = node.args[0] if _is_cat(node) else ()
+    dim = ops.normalize_dim(int(ops.arg(node, "dim", 1, 0)), len(roles)) if _is_cat(node) else None
+    sink = operands[1] if len(operands) == 2 and operands[0] is score else None
+    if (algebra.sink is not None or sink is None or not constants_cancel or dim is None or roles[dim] != "n"
+            or ops.rank(sink) != len(roles) or ops.static_int(ops.shape(sink)[dim]) != 1):
+        return _unsupported(node)
+    algebra.sink = BiasTerm(sink, roles)
+    return None
 
 
 def _softcap_at(nodes: list[Node], i: int, previous: Node) -> tuple[float, float] | None:
@@ -244,9 +266,9 @@ _ALGEBRA_KINDS = (*_PASS_THROUGH, "transpose", "permute", "reshape", "mul", "div
 
 
 def _unsupported(node: Node) -> Refusal:
-    if ops.target_name(node) == "cat":
-        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} concatenates extra logits to the scores "
-                       "(e.g. attention sinks), which no attention variant takes", "S")
+    if _is_cat(node):
+        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} concatenates logits to the scores other than "
+                       "one sink column after the keys right before a softmax", "S")
     return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} applies {ops.target_name(node)} to the scores, "
                    "which no attention variant computes", "S")
 

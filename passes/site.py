@@ -136,5 +136,6 @@ class Site:
     dropout_p: float = 0.0  # training-mode dropout on the probabilities
     kind: Kind = Kind.SOFTMAX
     logit_bias: float = 0.0  # a sigmoid site's constant shift of every score
+    sink: BiasTerm | None = None  # a logit per row joining the softmax's normaliser only (attention sinks)
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces
