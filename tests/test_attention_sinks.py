@@ -73,3 +73,38 @@ def test_sink_near_miss_is_kept(variant: str) -> None:
         opt.report
     assert _calls(opt, "softmax") == 1
     _assert_matches_eager(model, opt)
+
+
+class GptOss(Sinks):
+    """gpt-oss's spelling: an additive causal mask, and the row max subtracted by hand before an
+    explicit softmax (softmax(x - max x) is softmax(x)); `max_dim` -2 is a max over the queries."""
+
+    def __init__(self, max_dim: int = -1) -> None:
+        super().__init__()
+        self.max_dim = max_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, H, D).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-2, -1) * D ** -0.5 + torch.full((t, t), float("-inf")).triu(1)
+        combined = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(b, -1, t, -1)], dim=-1)
+        combined = combined - combined.max(dim=self.max_dim, keepdim=True).values
+        p = torch.softmax(combined, dim=-1, dtype=combined.dtype)
+        return (p[..., :-1] @ v).transpose(1, 2).reshape(b, t, C)
+
+
+def test_gpt_oss_sinks_with_a_hand_subtracted_max_are_rewritten() -> None:
+    model = GptOss().eval()
+    opt = attnfx.optimize(model, (_x(B, T),))
+    assert [e.status for e in opt.report.entries] == ["REWRITTEN"], opt.report
+    assert (_calls(opt, "attnfx.attention"), _calls(opt, "softmax"), _calls(opt, "aten.max")) == (1, 0, 0)
+    _assert_matches_eager(model, opt)
+
+
+def test_max_over_the_queries_subtracted_is_kept() -> None:
+    model = GptOss(max_dim=-2).eval()
+    opt = attnfx.optimize(model, (_x(B, T),))
+    assert [(e.status, e.reason_code) for e in opt.report.entries] == [("REFUSED", "SCORE_DEPENDENT_MASK")], \
+        opt.report
+    assert _calls(opt, "softmax") == 1
+    _assert_matches_eager(model, opt)
