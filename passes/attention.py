@@ -229,11 +229,29 @@ def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arran
     if set(out_roles) != expected:
         return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} also sums over batch or head dims", "AV")
     v = Arranged(v_node, tuple(label_roles[x] for x in v_labels))
-    base = look_through_permutes(v).node
+    base = _before_views(look_through_permutes(v).node)
     if ops.kind(base) in ("mul", "div") and any(_is_number(a) for a in base.args[:2]):
         return Refusal(Reason.SCALE_ON_VALUES, f"{base.name} scales V before the AV contraction; a scale on "
                        "values is not the softmax scale, so the site is left as written", "AV")
     return v, out_roles
+
+
+def _before_views(node: Node) -> Node:
+    """The tensor behind the model's own views, reshapes, expands, permutes and casts of it."""
+    while ops.kind(node) in ("reshape", "transpose", "permute", "cast", "identity") \
+            or ops.target_name(node) in ("expand", "unsqueeze", "flatten", "unflatten", "alias") or _whole_slice(node):
+        node = node.args[0]
+    return node
+
+
+def _whole_slice(node: Node) -> bool:
+    """`x[:, :]`: a slice that keeps every index (export writes `x[:, :, None]` with them)."""
+    if ops.target_name(node) != "slice":
+        return False
+    start = node.args[2] if len(node.args) > 2 else None
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2 ** 62)) and step == 1
 
 
 def _is_number(x: object) -> bool:
