@@ -20,10 +20,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import sympy as sp
 
+from .cascade import AS_WRITTEN, canonical_cascade
+from .catalog import CATALOG
+from .einsums import EinsumCascade
+from .pass_count import PassAnalysis, analyze
 from .spec import AttentionSpec, Causal, Kind, MaskInput
 from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, V_k, s, s_a, s_m
 from .tiles import DECODE_BLOCK_N, LINEAR_CHUNK, chunk_sizes, flash_blocks, sdpa_cpu_tiles
@@ -61,7 +66,7 @@ class Kernel:
 @dataclass(frozen=True)
 class Algorithm:
     name: str
-    cascade: str  # key into attnfx.cost_model.catalog.CATALOG
+    cascade: str  # key into attnfx.cost_model.catalog.CATALOG, or AS_WRITTEN: the site's own cascade
     devices: frozenset[str]
     kernels: tuple[Kernel, ...]
     peak: Expr  # intermediate bytes alive at once, beyond inputs and output
@@ -73,10 +78,23 @@ class Algorithm:
     splits: Callable[[AttentionSpec, int], tuple[int, ...]] = field(default=lambda spec, workers: (1,))
     description: str = ""
 
+    def einsums(self, spec: AttentionSpec) -> EinsumCascade:
+        """Its cascade at `spec`: the site's own, lifted one when it runs the model's code as written."""
+        return canonical_cascade(spec).einsums if self.cascade == AS_WRITTEN else CATALOG[self.cascade]
+
+    def passes(self, spec: AttentionSpec) -> PassAnalysis:
+        """Passes over K/V and re-reads of its cascade at `spec`."""
+        return canonical_cascade(spec).passes if self.cascade == AS_WRITTEN else _catalog_passes(self.cascade)
+
     def kernels_for(self, spec: AttentionSpec) -> tuple[Kernel, ...]:
         """The kernels that run at `spec` (a `when` of "a+b" needs both features)."""
         return tuple(k for k in self.kernels
                      if k.when is None or all(FEATURES[w](spec) for w in k.when.split("+")))
+
+
+@lru_cache(maxsize=None)
+def _catalog_passes(name: str) -> PassAnalysis:
+    return analyze(CATALOG[name])
 
 
 FEATURES: dict[str, Callable[[AttentionSpec], bool]] = {
@@ -133,7 +151,7 @@ _EAGER_AV = Kernel("AV", "gemm", rows=M, flops_mm=2 * BHMN * F, inputs=s * B * H
 _EAGER_PEAK = 2 * SCORES + s * B * (H - Hkv) * N * (E + F)
 
 EAGER = Algorithm(
-    "eager", "3-pass", frozenset({"cpu", "cuda"}),
+    "eager", AS_WRITTEN, frozenset({"cpu", "cuda"}),
     description="the model's own graph: matmul, one kernel per elementwise op, softmax, matmul",
     kernels=(
         *_EAGER_SCORES,
@@ -268,7 +286,7 @@ DECODE_SPLIT_KV = Algorithm(
 
 # Sigmoid attention: weights sigmoid(s + logit_bias), no row statistics (FlashSigmoid).
 SIGMOID_EAGER = Algorithm(
-    "sigmoid_eager", "sigmoid", frozenset({"cpu", "cuda"}), kind=Kind.SIGMOID,
+    "sigmoid_eager", AS_WRITTEN, frozenset({"cpu", "cuda"}), kind=Kind.SIGMOID,
     description="the model's own sigmoid-attention graph: matmul, elementwise ops, sigmoid, matmul",
     kernels=(
         *_EAGER_SCORES,
@@ -320,7 +338,7 @@ _NORMALISE = Kernel("normalise", "ew", "normalize", launches=3, ew=B * H * M, di
                     write=O_OUT + 4 * B * H * M)
 
 LINEAR_EAGER = Algorithm(
-    "linear_eager", "linear as written", frozenset({"cpu", "cuda"}), kind=Kind.LINEAR,
+    "linear_eager", AS_WRITTEN, frozenset({"cpu", "cuda"}), kind=Kind.LINEAR,
     description="linear attention as written: (phi(Q) phi(K)^T * band * decay) V, O(M N (E + F))",
     kernels=(
         *_EAGER_SCORES,

@@ -5,17 +5,30 @@ Cascade 4, the 3-pass softmax as eager PyTorch computes it; sigmoid and linear w
 written). Dims: b batch, h K/V head, g query head within its
 group, m query, n key, e q/k feature, f v feature; query head = h * G + g.
 
+`Cascade.einsums` is the same cascade in the notation of `attnfx.cost_model.catalog`, so the pass
+analysis that prices the catalog's algorithms prices the site as written too (the algorithms
+whose cascade is `AS_WRITTEN`: the model's own code), and the report prints its passes.
+
 `evaluate()` runs a cascade stage by stage in plain torch: it is the oracle that every rule and
 every kernel is tested against.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
+from .einsums import EinsumCascade
+from .pass_count import PassAnalysis, analyze
 from .spec import AttentionSpec, Causal, Kind, MaskInput
+
+AS_WRITTEN = "as written"  # an algorithm's cascade that is the site's own (see `Cascade.einsums`)
+# the ranks of the tensors a cascade reads (b, h and g implicit)
+_SOURCE_RANKS = {"Q": "m,e", "K": "n,e", "V": "n,f", "BIAS": "m,n", "MASK": "m,n", "SLOPES": "", "KV_LENGTHS": "",
+                 "DECAY": ""}
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,17 @@ class Stage:
 
     def __str__(self) -> str:
         return f"{self.output} = {self.kind}[{self.op}]({', '.join(self.inputs)})"
+
+    @property
+    def ranks(self) -> str:
+        """The ranks of the output: a row statistic, the output rows, or a score-shaped value."""
+        if self.kind == "reduce":
+            return "m"
+        return "m,f" if self.output == "AV" else "m,n"
+
+    @property
+    def verb(self) -> str:
+        return "contract" if self.kind == "contract" else re.match(r"[a-z]+", self.op).group()
 
 
 @dataclass(frozen=True)
@@ -55,11 +79,34 @@ class Cascade:
                     seen.append(name)
         return tuple(seen)
 
+    @property
+    def einsums(self) -> EinsumCascade:
+        """The cascade as catalog Einsums (`S[m,n] = mul(QK[m,n])`), for the pass analysis."""
+        ranks = {**_SOURCE_RANKS, **{st.output: st.ranks for st in self.stages}}
+        lines = tuple(f"{st.output}[{st.ranks}] = {st.verb}({', '.join(f'{i}[{ranks[i]}]' for i in st.inputs)})"
+                      for st in self.stages)
+        return _einsum_cascade(f"{self.spec.kind.value} {AS_WRITTEN}", lines)
+
+    @property
+    def passes(self) -> PassAnalysis:
+        return _analysis(self.einsums)
+
     def __str__(self) -> str:
         dims = " ".join(f"{k}={v}" for k, v in self.dims.items())
         lines = [f"cascade({dims}; {self.spec.dtype})"]
         lines += [f"  {st}" for st in self.stages]
+        lines.append(f"  {self.passes}")
         return "\n".join(lines)
+
+
+@lru_cache(maxsize=256)
+def _einsum_cascade(name: str, lines: tuple[str, ...]) -> EinsumCascade:
+    return EinsumCascade.of(name, *lines)
+
+
+@lru_cache(maxsize=256)
+def _analysis(cascade: EinsumCascade) -> PassAnalysis:
+    return analyze(cascade)
 
 
 def canonical_cascade(spec: AttentionSpec, sources: tuple[str, ...] = ()) -> Cascade:

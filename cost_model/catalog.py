@@ -1,7 +1,9 @@
 """The einsum cascades of attention algorithms (FuseMax's notation), as data (b and h implicit; n1/n0 = key chunk/offset).
 
 Algorithms name one of these (`attnfx.cost_model.algorithms`); tests check each against the
-expected pass counts. Adding a cascade is adding an entry here.
+expected pass counts. Adding a cascade is adding an entry here. The model's own code is not here:
+an algorithm that runs it as written is priced with the site's lifted cascade
+(`attnfx.cost_model.cascade.Cascade.einsums`).
 """
 from __future__ import annotations
 
@@ -94,13 +96,6 @@ LINEAR = _C("linear",
             "DEN[m] = PQ[m,e] * KS[e]",
             "AV[m,f] = NUM[m,f] / DEN[m]", note="Katharopoulos et al., non-causal, phi = elu + 1")
 
-LINEAR_AS_WRITTEN = _C("linear as written",
-                       "QK[m,n] = Q[m,e] * K[n,e]",
-                       "W[m,n] = QK[m,n] * D[m,n]",
-                       "DEN[m] = W[m,n]",
-                       "NUM[m,f] = W[m,n] * V[n,f]",
-                       "AV[m,f] = NUM[m,f] / DEN[m]", note="(phi(Q) phi(K)^T * band * decay) V: O(M N)")
-
 LIGHTNING = _C("lightning",
                "BKV[e,f,n1] = K[n1,n0,e] * DK[n0] * V[n1,n0,f]",
                "RKV[e,f,n1+1] = RKV[e,f,n1] * L[] + BKV[e,f,n1]",
@@ -120,4 +115,4 @@ LINFORMER = _C("linformer",
 
 CATALOG: dict[str, EinsumCascade] = {c.name: c for c in (
     FUSEMAX_1, FUSEMAX_2, FUSEMAX_3, THREE_PASS, DEFERRED, LOCAL_MAX, ONLINE_SOFTMAX, UNSAFE_SOFTMAX,
-    ONE_PASS, SPLIT_KV, SIGMOID, LINEAR, LINEAR_AS_WRITTEN, LIGHTNING, LINFORMER)}
+    ONE_PASS, SPLIT_KV, SIGMOID, LINEAR, LIGHTNING, LINFORMER)}

@@ -12,10 +12,8 @@ from typing import Any, Mapping
 import sympy as sp
 
 from .algorithms import ALGORITHMS
-from .catalog import CATALOG
 from .crossovers import crossovers
 from .hardware import HardwareProfile
-from .pass_count import analyze
 from .targets import resolve_target
 from .select import Option, select
 from . import symbols as sym
@@ -56,17 +54,17 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
-def _cascades(names: list[str]) -> list[str]:
+def _cascades(names: list[str], spec: AttentionSpec) -> list[str]:
     lines, seen = [], set()
     for name in names:
-        cascade = ALGORITHMS[name].cascade
-        result = analyze(CATALOG[cascade])
+        algorithm = ALGORITHMS[name]
+        cascade, result = algorithm.einsums(spec), algorithm.passes(spec)
         reads = ", ".join(f"{t} x{n}" for t, n in sorted(result.reads.items()))
-        lines.append(f"{name}: {ALGORITHMS[name].description}")
-        lines.append(f"  cascade {cascade}: {result.passes} pass(es) over K/V; re-reads with recompute: {reads}")
-        if cascade not in seen:
-            seen.add(cascade)
-            lines += [f"    {e}" for e in CATALOG[cascade].einsums]
+        lines.append(f"{name}: {algorithm.description}")
+        lines.append(f"  cascade {cascade.name}: {result.passes} pass(es) over K/V; re-reads with recompute: {reads}")
+        if cascade.name not in seen:
+            seen.add(cascade.name)
+            lines += [f"    {e}" for e in cascade.einsums]
     return lines
 
 
@@ -127,7 +125,7 @@ def explain(shape: AttentionSpec | Mapping[str, Any], target: str | HardwareProf
            f"live (m, n) pairs per head: {spec.live_pairs():,} of {spec.q_len * spec.kv_len:,}",
            f"useful FLOPs 2*B*H*pairs*(E+F) = {useful_flops(spec):.4g}; GEMM on this target "
            f"{profile.mm_rate(spec.dtype, 'gemm') / 1e9:.4g} GFLOP/s ({spec.dtype})", "",
-           "== cascades and passes ==", *_cascades(names), "",
+           "== cascades and passes ==", *_cascades(names, spec), "",
            "== costs at this shape (formula = value) ==", *_costs(names, spec, profile), "",
            "== ranked variants ==", selection.describe(), "",
            "== crossovers ==", *[str(c) for c in crossovers(spec, profile, names, memory_budget)]]

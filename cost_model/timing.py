@@ -17,10 +17,8 @@ import sympy as sp
 
 from . import symbols as sym
 from .algorithms import ALGORITHMS, Algorithm, Kernel
-from .catalog import CATALOG
 from .compiled import is_compiled
 from .hardware import HardwareProfile
-from .pass_count import analyze
 from .spec import AttentionSpec, MaskInput
 
 _FIELDS = ("launches", "flops_mm", "exps", "masked_exps", "ew", "divides", "inputs", "read", "write", "reread",
@@ -177,7 +175,7 @@ def _predict(alg: Algorithm, spec: AttentionSpec, profile: HardwareProfile, spli
         for f in ("flops_mm", "exps", "ew", "divides", "launches"):
             totals[f] += v[f]
         totals["bytes"] += v["inputs"] + v["read"] + v["write"] + v["reread"]
-    analysis = analyze(CATALOG[alg.cascade])
+    analysis = alg.passes(spec)
     peak = _value(alg.peak, args)
     return Prediction(
         alg.name, sum(t.total_s for t in times), tuple(times), totals["flops_mm"], totals["exps"],

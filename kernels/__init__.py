@@ -27,7 +27,7 @@ from .bounded import BoundedVariant
 from .flex import FlexVariant
 from .fused import CHUNKED, LIGHTNING, LINEAR, SIGMOID_CHUNKED, TRITON_DECODE, TRITON_FLASH, TRITON_SIGMOID
 from .padded import PaddedVariant
-from .registry import Call, Operands, Variant
+from .variant import Call, Operands, Variant
 from .sdpa import SdpaVariant
 
 VARIANTS: tuple[Variant, ...] = (

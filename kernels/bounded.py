@@ -29,10 +29,10 @@ from torch import Tensor
 
 from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput
 
-from . import ops  # noqa: F401  (registers attnfx::attention and its backward, which this op reuses)
+from . import attention_ops  # noqa: F401  (registers attnfx::attention and its backward, which this op reuses)
 from .attention_args import Dims, accumulation_dtype, check_args, decode_op_args
 from .fused import attention_call
-from .registry import Call, Operands, kind_refusal, score_op_reader
+from .variant import Call, Operands, kind_refusal, score_op_reader
 
 BOUNDED_OP = "attnfx::bounded_attention"
 

@@ -30,10 +30,10 @@ from torch.utils._python_dispatch import _disable_current_modes
 from attnfx.cost_model.compiled import compile_key, note_compiled
 from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods, dtype_name
 
-from . import ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
+from . import attention_ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
 from .attention_args import bias_4d, check_args, decode_op_args
 from .fused import attention_call
-from .registry import Call, Operands, kind_refusal, score_op_reader
+from .variant import Call, Operands, kind_refusal, score_op_reader
 
 FLEX_OP = "attnfx::flex_attention"
 

@@ -25,9 +25,9 @@ from torch.fx import Node
 from attnfx.cost_model.spec import DECODE_MAX_Q, DECODE_MIN_RATIO, AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 from attnfx.cost_model.tiles import LINEAR_CHUNK
 
-from . import linear_ops, ops, sigmoid_ops  # noqa: F401  (register torch.ops.attnfx.*)
+from . import attention_ops, linear_ops, sigmoid_ops  # noqa: F401  (register torch.ops.attnfx.*)
 from .attention_args import triton_refusal
-from .registry import Call, CallSite, Operands, OpVariant, call_arguments, calls_op, kind_refusal, score_op_reader
+from .variant import Call, CallSite, Operands, OpVariant, call_arguments, calls_op, kind_refusal, score_op_reader
 
 Refusal = Callable[[AttentionSpec, str], "str | None"]
 

@@ -35,9 +35,9 @@ from torch.fx import Node
 
 from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
-from . import ops  # noqa: F401  (registers attnfx::attention, the kernel for what SDPA cannot take)
+from . import attention_ops  # noqa: F401  (registers attnfx::attention, the kernel for what SDPA cannot take)
 from .attention_args import Dims, accumulation_dtype, bias_4d, check_args, decode_op_args
-from .registry import Call, CallSite, Operands, call_arguments, calls_op, kind_refusal
+from .variant import Call, CallSite, Operands, call_arguments, calls_op, kind_refusal
 
 PADDED_OP = "attnfx::padded_attention"
 

@@ -10,7 +10,7 @@ from torch.fx import Node
 
 from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
-from .registry import Call, CallSite, Operands, call_arguments, kind_refusal
+from .variant import Call, CallSite, Operands, call_arguments, kind_refusal
 
 
 class SdpaVariant:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .attention_args import check_args, decode_op_args
 from .chunked_sigmoid import SIGMOID_ATTENTION, sigmoid_backward, sigmoid_forward
-from .ops import triton_module
+from .attention_ops import triton_module
 
 
 @torch.library.custom_op(

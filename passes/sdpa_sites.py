@@ -15,7 +15,7 @@ import math
 import torch
 from torch.fx import Node
 
-from attnfx.kernels.registry import call_arguments
+from attnfx.kernels.variant import call_arguments
 
 from . import ops
 from .attention import _exclusion, _lowerings, _with_checks

@@ -82,6 +82,7 @@ def test_cascade_prints_its_stages() -> None:
         "  SD = reduce[sum over n](SN)",
         "  A = map[div](SN, SD)",
         "  AV = contract[bhgmn,bhnf->bhgmf](A, V)",
+        "  softmax as written: 3 pass(es) [pass 1: QK, S, SF, GM; pass 2: SN, SD; pass 3: A, AV] re-reads: Kx3, Vx1",
     ]
     assert canonical_cascade(spec).inputs == ("Q", "K", "V")
 

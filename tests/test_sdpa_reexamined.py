@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnfx
-from attnfx.kernels.registry import call_arguments
+from attnfx.kernels.variant import call_arguments
 
 B, T, H, D = 2, 12, 4, 8
 C = H * D

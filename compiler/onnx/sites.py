@@ -18,7 +18,7 @@ from torch.fx import Node
 from attnfx import kernels
 from attnfx.cost_model.spec import AttentionSpec, MaskInput, dtype_name
 from attnfx.errors import ExportError
-from attnfx.kernels.registry import CallSite, Variant
+from attnfx.kernels.variant import CallSite, Variant
 from attnfx.passes import ops
 
 

@@ -78,3 +78,44 @@ def test_malformed_cascades_are_rejected():
         EinsumCascade.of("dup", "X[n] = A[n]", "X[n] = B[n]")
     with pytest.raises(ValueError, match="not an Einsum"):
         EinsumCascade.of("bad", "just words")
+
+
+def _lifted(**features):
+    from attnfx.cost_model.cascade import canonical_cascade
+    from attnfx.cost_model.spec import AttentionSpec
+
+    return canonical_cascade(AttentionSpec(1, 4, 2, 64, 64, 16, 16, **features))
+
+
+def test_a_lifted_softmax_cascade_has_the_catalog_three_pass_analysis():
+    """The site as written is analysed like the catalog's 3-pass cascade, modifiers included."""
+    from attnfx.cost_model.spec import Causal, MaskInput
+
+    catalog_three = analyze(catalog.THREE_PASS)
+    for features in ({}, dict(scale=0.25, causal=Causal.TOP_LEFT),
+                     dict(softcap=30.0, mask=MaskInput.ADDITIVE, mask_shape=(1, 1, 64, 64))):
+        result = _lifted(**features).passes
+        assert (result.passes, result.reads["K"], result.reads["V"]) == (3, 3, 1)
+        assert {name: result.level[name] for name in catalog_three.level} == catalog_three.level
+    assert _lifted(mask=MaskInput.ADDITIVE, mask_shape=(1, 1, 64, 64)).passes.reads["BIAS"] == 3
+
+
+def test_lifted_sigmoid_and_normalised_linear_cascades():
+    from attnfx.cost_model.spec import Causal, Kind
+
+    assert _lifted(kind=Kind.SIGMOID, logit_bias=-2.0).passes.passes == 1
+    linear = _lifted(kind=Kind.LINEAR, causal=Causal.TOP_LEFT, normalize=True).passes
+    assert linear.passes == 2 and linear.level["AN"] == 2  # the row sum is complete before the division
+
+
+def test_eager_is_priced_with_the_sites_own_cascade():
+    from attnfx.cost_model.algorithms import ALGORITHMS
+    from attnfx.cost_model.hardware import SANDBOX_CPU
+    from attnfx.cost_model.spec import MaskInput
+    from attnfx.cost_model.timing import predict
+
+    site = _lifted(mask=MaskInput.ADDITIVE, mask_shape=(1, 1, 64, 64))
+    assert ALGORITHMS["eager"].einsums(site.spec) is site.einsums
+    prediction = predict("eager", site.spec, SANDBOX_CPU)
+    assert (prediction.passes, prediction.kv_reads) == (3, 3)
+    assert predict("sdpa", site.spec, SANDBOX_CPU).passes == 1

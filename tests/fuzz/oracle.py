@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import attnfx
-from attnfx.kernels import VARIANTS
+from attnfx import kernels
 from attnfx.report import STATUSES
 
 from .grammar import Program
@@ -219,7 +219,7 @@ def _check_near_miss(mutation: str, index: int, entries: list, findings: list[Fi
 
 def _check_graph(program: Program, opt: attnfx.OptimizedModule, findings: list[Finding], where: str) -> None:
     report, graph = opt.report, opt.graph_module.graph
-    fused = sum(1 for n in graph.nodes if n.op == "call_function" and _is_fused(n))
+    fused = sum(1 for n in graph.nodes if _is_fused(n))
     if fused != report.rewritten:
         findings.append(Finding("COUNT_MISMATCH", f"the report says {report.rewritten} REWRITTEN, the graph "
                                 f"holds {fused} fused attention call(s)", where))
@@ -234,9 +234,9 @@ def _check_graph(program: Program, opt: attnfx.OptimizedModule, findings: list[F
                                 f"holds {softmaxes} softmax node(s)", where))
 
 
-def _is_fused(node: Any) -> bool:
-    """An attention call: SDPA, or a call some variant reads back as its own (every attnfx op)."""
-    return "scaled_dot_product" in str(node.target) or any(v.read(node) is not None for v in VARIANTS)
+def _is_fused(node: torch.fx.Node) -> bool:
+    """An attention call some variant reads back: SDPA or any attnfx op."""
+    return any(variant.read(node) is not None for variant in kernels.VARIANTS)
 
 
 def _short(exc: BaseException, with_frame: bool = False) -> str:

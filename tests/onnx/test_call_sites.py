@@ -12,7 +12,7 @@ from attnfx.cost_model.spec import Causal, Kind, ScoreMods
 from attnfx.errors import ExportError
 from attnfx.kernels import Operands
 from attnfx.kernels.fused import CHUNKED, TRITON_DECODE, TRITON_FLASH
-from attnfx.kernels.registry import CallSite, call_arguments
+from attnfx.kernels.variant import CallSite, call_arguments
 from attnfx.kernels.sdpa import SdpaVariant
 from attnfx.onnx import export_onnx
 from onnx_helpers import attributes, fused_nodes, stand_in

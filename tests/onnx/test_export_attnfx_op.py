@@ -13,7 +13,7 @@ from attnfx.onnx import export_onnx
 from onnx_helpers import attributes, fused_nodes, stand_in
 
 try:  # the kernels branch registers the op on import
-    importlib.import_module("attnfx.kernels.ops")
+    importlib.import_module("attnfx.kernels.attention_ops")
 except ModuleNotFoundError:
     pass
 pytestmark = pytest.mark.skipif(

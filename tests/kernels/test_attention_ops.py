@@ -13,7 +13,7 @@ import attnfx.kernels  # noqa: F401  (registers torch.ops.attnfx)
 from kernel_cases import COMBINED, FEATURES, Case, assert_close, reference
 from attnfx.cost_model import AttentionSpec
 from attnfx.errors import KernelUnavailable
-from attnfx.kernels import ops
+from attnfx.kernels import attention_ops as ops
 from attnfx.cost_model.spec import is_decode_shape
 
 OP = torch.ops.attnfx.attention.default
