@@ -22,6 +22,8 @@ from attnfx.passes import ops
 from attnfx.passes.attention import RULES, lift
 from attnfx.passes.linear import ANCHORS as LINEAR_ANCHORS, NOT_ATTENTION, feature_maps, lift_linear
 from attnfx.passes.mask_eval import MaskEvaluator
+from attnfx.passes.sdpa_sites import lift_sdpa
+from attnfx.passes.emit import SINK_OP
 from attnfx.passes.site import Lowering, Reason, Refusal, Site
 
 
@@ -76,7 +78,8 @@ def decide_all(graph: Graph, evaluator: MaskEvaluator, planning: Planning,
             decisions.append(Decision(len(decisions), node, "REFUSED",
                                       Refusal(Reason.PROBS_ESCAPE, escaped[node], "softmax")))
         elif k == "sdpa":
-            decisions.append(Decision(len(decisions), node, "ALREADY_FUSED"))
+            decisions.append(guarded(len(decisions), node, "match",
+                                     lambda index, n: _reexamine_sdpa(index, n, evaluator, planning)))
         elif k in RULES:
             decision = guarded(len(decisions), node, "match", lambda index, n: _decide(index, n, evaluator, planning))
             if _listed(k, decision):
@@ -111,6 +114,14 @@ def internal_error(exc: Exception, stage: str) -> Refusal:
                    f"{where}; the site was left as written (please report this)", stage)
 
 
+def _reexamine_sdpa(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning) -> Decision:
+    """An existing SDPA call whose dense mask is a proven causal band gets the flag lowering when a
+    variant takes it; otherwise (and never against eager's price: SDPA is not eager) it stays."""
+    site = lift_sdpa(node, evaluator)
+    decision = None if site is None else _choose(index, node, site, replace(planning, eager=False))
+    return decision if decision is not None and decision.status == "CHOSEN" else Decision(index, node, "ALREADY_FUSED")
+
+
 def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning) -> Decision:
     site = (lift_linear if ops.kind(node) in LINEAR_ANCHORS else lift)(node, evaluator)
     if isinstance(site, Refusal):
@@ -119,6 +130,10 @@ def _decide(index: int, node: Node, evaluator: MaskEvaluator, planning: Planning
         return Decision(index, node, "REFUSED", Refusal(
             Reason.DROPOUT_TRAINING, f"dropout (p={site.dropout_p:g}) on the attention probabilities in training "
             "mode, and exact_dropout=True keeps eager's random stream, which a fused variant does not draw", "A"))
+    return _choose(index, node, site, planning)
+
+
+def _choose(index: int, node: Node, site: Site, planning: Planning) -> Decision:
     options, by_key = _options(site, planning)
     selection = choose(options, planning.target, planning.memory_budget)
     winner = selection.winner
@@ -145,8 +160,10 @@ def _options(site: Site, planning: Planning) -> tuple[list[Option], dict]:
         for variant in planning.candidates:
             if lowering.only and variant.name not in lowering.only:
                 continue
-            options.append(Option(variant.name, variant.algorithm, lowering.spec, lowering.name,
-                                  variant.refusal(lowering.spec, planning.device)))
+            refusal = variant.refusal(lowering.spec, planning.device)
+            if site.sink is not None and refusal is None and variant.op != SINK_OP:
+                refusal = f"the attention sink is applied through the log-sum-exp, which only {SINK_OP} returns"
+            options.append(Option(variant.name, variant.algorithm, lowering.spec, lowering.name, refusal))
             by_key[(variant.name, lowering.name)] = (lowering, variant)
     if planning.eager:
         eager = site.lowerings[-1].spec

@@ -144,6 +144,7 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
                   ) -> _ProbPath | Refusal:
     node, path, zeroed, dropout_p = weights, [], [], 0.0
     name = ops.kind(weights)
+    sliced = algebra.sink is None
     while True:
         users = ops.users(node)
         if len(users) != 1 or users[0].op == "output":
@@ -153,6 +154,9 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
             return Refusal(Reason.PROBS_ESCAPE, f"the attention weights ({node.name}) are {what}", "A")
         user = users[0]
         contraction = read_contraction(user)
+        if contraction is not None and not sliced:
+            return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"the sink logit's weight reaches {user.name}: only a "
+                           "sink sliced off after the softmax is an attention sink", "A")
         if contraction is not None:
             return _ProbPath(contraction, node, roles, path, zeroed, dropout_p)
         k = ops.kind(user)
@@ -164,6 +168,8 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
                     return Refusal(Reason.DROPOUT_TRAINING, f"{user.name} drops attention weights a second "
                                    "time", "A")
                 dropout_p = p
+        elif algebra.sink is not None and not sliced and _drops_sink(user, roles):
+            sliced = True  # the sink's own weight is dropped: what remains weighs the values
         elif k in ("masked_fill", "where") and name == "sigmoid" and _sigmoid_weight_mask(user, roles, algebra):
             algebra.masks.append(_sigmoid_weight_mask(user, roles, algebra))
         elif k in ("masked_fill", "where"):
@@ -192,6 +198,15 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
         node = user
 
 
+def _drops_sink(node: Node, roles: Roles) -> bool:
+    """`p[..., :-1]`: a slice of the key axis that keeps every column but the last (the sink's)."""
+    if ops.target_name(node) != "slice" or len(node.args) < 4:
+        return False
+    dim = ops.normalize_dim(int(node.args[1]), len(roles))
+    step = node.args[4] if len(node.args) > 4 else 1
+    return roles[dim] == "n" and node.args[2] in (0, None) and node.args[3] == -1 and step == 1
+
+
 def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arranged, Roles] | Refusal:
     if av.lhs is probs and av.rhs is not probs:
         p_labels, v_node, v_labels = av.lhs_labels, av.rhs, av.rhs_labels
@@ -215,11 +230,29 @@ def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arran
     if set(out_roles) != expected:
         return Refusal(Reason.NO_AV_CONTRACTION, f"{av.node.name} also sums over batch or head dims", "AV")
     v = Arranged(v_node, tuple(label_roles[x] for x in v_labels))
-    base = look_through_permutes(v).node
+    base = _before_views(look_through_permutes(v).node)
     if ops.kind(base) in ("mul", "div") and any(_is_number(a) for a in base.args[:2]):
         return Refusal(Reason.SCALE_ON_VALUES, f"{base.name} scales V before the AV contraction; a scale on "
                        "values is not the softmax scale, so the site is left as written", "AV")
     return v, out_roles
+
+
+def _before_views(node: Node) -> Node:
+    """The tensor behind the model's own views, reshapes, expands, permutes and casts of it."""
+    while ops.kind(node) in ("reshape", "transpose", "permute", "cast", "identity") \
+            or ops.target_name(node) in ("expand", "unsqueeze", "flatten", "unflatten", "alias") or _whole_slice(node):
+        node = node.args[0]
+    return node
+
+
+def _whole_slice(node: Node) -> bool:
+    """`x[:, :]`: a slice that keeps every index (export writes `x[:, :, None]` with them)."""
+    if ops.target_name(node) != "slice":
+        return False
+    start = node.args[2] if len(node.args) > 2 else None
+    end = node.args[3] if len(node.args) > 3 else None
+    step = node.args[4] if len(node.args) > 4 else 1
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2 ** 62)) and step == 1
 
 
 def _is_number(x: object) -> bool:
@@ -244,7 +277,11 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     k = Arranged(c.rhs, canon(tuple(label_roles[x] for x in c.rhs_labels)))
     v, out_roles = Arranged(v.node, canon(v.roles)), canon(out_roles)
     algebra.bias = [BiasTerm(t.node, canon(t.roles), t.coeff) for t in algebra.bias]
-    algebra.masks = [replace(t, roles=canon(t.roles)) for t in algebra.masks]
+    algebra.scale_tensors = [replace(t, roles=canon(t.roles)) for t in algebra.scale_tensors]
+    if algebra.sink is not None:
+        algebra.sink = replace(algebra.sink, roles=canon(algebra.sink.roles))
+    algebra.masks = [replace(t, roles=canon(t.roles), scaled_by=tuple(replace(f, roles=canon(f.roles))
+                                                                      for f in t.scaled_by)) for t in algebra.masks]
     structures = {canon(batch): sizes for batch, sizes in sp.structures.items()}
     batch_roles = tuple(rename.values())
     batch_sizes = tuple(ops.hint_int(size) for size in sp.structures[finest])
@@ -263,7 +300,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     if refusal is not None:
         return refusal
     source = set(sp.path) | {c.node, weights, av.node, *prob_path}
-    for term in (*algebra.bias, *algebra.masks):
+    for term in (*algebra.bias, *algebra.masks, *algebra.scale_tensors, *([algebra.sink] if algebra.sink else [])):
         if ops.depends_on(term.node, source):
             return Refusal(Reason.SCORE_DEPENDENT_MASK, f"the mask/bias {term.node.name} is computed from the "
                            "scores themselves (e.g. top-k), so it cannot be precomputed", "mask")
@@ -276,7 +313,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
         qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
         scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
-        structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p,
+        structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p, sink=algebra.sink,
         nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
     )
     real_bias = [t for t, keep in zip(site.bias, bias_keeps) if keep is None]
@@ -292,7 +329,8 @@ def _check_structures(structures: dict[Roles, tuple], batch_roles: Roles, operan
                       algebra: ScoreAlgebra, out_roles: Roles) -> Refusal | None:
     """Tensors in another batch layout than the canonical one must convert by flatten + unflatten:
     whole (or broadcast over every batch dim), with at most one dynamic size to unflatten into."""
-    foreign = [a for a in (*operands, *algebra.bias, *algebra.masks)
+    foreign = [a for a in (*operands, *algebra.bias, *algebra.masks, *algebra.scale_tensors,
+                           *([algebra.sink] if algebra.sink else []))
                if any(is_batch_role(r) and r not in batch_roles for r in a.roles)]
     out_layout = tuple(r for r in out_roles if is_batch_role(r))
     targets = ([batch_roles] if foreign else []) + ([out_layout] if out_layout != batch_roles else [])
@@ -360,7 +398,8 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
     base = _base_spec(site)
     lowerings = []
     facts = site.facts
-    if facts.structural:
+    rescaled = any(t.scaled_by for t in site.masks)  # excluded scores are fill * a tensor: only the tensor says so
+    if facts.structural and not rescaled:
         flags = dict(causal=facts.causal, window=facts.window)
         if not real_bias:
             lowerings.append(Lowering("flag", replace(base, **flags)))
@@ -376,9 +415,10 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
         # reproduces masked_fill exactly, fully masked rows included; a boolean mask would not.
         absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.weights)).min / 2
                         for t in site.masks)
-        single_bool = not site.bias and len(site.masks) == 1 and not absorbing
+        single_bool = not site.bias and len(site.masks) == 1 and not absorbing and not rescaled
         kind = MaskInput.BOOL if single_bool else MaskInput.ADDITIVE
-        spec = replace(base, mask=kind, mask_shape=_canonical_mask_shape(terms, site))
+        scales = [scale for t in site.masks for scale in t.scaled_by if ops.rank(scale.node)]
+        spec = replace(base, mask=kind, mask_shape=_canonical_mask_shape([*terms, *scales], site))
         lowerings.append(Lowering("tensor", spec, bias=site.bias, masks=site.masks))
     return lowerings
 
@@ -391,7 +431,7 @@ def _key_keep_lowering(site: Site, fills: set[float]) -> list[Lowering]:
     facts = site.facts
     if not facts.key_padding or facts.unproven or len(site.batch_roles) < 2 or len(fills) != 1:
         return []
-    if any(site.bias[t.later_bias:] for t in site.masks):  # a fill with bias added on top varies
+    if any(site.bias[t.later_bias:] or t.scaled_by for t in site.masks):  # the fill varies: bias on top, scaled
         return []
     shape = _canonical_mask_shape([*site.bias, *site.masks], site)
     spec = replace(_base_spec(site), mask=MaskInput.BOOL, mask_shape=(shape[0], 1, 1, shape[3]),

@@ -19,6 +19,7 @@ from .narrow import pick
 from .site import BiasTerm, Decay, Lowering, Site
 
 aten = torch.ops.aten
+SINK_OP = "attnfx::attention"  # the op whose second output (lse) the attention-sink lowering reads
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,7 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
     before = av.prev
     with graph.inserting_before(av):
         builder = _Builder(graph, site)
-        q = builder.operand(site.q, ("m", "e"))
-        for tensor, divides in site.scale_tensors:
-            q = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (q, tensor))
+        q = builder.scaled_q(site)
         k = builder.operand(site.k, ("n", "e"))
         v = builder.operand(site.v, ("n", "f"))
         k, v = builder.broadcast_batch(site, site.k, k), builder.broadcast_batch(site, site.v, v)
@@ -47,6 +46,8 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
         out = call_node = graph.call_function(call.target, call.args, call.kwargs)
         if call.output_index is not None:
             out = graph.call_function(operator.getitem, (out, call.output_index))
+        if site.sink is not None:
+            out = builder.with_sink(call_node, out, site)
         out = builder.restore(out, site)
         if ops.dtype(av) != ops.dtype(site.q.node):
             out = graph.call_function(aten._to_copy.default, (out,), {"dtype": ops.dtype(av)})
@@ -84,6 +85,28 @@ class _Builder:
 
     def operand(self, arranged: Arranged, inner: Roles) -> Node:
         return self.to_4d(self.canonical(arranged, inner))
+
+    def scaled_q(self, site: Site) -> Node:
+        """q with the site's tensor scales folded in (each is constant along the keys), in q's dtype."""
+        q = self.operand(site.q, ("m", "e"))
+        dtype = ops.dtype(site.q.node)
+        promotes = False
+        for term in site.scale_tensors:
+            factor = term.node
+            if ops.rank(factor) > 0:  # a 0-d factor does not promote q's dtype; others may
+                promotes |= ops.dtype(factor) != dtype
+                factor = self.to_4d(self.canonical(Arranged(factor, term.roles), ("m", "n")))
+            q = self.call(aten.div.Tensor if term.divides else aten.mul.Tensor, q, factor)
+        return self.call(aten._to_copy.default, q, dtype=dtype) if promotes else q
+
+    def with_sink(self, call: Node, out: Node, site: Site) -> Node:
+        """Softmax over keys + sink = attention * sum / (sum + e^sink) = attention * sigmoid(lse - sink);
+        a fully masked row (out 0, lse -inf) stays 0, as in eager."""
+        lse = self.call(operator.getitem, call, 1)
+        sink = self.to_4d(self.canonical(Arranged(site.sink.node, site.sink.roles), ("m", "n")))
+        gap = self.call(aten.sub.Tensor, self.call(aten.unsqueeze.default, lse, -1), sink)
+        scaled = self.call(aten.mul.Tensor, out, self.call(aten.sigmoid.default, gap))
+        return self.call(aten._to_copy.default, scaled, dtype=ops.dtype(site.q.node))
 
     def _layout_of(self, roles: Roles) -> Roles:
         batch = [r for r in roles if is_batch_role(r)]
@@ -134,7 +157,8 @@ class _Builder:
             node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))
             keep = node if term.keep_when else self.call(aten.logical_not.default, node)
             later = self._sum(terms[term.later_bias:])  # what was added on top of the fill
-            keeps.append((keep, term.fill if later is None else self.call(aten.add.Tensor, later, term.fill)))
+            excluded = term.fill if later is None else self.call(aten.add.Tensor, later, term.fill)
+            keeps.append((keep, self._scaled_fill(excluded, term.scaled_by, dtype)))
         if lowering.spec.mask is MaskInput.BOOL:
             return self.to_4d(keeps[0][0])
         for keep, excluded in keeps:
@@ -178,6 +202,21 @@ class _Builder:
                 node = self.call(aten.any.dim, node, 2, True)
             keep = node if keep is None else self.call(aten.logical_and.default, keep, node)
         return keep
+
+    def _scaled_fill(self, excluded: Node | float, scales: tuple, dtype: torch.dtype) -> Node | float:
+        """The excluded scores' value after the tensor scales that followed the mask, in `dtype`."""
+        for scale in scales:
+            factor = scale.node
+            if ops.rank(factor):
+                factor = self.canonical(Arranged(factor, scale.roles), ("m", "n"))
+            if isinstance(excluded, Node):
+                excluded = self.call(aten.div.Tensor if scale.divides else aten.mul.Tensor, excluded, factor)
+            else:
+                factor = self.call(aten.reciprocal.default, factor) if scale.divides else factor
+                excluded = self.call(aten.mul.Scalar, factor, excluded)
+        if scales:
+            excluded = self.call(aten._to_copy.default, excluded, dtype=dtype)
+        return excluded
 
     def _bias_term(self, term) -> Node:
         node = self.canonical(Arranged(term.node, term.roles), ("m", "n"))

@@ -16,7 +16,7 @@ from torch.fx import Node
 
 from . import ops
 from .layout import Contraction, Roles, _permute_source, batch_reshape, is_batch_role, read_contraction
-from .site import BiasTerm, MaskTerm, Reason, Refusal
+from .site import BiasTerm, MaskTerm, Reason, Refusal, ScaleTerm
 
 MAX_PATH = 24
 _PASS_THROUGH = ("cast", "identity")
@@ -28,10 +28,11 @@ class ScoreAlgebra:
 
     scale: float = 1.0
     shift: float = 0.0  # a constant on every score (it cancels in a softmax, not in a sigmoid)
-    scale_tensors: list[tuple[Node, bool]] = field(default_factory=list)
+    scale_tensors: list[ScaleTerm] = field(default_factory=list)
     softcap: float | None = None
     bias: list[BiasTerm] = field(default_factory=list)
     masks: list[MaskTerm] = field(default_factory=list)
+    sink: BiasTerm | None = None  # a logit column concatenated after the keys (attention sinks)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def find_contraction(start: Node, roles_of: Callable[[Contraction], Roles | Refu
                        "through score operations", "QK")
     contraction = read_contraction(chain[0])
     roles = roles_of(contraction)
-    accepts = accepts or (lambda node: ops.kind(node) in _ALGEBRA_KINDS)
+    accepts = accepts or (lambda node: ops.kind(node) in _ALGEBRA_KINDS or _is_cat(node))
     unknown = next((n for n in chain[1:] if not accepts(n)), None)
     if unknown is not None:
         return _unsupported(unknown)
@@ -185,11 +186,32 @@ def replay(score_path: ScorePath, score_dtype: torch.dtype, constants_cancel: bo
                 return refusal
             previous, i = nodes[i + 2], i + 3
             continue
-        refusal = _apply(algebra, node, previous, roles, score_dtype, constants_cancel)
+        if _is_cat(node) or (algebra.sink is not None and ops.kind(node) not in _PASS_THROUGH):
+            refusal = _apply_sink(algebra, node, previous, roles, constants_cancel)
+        else:
+            refusal = _apply(algebra, node, previous, roles, score_dtype, constants_cancel)
         if refusal is not None:
             return refusal
         previous, i = node, i + 1
     return algebra
+
+
+def _is_cat(node: Node) -> bool:
+    return ops.target_name(node) == "cat"
+
+
+def _apply_sink(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, constants_cancel: bool
+                ) -> Refusal | None:
+    """`cat([scores, sink], keys)` right before the softmax: one extra logit per row that only joins
+    the normaliser (its weight is sliced off after the softmax), i.e. an attention sink."""
+    operands = node.args[0] if _is_cat(node) else ()
+    dim = ops.normalize_dim(int(ops.arg(node, "dim", 1, 0)), len(roles)) if _is_cat(node) else None
+    sink = operands[1] if len(operands) == 2 and operands[0] is score else None
+    if (algebra.sink is not None or sink is None or not constants_cancel or dim is None or roles[dim] != "n"
+            or ops.rank(sink) != len(roles) or ops.static_int(ops.shape(sink)[dim]) != 1):
+        return _unsupported(node)
+    algebra.sink = BiasTerm(sink, roles)
+    return None
 
 
 def _softcap_at(nodes: list[Node], i: int, previous: Node) -> tuple[float, float] | None:
@@ -233,7 +255,7 @@ def _apply(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, score_d
     if k in _PASS_THROUGH or k in ("transpose", "permute", "reshape"):
         return None
     if k in ("mul", "div", "neg"):
-        return _apply_factor(algebra, node, score, k, constants_cancel)
+        return _apply_factor(algebra, node, score, k, roles, constants_cancel)
     if k in ("add", "sub"):
         return _apply_add(algebra, node, score, roles, constants_cancel)
     if k in ("masked_fill", "where"):
@@ -248,9 +270,9 @@ _ALGEBRA_KINDS = (*_PASS_THROUGH, "transpose", "permute", "reshape", "mul", "div
 
 
 def _unsupported(node: Node) -> Refusal:
-    if ops.target_name(node) == "cat":
-        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} concatenates extra logits to the scores "
-                       "(e.g. attention sinks), which no attention variant takes", "S")
+    if _is_cat(node):
+        return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} concatenates logits to the scores other than "
+                       "one sink column after the keys right before a softmax", "S")
     return Refusal(Reason.SCORE_OP_UNSUPPORTED, f"{node.name} applies {ops.target_name(node)} to the scores, "
                    "which no attention variant computes", "S")
 
@@ -268,7 +290,8 @@ def _is_exclusion_floor(node: Node, score: Node, dtype: torch.dtype) -> bool:
     return value is not None and ops.is_exclusion_fill(value, dtype) and value <= torch.finfo(dtype).min / 2
 
 
-def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, constants_cancel: bool) -> Refusal | None:
+def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, roles: Roles,
+                  constants_cancel: bool) -> Refusal | None:
     if k == "neg":
         factor: float | None = -1.0
         other = None
@@ -282,22 +305,44 @@ def _apply_factor(algebra: ScoreAlgebra, node: Node, score: Node, k: str, consta
         if factor is not None and k == "div":
             factor = 1.0 / factor if factor != 0 else None
     if factor is None:
-        if not ops.numel_is_one(other):
-            return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape "
-                           f"{tuple(ops.hint_int(d) for d in ops.shape(other)) if ops.is_tensor(other) else other}; only a scalar scale "
-                           "is a softmax temperature", "S")
-        if algebra.softcap is not None or algebra.bias or algebra.masks or (algebra.shift and not constants_cancel):
-            return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "
-                           "mask, shift or softcap", "S")
-        algebra.scale_tensors.append((other, k == "div"))
-        return None
-    if algebra.softcap is not None:
-        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores after the softcap", "S")
+        return _apply_scale_tensor(algebra, node, score, other, k == "div", roles, constants_cancel)
+    if algebra.softcap is not None and factor <= 0:
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales softcapped scores by {factor:g}; only a "
+                       "positive factor is a wider softcap", "S")
+    if algebra.softcap is not None:  # k * c * tanh(z / c) == softcap_{c k}(k * z) for k > 0 (biases, fills: * k)
+        algebra.softcap *= factor
     if algebra.masks and factor <= 0:
         return Refusal(Reason.SCORE_ORDER, f"{node.name} multiplies masked scores by {factor:g}, which "
                        "would bring excluded keys back", "S")
     _rescale(algebra, factor)
     return None
+
+
+def _apply_scale_tensor(algebra: ScoreAlgebra, node: Node, score: Node, other: object, divides: bool,
+                        roles: Roles, constants_cancel: bool) -> Refusal | None:
+    """A tensor factor constant along the key axis (per head, per query, or one run-time value)
+    multiplies each query's row of scores: exactly q scaled by it. After a mask, excluded scores
+    become fill * factor (whatever the factor's sign or value), which the mask then reproduces."""
+    if not _folds_into_q(other, node, score, roles):
+        shape = tuple(ops.hint_int(d) for d in ops.shape(other)) if ops.is_tensor(other) else other
+        return Refusal(Reason.SCALE_NOT_SCALAR, f"{node.name} scales the scores by a tensor of shape {shape} "
+                       "that varies along the keys; only a factor per head or per query is a softmax "
+                       "temperature", "S")
+    if algebra.softcap is not None or algebra.bias or (algebra.shift and not constants_cancel):
+        return Refusal(Reason.SCORE_ORDER, f"{node.name} scales the scores by a tensor after a bias, "
+                       "shift or softcap", "S")
+    term = ScaleTerm(other, roles[len(roles) - ops.rank(other):], divides)
+    algebra.scale_tensors.append(term)
+    algebra.masks = [replace(m, scaled_by=(*m.scaled_by, term)) for m in algebra.masks]
+    return None
+
+
+def _folds_into_q(factor: object, node: Node, score: Node, roles: Roles) -> bool:
+    """A tensor that broadcasts onto the scores without growing them and is size 1 on the key axis."""
+    if not ops.is_tensor(factor) or ops.rank(factor) > len(roles) or not ops.same_shape(node, score):
+        return False
+    aligned = dict(zip(roles[len(roles) - ops.rank(factor):], ops.shape(factor)))
+    return "n" not in aligned or ops.static_int(aligned["n"]) == 1
 
 
 def _apply_add(algebra: ScoreAlgebra, node: Node, score: Node, roles: Roles, constants_cancel: bool

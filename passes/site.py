@@ -86,6 +86,16 @@ class BiasTerm:
 
 
 @dataclass(frozen=True)
+class ScaleTerm:
+    """A tensor the scores are multiplied (or divided) by, constant along the key axis, so it folds
+    into q: one temperature per head (Swin V2's `logit_scale`), per query, or a run-time scalar."""
+
+    node: Node
+    roles: Roles
+    divides: bool = False
+
+
+@dataclass(frozen=True)
 class MaskTerm:
     """A boolean tensor that excludes scores: kept where it equals `keep_when`."""
 
@@ -95,6 +105,8 @@ class MaskTerm:
     fill: float
     later_bias: int = 0  # bias terms from this index on were added after the mask: excluded scores
     # hold fill + those biases (fill + finfo.min overflows to -inf), which a lowering reproduces
+    scaled_by: tuple[ScaleTerm, ...] = ()  # tensor scales applied after the mask: excluded scores
+    # hold fill * those factors (-inf, or nan where a factor is 0), which the tensor lowering reproduces
 
 
 @dataclass(frozen=True)
@@ -137,7 +149,7 @@ class Site:
     batch_roles: Roles
     out_roles: Roles
     scale: float
-    scale_tensors: tuple[tuple[Node, bool], ...]  # (numel-1 tensor, divides) folded into q
+    scale_tensors: tuple[ScaleTerm, ...]  # folded into q
     softcap: float | None
     bias: tuple[BiasTerm, ...]
     masks: tuple[MaskTerm, ...]
@@ -148,5 +160,6 @@ class Site:
     kind: Kind = Kind.SOFTMAX
     logit_bias: float = 0.0  # a sigmoid site's constant shift of every score
     decay: Decay | None = None  # a linear site's decay operand
+    sink: BiasTerm | None = None  # a logit per row joining the softmax's normaliser only (attention sinks)
     lowerings: list[Lowering] = field(default_factory=list)
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces

@@ -5,6 +5,7 @@ Matches, over one dim d of scores x (every intermediate used only inside the pat
     exp(x - rowmax(x)) * reciprocal(sum_d)     unsqueezed back and/or detached
     exp(x) / sum_d(exp(x))                     (no max subtraction: the softmax is the stabler form)
     exp(x - logsumexp(x, d, keepdim))
+    softmax(x - rowmax(x), d)                  (an explicit softmax stabilised by hand)
 Rewrites to: `aten._softmax(x, d, False)` in place of the hand-written nodes; `Canonical.restore()`
 writes them back for every softmax that was not rewritten: a site attnfx keeps keeps its spelling.
 Refuses: a form whose intermediates are used elsewhere is left as written and listed in `escaped`, so
@@ -58,7 +59,12 @@ def canonicalize_softmaxes(graph: Graph) -> Canonical:
     canonical = Canonical()
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        if ops.kind(node) != "exp" or node.graph is not graph:
+        if node.graph is not graph:
+            continue
+        if ops.kind(node) == "softmax":
+            _drop_row_max(node, canonical, order)
+            continue
+        if ops.kind(node) != "exp":
             continue
         found = _handwritten(node)
         if found is None:
@@ -108,6 +114,33 @@ def _handwritten(exp: Node) -> tuple[Node, int, Node, set[Node]] | None:
             probs, chain = divided
             return x, dim, probs, internal | chain | {exp, total}
     return None
+
+
+def _drop_row_max(softmax: Node, canonical: Canonical, order: dict[Node, int]) -> None:
+    """softmax(x - rowmax(x)) over the max's dim is softmax(x) (gpt-oss stabilises by hand before
+    an explicit softmax): the same softmax node, reading x."""
+    shifted, dim, _ = ops.softmax_args(softmax)
+    if not softmax.args or softmax.args[0] is not shifted or ops.kind(shifted) != "sub" \
+            or ops.scalar_value(shifted.kwargs.get("alpha", 1)) != 1.0:
+        return
+    x, row = shifted.args[:2]
+    shift = _row_statistic(row, x) if isinstance(row, Node) and isinstance(x, Node) else None
+    if shift is None or shift[0] != "reduce_max" or shift[1] != ops.normalize_dim(int(dim), ops.rank(x)):
+        return
+    nodes = {shifted, *shift[2]}
+    if any(u not in nodes and u is not softmax for n in nodes for u in ops.users(n)):
+        return  # the shifted scores are used elsewhere: the rule refuses it as written
+    graph = softmax.graph
+    with graph.inserting_before(softmax):
+        args = (x, *softmax.args[1:])
+        plain = graph.create_node("call_function", softmax.target, args, dict(softmax.kwargs), name="unshifted_softmax")
+    plain.meta.update({k: softmax.meta[k] for k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")
+                       if k in softmax.meta})
+    softmax.replace_all_uses_with(plain)
+    form = [_Saved(n, n.args, dict(n.kwargs)) for n in sorted(nodes | {softmax}, key=order.__getitem__)]
+    for saved in reversed(form):
+        graph.erase_node(saved.node)
+    canonical.replaced[plain] = form
 
 
 def _row_statistic(row: Node, x: Node) -> tuple[str, int, set[Node]] | None:

@@ -143,8 +143,6 @@ def _scaled_values_merged_heads(q, k, v):
     return torch.bmm(p, v).view(b, H, -1, D)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: SCALE_ON_VALUES looks through permutes only; behind a reshape "
-                                       "the scaled V is rewritten (exactly), unlike the same scale before a transpose")
 def test_scale_on_values_behind_a_reshape_is_refused() -> None:
     model = Heads(_scaled_values_merged_heads).eval()
     opt = attnfx.optimize(model, (_x(),))

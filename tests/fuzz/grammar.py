@@ -30,7 +30,7 @@ SOFTCAPS = (None, 20.0, 5.0)
 SOFTCAP_SPELLINGS = ("tanh_div", "method", "cap_first", "mul_inverse")
 PLACEMENTS = ("scores", "q", "k", "none", "after_mask", "after_softcap")
 SCALE_VALUES = (SQRT_D, 1.0, 0.3, 2.0, -0.5)
-SCALE_FORMS = ("literal", "shape", "const0d", "buffer", "parameter", "attribute")
+SCALE_FORMS = ("literal", "shape", "const0d", "buffer", "parameter", "attribute", "per_head")
 EXCLUSIONS = {
     "causal": ("tril", "triu", "arange", "buffer", "buffer_4d", "full_triu"),
     "causal_br": ("triu_symbolic", "tril_symbolic", "arange_symbolic", "triu_literal", "cache_position"),
@@ -166,6 +166,8 @@ def consistent(block: Block) -> bool:
         return False
     if block.scale.placement == "after_mask" and not block.terms:
         return False
+    if block.scale.form == "per_head" and (block.scale.placement != "scores" or block.scale.value <= 0):
+        return False
     if block.qk not in QK_SPELLINGS.get(block.layout, ("default",)):
         return False
     requires = MUTATIONS[block.mutation].requires if block.mutation else {}
@@ -235,5 +237,6 @@ def _draw_scale(choose: Chooser, softcapped: bool, masked: bool) -> Scale:
         return Scale("none")
     values = SCALE_VALUES if placement in ("scores", "q", "k") else SCALE_VALUES[:-1]
     value = choose("scale.value", values)
-    forms = SCALE_FORMS if value == SQRT_D else tuple(f for f in SCALE_FORMS if f != "shape")
+    forms = tuple(f for f in SCALE_FORMS if (f != "shape" or value == SQRT_D)
+                  and (f != "per_head" or (placement == "scores" and value > 0)))
     return Scale(placement, value, choose("scale.form", forms), choose("scale.op", ("mul", "div")))

@@ -41,6 +41,10 @@ def _last(op: Callable) -> Hook:
     return lambda w, ops: ops.append(("mutation", op))
 
 
+def _first(op: Callable) -> Hook:
+    return lambda w, ops: ops.insert(0, ("mutation", op))
+
+
 def _before_softcap(op: Callable) -> Hook:
     def insert(w, ops) -> None:
         ops.insert(next(i for i, (label, _) in enumerate(ops) if label == "softcap"), ("mutation", op))
@@ -68,10 +72,9 @@ def _mask_probs(w, p: str) -> str:
     return "p"
 
 
-def _temperature(w) -> None:
-    w.init("self.temperature = nn.Linear(C, H)")
-    w.line("t = F.softplus(self.temperature(x))  # (b, m, h): one temperature per query")
-    w.line(f"s = s * {w.align('t', 'bmh')}")
+def _key_temperature(w) -> None:
+    w.init("self.key_temperature = nn.Parameter(torch.rand(TABLE) + 0.5)")
+    w.line(f"s = s * {w.align('self.key_temperature[:n]', 'n')}  # one temperature per key: not q-foldable")
 
 
 def _early_bias(w) -> None:
@@ -89,8 +92,10 @@ def _return_scores(w) -> None:
     w.extras.append("scores")
 
 
-def _sigmoid(w) -> str:
+def _sigmoid_renormalised(w) -> str:
+    """A sigmoid alone is sigmoid attention (rewritten); divided by its row sum it is not."""
     w.line("p = torch.sigmoid(s)")
+    w.line(f"p = p / p.sum(dim={w.dim('n')}, keepdim=True)")
     return "p"
 
 
@@ -111,13 +116,14 @@ MUTATIONS: dict[str, Mutation] = {
     "probs_scaled": Mutation(_codes("PROBS_MODIFIED"), probs=_scale_probs),
     "probs_returned": Mutation(_codes("PROBS_ESCAPE"), probs=_return_probs),
     "probs_renormalised": Mutation(_codes("PROBS_ESCAPE", "PROBS_MODIFIED"), probs=_renormalise),
-    "query_temperature": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_last(_temperature)),
+    "key_temperature": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_first(_key_temperature)),
     "log_softmax": Mutation(_codes("LOG_SOFTMAX"), {"softmax": EXPLICIT}, softmax={"log": True}),
     "topk_mask": Mutation(_codes("SCORE_DEPENDENT_MASK"), scores=_last(
         lambda w: w.line(f"s = s.masked_fill(s < s.topk(1, dim={w.dim('n')}).values, float('-inf'))"))),
     "threshold_mask": Mutation(_codes("SCORE_DEPENDENT_MASK"), scores=_last(
         lambda w: w.line(f"s = s.masked_fill(s < s.mean(dim={w.dim('n')}, keepdim=True), float('-inf'))"))),
-    "sigmoid": Mutation(_codes(), {"softmax": ("F.softmax",), "upcast": ("none",)}, sites=(0,), normalise=_sigmoid),
+    "sigmoid_renormalised": Mutation(_codes("PROBS_ESCAPE", "PROBS_MODIFIED"), {"softmax": ("F.softmax",),
+                                     "upcast": ("none",)}, sites=(0, 1), normalise=_sigmoid_renormalised),
     "relu_normalised": Mutation(_codes(), {"softmax": ("F.softmax",), "upcast": ("none",)}, sites=(0,),
                                 normalise=_relu_normalised),
     "relu_scores": Mutation(_codes("SCORE_OP_UNSUPPORTED"), scores=_last(lambda w: w.line("s = F.relu(s)"))),

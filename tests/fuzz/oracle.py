@@ -136,9 +136,28 @@ def _compare(got: Any, want: Any, tolerance: dict[str, float]) -> str:
         try:
             torch.testing.assert_close(g, w, equal_nan=True, **tolerance)
         except AssertionError as exc:
+            if _ill_conditioned_match(g, w):
+                continue
             nan = " (nan where eager is finite, or the reverse)" if bool((g.isnan() != w.isnan()).any()) else ""
             return f"output {i}{nan}: " + " ".join(str(exc).split())[:300]
     return ""
+
+
+HUGE = 1e6  # outputs this large come from exclusion values (-1e9) reaching the output: rounding noise
+# of one ulp there swamps small entries that cancel, so those outputs are compared norm-wise
+
+
+def _ill_conditioned_match(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """An output holding huge values (e.g. log-probabilities of masked keys times V) matches when its
+    error is within float rounding of its largest entry."""
+    if not (got.is_floating_point() and want.is_floating_point()) or got.shape != want.shape:
+        return False
+    finite = want.isfinite() & got.isfinite()
+    if not bool((got.isfinite() == want.isfinite()).all()) or not bool(finite.any()):
+        return False
+    largest = float(want[finite].abs().max())
+    error = float((got[finite].double() - want[finite].double()).abs().max())
+    return largest > HUGE and error <= 1e-6 * largest
 
 
 def _entries_of(report: attnfx.Report, block: int) -> list[attnfx.SiteEntry]:

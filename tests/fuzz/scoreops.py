@@ -39,6 +39,9 @@ def write_scale(w: Writer, target: str) -> None:
         expr = "math.sqrt(q.size(-1))" if divides else "q.shape[-1] ** -0.5"
     elif scale.form == "const0d":
         expr = f"torch.tensor({factor!r}, dtype=x.dtype, {DEVICE})"
+    elif scale.form == "per_head":  # Swin V2's learned temperature: one per head, kept positive by exp
+        w.init(f"self.logit_scale = nn.Parameter(torch.full((H, 1, 1), {abs(factor)!r}).log() + 0.2 * torch.randn(H, 1, 1))")
+        expr = w.align("self.logit_scale.exp()", "hmn")
     else:
         expr = "self.scale"
         w.init({"buffer": f'self.register_buffer("scale", torch.tensor({factor!r}))',
