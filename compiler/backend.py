@@ -21,6 +21,7 @@ import torch
 from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
+from attnfx.kernels import VARIANTS
 from attnfx.passes.site import Reason, Refusal
 
 from .compiled_reports import record
@@ -32,6 +33,9 @@ from .report import Report
 
 NAME = "attnfx"
 _ATTNFX_OPTIONS = ("verify", "target", "memory_budget", "variants", "exact_dropout", "inductor")
+# flex compiles FlexAttention itself: inside a graph Dynamo and Inductor are compiling, building its
+# block mask fails (Gemma 2: TorchRuntimeError), so by default the backend never offers it
+_COMPILED_GRAPH_VARIANTS = (*(v.name for v in VARIANTS if v.name != "flex"), "eager")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class BackendOptions:
             from torch._inductor import list_mode_options
 
             config = {**list_mode_options(mode), **config}
+        ours.setdefault("variants", _COMPILED_GRAPH_VARIANTS)
         return cls(Options(**ours), inductor, config)
 
 

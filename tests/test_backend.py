@@ -281,3 +281,12 @@ def test_training_through_the_backend_gives_eagers_losses_and_gradients(inductor
     for got, want in zip(actual[1], expected[1]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert [e.status for r in attnfx.reports(trained) for e in r.entries] == ["REWRITTEN", "REWRITTEN"]
+
+
+def test_the_backend_never_offers_flex_unless_asked() -> None:
+    """FlexAttention compiles itself; inside a graph being compiled its block mask cannot be built."""
+    from attnfx.backend import BackendOptions
+
+    default = BackendOptions.parse(None).rewrite
+    assert "flex" not in default.variants and {"sdpa", "attnfx_chunked", "eager"} <= set(default.variants)
+    assert tuple(BackendOptions.parse({"variants": ["flex"]}).rewrite.variants) == ("flex",)
