@@ -25,7 +25,7 @@ from attnfx.cost_model.spec import Causal, Kind
 
 from . import ops
 from .attention import _build_site, _ProbPath, _value_roles, qk_roles
-from .layout import Arranged, Contraction, Roles, read_contraction
+from .layout import Arranged, Contraction, Roles, is_batch_role, read_contraction
 from .linear_weights import NORMALISERS, prove, read_weights
 from .mask_eval import MaskEvaluator
 from .scores import ScoreAlgebra, ScorePath, constant_scalar, find_contraction
@@ -62,6 +62,9 @@ def lift_linear(anchor: Node, evaluator: MaskEvaluator) -> Site | Refusal:
     state = next((n for n in (c.rhs, values_node) if _is_model_tensor(n)), None)
     if state is not None:
         return _not_attention(f"{state.name} is a tensor of the model: a product of projections, not attention")
+    if not _per_sequence(c, sp.roles, values[0]):
+        return _not_attention("the keys or the values have no batch or head axis: a product of projections "
+                              "(an MLP), not attention")
     if len({_source(n) for n in (c.lhs, c.rhs, values_node)}) < 3:
         return _not_attention("queries, keys and values are not three tensors (a Gram product such as x x^T x, "
                               "or attention weights multiplied together)")
@@ -103,6 +106,14 @@ def _find_weights(av: Contraction) -> tuple[ScorePath, Node, _Normaliser | None,
         if not isinstance(values, Refusal):
             return sp, weights, before, values
     return None
+
+
+def _per_sequence(c: Contraction, score_roles: Roles, values: Arranged) -> bool:
+    """Keys and values of attention belong to a sequence of the batch (a batch or head axis); a
+    weight matrix shared by every row, as in `gelu(x @ W1) @ W2`, has none."""
+    label_roles = dict(zip(c.out_labels, score_roles))
+    keys_batched = any(is_batch_role(label_roles[label]) for label in c.rhs_labels if label in label_roles)
+    return keys_batched and any(is_batch_role(role) for role in values.roles)
 
 
 def _source(node: Node) -> Node:

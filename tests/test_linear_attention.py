@@ -316,6 +316,19 @@ def test_products_of_projections_are_not_listed() -> None:
         torch.testing.assert_close(opt(*x), model(*x))
 
 
+def test_an_mlp_on_weights_passed_as_inputs_is_not_listed() -> None:
+    """Found by the generate tests on Falcon through the backend, whose graphs take the weights as
+    inputs: `gelu(x @ W1) @ W2` has keys and values with no batch or head axis, so it is no attention."""
+    def mlp(x, w1, w2):
+        return F.gelu(x @ w1) @ w2
+
+    gm = torch.fx.symbolic_trace(mlp)
+    args = (torch.randn(2, 12, cases.C), torch.randn(cases.C, 32) * 0.1, torch.randn(32, cases.C) * 0.1)
+    opt = attnfx.optimize(gm, args)
+    assert opt.report.entries == []
+    torch.testing.assert_close(opt(*args), mlp(*args))
+
+
 def test_the_compile_backend_rewrites_linear_attention() -> None:
     """torch.compile(backend="attnfx") lifts the same site from Dynamo's graph, decay included."""
     torch._dynamo.reset()
