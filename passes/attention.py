@@ -170,8 +170,9 @@ def _follow_probs(weights: Node, roles: Roles, structures: dict[Roles, tuple], a
                 dropout_p = p
         elif algebra.sink is not None and not sliced and _drops_sink(user, roles):
             sliced = True  # the sink's own weight is dropped: what remains weighs the values
-        elif k in ("masked_fill", "where") and name == "sigmoid" and _sigmoid_weight_mask(user, roles, algebra):
-            algebra.masks.append(_sigmoid_weight_mask(user, roles, algebra))
+        elif k in ("masked_fill", "where") and name == "sigmoid" and (
+                weight_mask := _sigmoid_weight_mask(user, roles, algebra)) is not None:
+            algebra.masks.append(weight_mask)
         elif k in ("masked_fill", "where"):
             again = _zeroed_masks(user, algebra)
             zeroed += again
