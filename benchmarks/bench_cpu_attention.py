@@ -93,7 +93,7 @@ def contenders(case: str, n: int, b: int, h: int, e: int, flex: bool, max_eager:
     spec = AttentionSpec(b, h, h, n, n, e, e, scale=scale, causal=Causal.TOP_LEFT, window=window, softcap=softcap,
                          alibi=slopes is not None)
     bias = None if slopes is None else slopes.view(1, h, 1, 1) * (torch.arange(n).view(1, -1) - torch.arange(n).view(-1, 1))
-    op_args = (None, slopes, None, scale, "top_left", window or -1, softcap or 0.0)
+    op_args = (None, slopes, scale, "top_left", window or -1, softcap or 0.0)
     run: dict[str, Runner] = {}
     if n <= max_eager:
         run["eager"] = lambda: _eager(q, k, v, scale, keep, softcap, bias)
@@ -172,7 +172,7 @@ def tiny_table(ns: argparse.Namespace) -> None:
     q, k, v = (torch.randn(b, h, n, e) for _ in range(3))
     scale, keep = e ** -0.5, _band(n, None)
     key_keep = torch.ones(b, n, dtype=torch.bool)
-    args = (None, None, None, scale, "top_left", -1, 0.0)
+    args = (None, None, scale, "top_left", -1, 0.0)
     run = {
         "eager": lambda: _eager(q, k, v, scale, keep),
         "sdpa is_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),

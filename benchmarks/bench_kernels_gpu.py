@@ -57,7 +57,7 @@ def tensors(s: Shape, dtype: torch.dtype, grad: bool) -> tuple[torch.Tensor, ...
 def attnfx_attention(s: Shape) -> Callable:
     causal = "bottom_right" if s.causal else "none"
     scale = 1 / math.sqrt(s.head_dim)
-    return lambda q, k, v: torch.ops.attnfx.attention(q, k, v, None, None, None, scale, causal, -1, 0.0)[0]
+    return lambda q, k, v: torch.ops.attnfx.attention(q, k, v, None, None, scale, causal, -1, 0.0)[0]
 
 
 def sdpa_flash(s: Shape) -> Callable:

@@ -111,7 +111,7 @@ def sites(n: int, backward: bool) -> list[Site]:
                     lambda: linear(q, k, v, None, scale, "none", True, eps, "right_to_left", LINEAR_CHUNK)[0],
                     2 * square, (q, k, v)))
     out.append(Site("causal sigmoid", sigmoid_eager,
-                    lambda: torch.ops.attnfx.sigmoid_attention(q, k, v, None, None, None, scale, "top_left", -1, 0.0,
+                    lambda: torch.ops.attnfx.sigmoid_attention(q, k, v, None, None, scale, "top_left", -1, 0.0,
                                                                -math.log(n)),
                     3 * square, (q, k, v)))
     return out

@@ -29,7 +29,7 @@ from .cascade import AS_WRITTEN, canonical_cascade
 from .catalog import CATALOG
 from .einsums import EinsumCascade
 from .pass_count import PassAnalysis, analyze
-from .spec import AttentionSpec, Causal, Kind, MaskInput
+from .spec import SCORE_TERMS, AttentionSpec, Causal, Kind, MaskInput, ScoreTerm
 from .symbols import B, Bc, Br, C, E, F, G, H, Hkv, K_max, K_t, M, Mk, N, P, P_t, R, S, T, V_k, s, s_a, s_m
 from .tiles import DECODE_BLOCK_N, LINEAR_CHUNK, chunk_sizes, flash_blocks, sdpa_cpu_tiles
 
@@ -97,14 +97,12 @@ def _catalog_passes(name: str) -> PassAnalysis:
     return analyze(CATALOG[name])
 
 
+# every score term is a feature by its name ("scale", "softcap", "bool_mask", "causal", ...)
 FEATURES: dict[str, Callable[[AttentionSpec], bool]] = {
+    **{term.name: term.present for term in SCORE_TERMS},
     "gqa": lambda spec: spec.kv_heads != spec.heads,
-    "scale": lambda spec: spec.scale != 1.0,
-    "softcap": lambda spec: spec.softcap is not None,
     "bias": lambda spec: spec.mask is MaskInput.ADDITIVE or spec.alibi,
-    "bool_mask": lambda spec: spec.mask is MaskInput.BOOL or spec.key_padding,
     "mask": lambda spec: spec.mask is not MaskInput.NONE,
-    "causal": lambda spec: spec.causal is not Causal.NONE,
     "normalize": lambda spec: spec.normalize,
     "decay": lambda spec: spec.decay,
     # SDPA's flags express the site once its key mask is gone (what padded_attention's slices need)
@@ -131,6 +129,13 @@ def _ew(name: str, when: str | None, inputs: Expr = 0, unit: str = "ew") -> Kern
     return Kernel(name, unit, when, ew=BHMN, inputs=inputs, read=SCORES, write=SCORES, fresh=SCORES)
 
 
+def _eager_term(term: ScoreTerm) -> Kernel:
+    """The eager kernels of a score term that declares its cost (spec.SCORE_TERMS), as one."""
+    c = term.eager
+    return Kernel(term.name, "ew", term.name, launches=c.launches, ew=c.ew * BHMN, exps=c.exps * BHMN,
+                  read=c.passes * SCORES, write=c.passes * SCORES, fresh=SCORES)
+
+
 # the scores as an eager graph computes them, up to the weights, and the product with V
 _EAGER_SCORES = (
     Kernel("repeat_kv", "copy", "gqa", launches=2, inputs=KV, write=s * B * H * N * (E + F),
@@ -138,9 +143,7 @@ _EAGER_SCORES = (
     # with GQA the products read the repeated copies (hot) instead of K and V
     Kernel("QK", "gemm", rows=M, flops_mm=2 * BHMN * E, inputs=Q_IN + s * B * Hkv * N * E,
            read=s * B * (H - Hkv) * N * E, write=SCORES, fresh=SCORES, refaults=0),
-    _ew("scale", "scale"),
-    Kernel("softcap", "ew", "softcap", launches=3, ew=2 * BHMN, exps=BHMN, read=3 * SCORES,
-           write=3 * SCORES, fresh=SCORES),
+    *(_eager_term(term) for term in SCORE_TERMS if term.eager is not None),
     _ew("add bias", "bias", inputs=MASK),
     _ew("where mask", "bool_mask", inputs=MASK, unit="select"),
     _ew("causal mask", "causal", inputs=s_a * M * N),

@@ -124,7 +124,7 @@ def _sdpa_time(b: int, h: int, n: int, e: int, reps: int) -> float:
     return _best(lambda: F.scaled_dot_product_attention(q, k, v), reps)
 
 
-_OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, Tensor? kv_lengths, "
+_OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
               "float scale, str causal, int window, float softcap) -> Tensor")
 
 
@@ -132,10 +132,10 @@ _OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes
 def _noop_op():
     """A custom op with attnfx::attention's arguments and autograd registration that only copies q."""
     @torch.library.custom_op("attnfx_calibrate::noop", mutates_args=(), schema=_OP_SCHEMA)
-    def noop(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
+    def noop(q, k, v, bias, alibi_slopes, scale, causal, window, softcap):
         return q.clone()
 
-    noop.register_autograd(lambda ctx, grad: (grad,) + (None,) * 9)
+    noop.register_autograd(lambda ctx, grad: (grad,) + (None,) * 8)
     return torch.ops.attnfx_calibrate.noop.default
 
 
@@ -144,7 +144,7 @@ def _op_call_s(reps: int) -> float:
     x = torch.randn(1, 1, 16, 16)
     op = _noop_op()
     with torch.no_grad():
-        t_op = _best(lambda: op(x, x, x, None, None, None, 1.0, "none", -1, 0.0), reps, inner=50)
+        t_op = _best(lambda: op(x, x, x, None, None, 1.0, "none", -1, 0.0), reps, inner=50)
         return max(t_op - _best(lambda: x.clone(), reps, inner=50), 0.0)
 
 

@@ -23,12 +23,11 @@ import torch
 
 from .einsums import EinsumCascade
 from .pass_count import PassAnalysis, analyze
-from .spec import AttentionSpec, Causal, Kind, MaskInput
+from .spec import SCORE_TERMS, AttentionSpec, Kind
 
 AS_WRITTEN = "as written"  # an algorithm's cascade that is the site's own (see `Cascade.einsums`)
 # the ranks of the tensors a cascade reads (b, h and g implicit)
-_SOURCE_RANKS = {"Q": "m,e", "K": "n,e", "V": "n,f", "BIAS": "m,n", "MASK": "m,n", "SLOPES": "", "KV_LENGTHS": "",
-                 "DECAY": ""}
+_SOURCE_RANKS = {"Q": "m,e", "K": "n,e", "V": "n,f", "BIAS": "m,n", "MASK": "m,n", "SLOPES": "", "DECAY": ""}
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,9 @@ def _analysis(cascade: EinsumCascade) -> PassAnalysis:
 
 
 def canonical_cascade(spec: AttentionSpec, sources: tuple[str, ...] = ()) -> Cascade:
-    """The cascade that computes `spec` exactly as the spec's docstring orders it: the 3-pass
-    softmax, sigmoid weights, or linear attention's weights as written (O(M N))."""
+    """The cascade that computes `spec` exactly as the spec's docstring orders it: its score terms
+    (spec.SCORE_TERMS), then the 3-pass softmax, sigmoid weights, or linear attention's weights as
+    written (O(M N))."""
     st: list[Stage] = [Stage("QK", "contract", "bhgme,bhne->bhgmn", ("Q", "K"))]
     score = "QK"
 
@@ -120,23 +120,9 @@ def canonical_cascade(spec: AttentionSpec, sources: tuple[str, ...] = ()) -> Cas
         st.append(Stage(output, kind, op, (score, *extra)))
         score = output
 
-    if spec.scale != 1.0:
-        add("S", "map", f"mul {spec.scale:.6g}")
-    if spec.softcap is not None:
-        add("SC", "map", f"softcap {spec.softcap:g}")
-    if spec.mask is MaskInput.ADDITIVE:
-        add("SB", "map", "add bhgmn", "BIAS")
-    if spec.alibi:
-        add("SA", "map", "add slopes[h,g]*(n-m)", "SLOPES")
-    if spec.mask is MaskInput.BOOL:
-        add("SM", "map", "keep where mask", "MASK")
-    if spec.causal is not Causal.NONE:
-        rule = "n <= m" if spec.causal is Causal.TOP_LEFT else "n <= m + N - M"
-        if spec.window is not None:
-            rule += f" and n > m{'' if spec.causal is Causal.TOP_LEFT else ' + N - M'} - {spec.window}"
-        add("SF", "map", f"{'zero outside' if spec.kind is Kind.LINEAR else 'filter'} {rule}")
-    if spec.key_padding:
-        add("SP", "map", "filter n < kv_lengths[b]", "KV_LENGTHS")
+    for term in SCORE_TERMS:
+        if term.present(spec):
+            add(term.stage, "map", term.op(spec), *term.inputs)
     if spec.kind is Kind.SOFTMAX:
         st.append(Stage("GM", "reduce", "max over n", (score,)))
         st.append(Stage("SN", "map", "exp(s - GM)", (score, "GM")))
@@ -170,7 +156,7 @@ def alibi_slopes(heads: int) -> torch.Tensor:
 
 
 def evaluate(cascade: Cascade, tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Run `cascade` on `tensors` (Q, K, V and BIAS/MASK/SLOPES/KV_LENGTHS/DECAY as its stages name them).
+    """Run `cascade` on `tensors` (Q, K, V and BIAS/MASK/SLOPES/DECAY as its stages name them).
 
     Computes in `compute_dtype` (float64 by default: an oracle should not share the kernels'
     rounding) and returns (B, H, M, F) in the spec's dtype. Rows with no visible key give 0 for
@@ -246,13 +232,7 @@ class _Run:
 
 _STAGES = {
     "QK": _Run.qk,
-    "S": lambda r, x: x * r.spec.scale,
-    "SC": lambda r, x: r.spec.softcap * torch.tanh(x / r.spec.softcap),
-    "SB": lambda r, x: x + r.per_pair("BIAS", r.dtype),
-    "SA": lambda r, x: x + r.per_head("SLOPES") * (r.n_idx - r.m_idx).to(r.dtype),
-    "SM": lambda r, x: r.exclude(r.per_pair("MASK", torch.bool), x),
-    "SF": _Run.filter,
-    "SP": lambda r, x: r.exclude(r.n_idx < r.tensors["KV_LENGTHS"].view(-1, 1, 1, 1, 1), x),
+    **{term.stage: term.evaluate for term in SCORE_TERMS},
     "GM": _Run.max,
     "SN": lambda r, x: torch.exp(r.masked - r.values["GM"]),
     "SD": lambda r, x: x.sum(dim=-1, keepdim=True),

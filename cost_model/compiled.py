@@ -12,15 +12,15 @@ _COMPILED: set[tuple] = set()
 
 
 def compile_key(unit: str, sizes: tuple[int, ...], dtype: str, mods: ScoreMods, bias_shape: tuple[int, ...] | None,
-                alibi: bool, key_padding: bool) -> tuple:
+                alibi: bool) -> tuple:
     """The key of one compiled kernel: sizes (B, H, Hkv, M, N, E, F), dtype, modifiers and operands."""
-    return (unit, tuple(sizes), dtype, mods.op_args(), bias_shape, alibi, key_padding)
+    return (unit, tuple(sizes), dtype, mods.op_args(), bias_shape, alibi)
 
 
 def spec_key(unit: str, spec: AttentionSpec) -> tuple:
     sizes = (spec.batch, spec.heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim, spec.value_dim)
     bias_shape = spec.mask_shape if spec.mask.value == "additive" else None
-    return compile_key(unit, sizes, spec.dtype, spec.mods, bias_shape, spec.alibi, spec.key_padding)
+    return compile_key(unit, sizes, spec.dtype, spec.mods, bias_shape, spec.alibi)
 
 
 def note_compiled(key: tuple) -> None:

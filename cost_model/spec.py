@@ -16,7 +16,6 @@ and the score of query m for key n, in this order:
     s = -inf where not keep[b, h, m, n]          if mask is BOOL (True keeps)
     s = -inf where n > m + offset                if causal (offset 0 top-left, N - M bottom-right)
     s = -inf where n <= m + offset - window      if window (needs causal)
-    s = -inf where n >= kv_lengths[b]            if key_padding
     out = softmax(s, over n) @ v                 kind SOFTMAX
     out = sigmoid(s + logit_bias) @ v            kind SIGMOID (no row normalisation; excluded -> 0)
 
@@ -26,12 +25,18 @@ Linear attention (kind LINEAR) has no exclusions: q and k arrive feature-mapped 
     out = w @ v,  divided by (sum_n w[m, n] + norm_eps) if `normalize`
 
 where keep is the causal band (1 inside, 0 outside) or all ones.
+
+Each term of the score formula is declared once, in `SCORE_TERMS` (when a site has it, its cascade
+stage, its float64 evaluation, its eager cost, whether variants must opt into it), and each scalar
+modifier's op argument once, in `SCORE_ARGS`; the cascade, the cost model, the op schemas and the
+variants' refusals read those tables.
 """
 from __future__ import annotations
 
 import enum
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import torch
 
@@ -85,9 +90,49 @@ def is_decode_shape(q_len: int, kv_len: int) -> bool:
 
 
 @dataclass(frozen=True)
+class OpArg:
+    """One scalar argument of attnfx's score ops: its schema entry and its encoding of a
+    `ScoreMods` field (`decode` raises ValueError naming the argument when it is not well-formed)."""
+
+    name: str  # the ScoreMods field and the schema's argument name
+    type: str  # the schema type: float | int | str
+    encode: Callable[[Any], float | int | str]
+    decode: Callable[[Any], Any]
+
+
+def _causal_arg(value: str) -> Causal:
+    try:
+        return Causal(value)
+    except ValueError:
+        raise ValueError(f"causal must be one of {[c.value for c in Causal]}, got {value!r}") from None
+
+
+def _window_arg(value: int) -> int | None:
+    if value != -1 and value < 1:
+        raise ValueError(f"window must be -1 (none) or >= 1, got {value}")
+    return None if value == -1 else int(value)
+
+
+def _softcap_arg(value: float) -> float | None:
+    if value < 0 or math.isnan(value):
+        raise ValueError(f"softcap must be 0 (none) or positive, got {value}")
+    return float(value) or None
+
+
+# The scalar arguments every score op takes after (q, k, v, bias, alibi_slopes), in schema order.
+SCORE_ARGS: tuple[OpArg, ...] = (
+    OpArg("scale", "float", float, float),
+    OpArg("causal", "str", lambda c: c.value, _causal_arg),
+    OpArg("window", "int", lambda w: -1 if w is None else int(w), _window_arg),
+    OpArg("softcap", "float", lambda c: float(c or 0.0), _softcap_arg),
+)
+SCORE_SCHEMA = ", ".join(f"{a.type} {a.name}" for a in SCORE_ARGS)  # "float scale, str causal, ..."
+
+
+@dataclass(frozen=True)
 class ScoreMods:
     """The scalar score modifiers of a site, and their one encoding as custom-op arguments
-    (`scale, causal, window, softcap` with -1 = no window and 0.0 = no softcap)."""
+    (`SCORE_ARGS`: -1 = no window, 0.0 = no softcap)."""
 
     scale: float = 1.0
     causal: Causal = Causal.NONE
@@ -101,22 +146,78 @@ class ScoreMods:
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"softcap must be positive, got {self.softcap}")
 
-    def op_args(self) -> tuple[float, str, int, float]:
-        return float(self.scale), self.causal.value, -1 if self.window is None else int(self.window), \
-            float(self.softcap or 0.0)
+    def op_args(self) -> tuple:
+        return tuple(a.encode(getattr(self, a.name)) for a in SCORE_ARGS)
 
     @classmethod
-    def from_op_args(cls, scale: float, causal: str, window: int, softcap: float) -> "ScoreMods":
-        """Decode op arguments; ValueError naming the argument that is not well-formed."""
-        try:
-            mode = Causal(causal)
-        except ValueError:
-            raise ValueError(f"causal must be one of {[c.value for c in Causal]}, got {causal!r}") from None
-        if window != -1 and window < 1:
-            raise ValueError(f"window must be -1 (none) or >= 1, got {window}")
-        if softcap < 0 or math.isnan(softcap):
-            raise ValueError(f"softcap must be 0 (none) or positive, got {softcap}")
-        return cls(float(scale), mode, None if window == -1 else int(window), float(softcap) or None)
+    def from_op_args(cls, *args: Any) -> "ScoreMods":
+        """Decode op arguments in SCORE_ARGS order; ValueError naming the argument that is not
+        well-formed. An op whose schema stops early (one that refuses the later modifiers) leaves
+        them absent."""
+        if len(args) > len(SCORE_ARGS):
+            raise TypeError(f"ScoreMods takes {len(SCORE_ARGS)} op arguments, got {len(args)}")
+        return cls(**{a.name: a.decode(value) for a, value in zip(SCORE_ARGS, args)})
+
+    @classmethod
+    def from_call(cls, arguments: dict[str, Any]) -> "ScoreMods":
+        """Decode the score arguments of a call bound by name (those its schema has)."""
+        return cls.from_op_args(*(arguments[a.name] for a in SCORE_ARGS if a.name in arguments))
+
+
+@dataclass(frozen=True)
+class EagerCost:
+    """What an eager graph spends on one score term, in whole score tensors: `passes` reads and
+    writes of them, `ew` elementwise ops and `exps` exponentials per element, one fresh output."""
+
+    launches: int
+    ew: int
+    exps: int
+    passes: int
+
+
+@dataclass(frozen=True)
+class ScoreTerm:
+    """One term of the score formula (module docstring), declared once: when a site has it, its
+    stage in the einsum cascade and that stage's float64 evaluation (`run` is the cascade's
+    evaluator: `spec`, `dtype`, `m_idx`/`n_idx`, `per_pair`, `per_head`, `exclude`, `filter`),
+    and what an eager graph spends on it. `name` is also the cost feature and the word refusals
+    use. An `optional` term is refused by every variant that does not list it in what it takes."""
+
+    name: str
+    stage: str
+    present: Callable[["AttentionSpec"], bool]
+    op: Callable[["AttentionSpec"], str]
+    evaluate: Callable[[Any, torch.Tensor], torch.Tensor]
+    inputs: tuple[str, ...] = ()  # the tensors the stage reads besides the scores
+    eager: EagerCost | None = None  # None: priced with the mask inputs (cost_model/algorithms.py)
+    optional: bool = False
+    linear: bool = False  # linear attention may have it
+
+
+def _band_rule(spec: "AttentionSpec") -> str:
+    rule = "n <= m" if spec.causal is Causal.TOP_LEFT else "n <= m + N - M"
+    if spec.window is not None:
+        rule += f" and n > m{'' if spec.causal is Causal.TOP_LEFT else ' + N - M'} - {spec.window}"
+    return f"{'zero outside' if spec.kind is Kind.LINEAR else 'filter'} {rule}"
+
+
+# Every term between the QK contraction and the weights, in the order the scores take them.
+SCORE_TERMS: tuple[ScoreTerm, ...] = (
+    ScoreTerm("scale", "S", lambda s: s.scale != 1.0, lambda s: f"mul {s.scale:.6g}",
+              lambda run, x: x * run.spec.scale, eager=EagerCost(1, 1, 0, 1), linear=True),
+    ScoreTerm("softcap", "SC", lambda s: s.softcap is not None, lambda s: f"softcap {s.softcap:g}",
+              lambda run, x: run.spec.softcap * torch.tanh(x / run.spec.softcap),
+              eager=EagerCost(3, 2, 1, 3), optional=True),
+    ScoreTerm("additive_mask", "SB", lambda s: s.mask is MaskInput.ADDITIVE, lambda s: "add bhgmn",
+              lambda run, x: x + run.per_pair("BIAS", run.dtype), inputs=("BIAS",)),
+    ScoreTerm("alibi", "SA", lambda s: s.alibi, lambda s: "add slopes[h,g]*(n-m)",
+              lambda run, x: x + run.per_head("SLOPES") * (run.n_idx - run.m_idx).to(run.dtype),
+              inputs=("SLOPES",), optional=True),
+    ScoreTerm("bool_mask", "SM", lambda s: s.mask is MaskInput.BOOL, lambda s: "keep where mask",
+              lambda run, x: run.exclude(run.per_pair("MASK", torch.bool), x), inputs=("MASK",)),
+    ScoreTerm("causal", "SF", lambda s: s.causal is not Causal.NONE, _band_rule,
+              lambda run, x: run.filter(x), linear=True),
+)
 
 
 @dataclass(frozen=True)
@@ -138,7 +239,6 @@ class AttentionSpec:
     mask_shape: tuple[int, ...] | None = None  # 4-D, broadcastable to (B, H, M, N)
     softcap: float | None = None
     alibi: bool = False
-    key_padding: bool = False
     dynamic: frozenset[str] = field(default_factory=frozenset)  # e.g. {"batch", "q_len"}
     kind: Kind = Kind.SOFTMAX
     logit_bias: float = 0.0  # SIGMOID: added to every score before the sigmoid
@@ -166,8 +266,8 @@ class AttentionSpec:
             raise ValueError("logit_bias is a sigmoid-attention field (a constant cancels in a softmax)")
         if self.kind is not Kind.LINEAR and (self.decay or self.normalize or self.norm_eps):
             raise ValueError("decay/normalize/norm_eps are linear-attention fields")
-        if self.kind is Kind.LINEAR and (self.softcap is not None or self.window is not None or self.alibi
-                                         or self.key_padding or self.mask is not MaskInput.NONE):
+        if self.kind is Kind.LINEAR and (self.window is not None
+                                         or any(t.present(self) and not t.linear for t in SCORE_TERMS)):
             raise ValueError("linear attention takes a causal band and a decay, no masks or score modifiers")
 
     @property
@@ -189,7 +289,11 @@ class AttentionSpec:
 
     @property
     def mods(self) -> ScoreMods:
-        return ScoreMods(self.scale, self.causal, self.window, self.softcap)
+        return ScoreMods(**{a.name: getattr(self, a.name) for a in SCORE_ARGS})
+
+    def modifiers(self) -> tuple[str, ...]:
+        """The optional score terms this site has: those a variant must say it takes."""
+        return tuple(t.name for t in SCORE_TERMS if t.optional and t.present(self))
 
     def live_pairs(self) -> int:
         """(m, n) pairs per head that are not excluded by the causal/window structure."""
@@ -234,8 +338,6 @@ class AttentionSpec:
             parts.append(f"softcap={self.softcap:g}")
         if self.alibi:
             parts.append("alibi")
-        if self.key_padding:
-            parts.append("key_padding")
         if self.logit_bias:
             parts.append(f"logit_bias={self.logit_bias:.6g}")
         if self.dropout_p:

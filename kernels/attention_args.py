@@ -1,7 +1,8 @@
 """The arguments of attnfx's attention ops, decoded and checked once for every implementation.
 
 Inside attnfx a call is `(q, k, v, extras, mods)`: the optional tensors bundled as `ScoreTensors`,
-the scalar modifiers as the spec's `ScoreMods`; only the custom-op schemas keep the flat list.
+the scalar modifiers as the spec's `ScoreMods`; only the custom-op schemas keep the flat list
+(`SCORE_OP_SCHEMA`: its scalar tail is the spec's SCORE_SCHEMA).
 
 A call whose shapes do not line up is a caller's bug (ValueError). A well-formed call that one
 kernel cannot take (dtype, head dim, no triton) is `KernelUnavailable`, which the selection reads to
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attnfx.cost_model.spec import Causal, ScoreMods
+from attnfx.cost_model.spec import SCORE_SCHEMA, Causal, ScoreMods
 
 ATTENTION = "attnfx::attention"
+# the leading arguments of every attnfx score op (attention, sigmoid, flex, bounded)
+SCORE_OP_SCHEMA = f"Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, {SCORE_SCHEMA}"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
@@ -25,11 +28,10 @@ MAX_HEAD_DIM = 256
 @dataclass(frozen=True)
 class ScoreTensors:
     """The optional tensors a call's scores read: an additive or bool mask broadcastable to
-    (B,H,M,N), ALiBi slopes (H,), and per-batch key lengths (B,)."""
+    (B,H,M,N), and ALiBi slopes (H,)."""
 
     bias: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
-    kv_lengths: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,14 @@ class Dims:
 
 
 def decode_op_args(op: str, bias: torch.Tensor | None, alibi_slopes: torch.Tensor | None,
-                   kv_lengths: torch.Tensor | None, scale: float, causal: str, window: int,
-                   softcap: float) -> tuple[ScoreTensors, ScoreMods]:
-    """A custom op's flat score arguments as the bundles the implementations take; ValueError
-    naming the op and the argument that is not well-formed."""
+                   *score_args: float | int | str) -> tuple[ScoreTensors, ScoreMods]:
+    """A custom op's flat score arguments (bias, alibi_slopes, then spec.SCORE_ARGS) as the bundles
+    the implementations take; ValueError naming the op and the argument that is not well-formed."""
     try:
-        mods = ScoreMods.from_op_args(scale, causal, window, softcap)
+        mods = ScoreMods.from_op_args(*score_args)
     except ValueError as err:
         raise ValueError(f"{op}: {err}") from None
-    return ScoreTensors(bias, alibi_slopes, kv_lengths), mods
+    return ScoreTensors(bias, alibi_slopes), mods
 
 
 def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: ScoreTensors,
@@ -82,12 +83,9 @@ def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: ScoreT
     dims = Dims(b, h, hk, m, n, e, v.shape[3])
     if extras.bias is not None:
         _check_bias(extras.bias, dims, op)
-    slopes, lengths = extras.alibi_slopes, extras.kv_lengths
+    slopes = extras.alibi_slopes
     if slopes is not None and tuple(slopes.shape) != (h,):
         raise ValueError(f"{op}: alibi_slopes must have shape ({h},), got {tuple(slopes.shape)}")
-    if lengths is not None and (tuple(lengths.shape) != (b,) or lengths.dtype.is_floating_point):
-        raise ValueError(f"{op}: kv_lengths must be integer of shape ({b},), "
-                         f"got {lengths.dtype} {tuple(lengths.shape)}")
     return dims
 
 

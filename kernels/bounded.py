@@ -11,11 +11,11 @@ appended to V. Per chunk that is: one matmul, (tanh, ALiBi,) one subtraction, on
 one matmul. Rows whose bound overshoots by more than 2^100 (sum below 2^-100) or whose sum is not
 finite are recomputed by attnfx::attention, so the result is always the softmax's, to fp32 rounding.
 
-    attnfx::bounded_attention(q, k, v, bias?, alibi_slopes?, kv_lengths?, scale, causal, window, softcap)
+    attnfx::bounded_attention(q, k, v, bias?, alibi_slopes?, scale, causal, window, softcap)
         -> (out, lse)
 
 Arguments, semantics and outputs are attnfx::attention's (so a graph consumer, ONNX lowering
-included, treats both alike), except that bias and kv_lengths must be None: those sites keep
+included, treats both alike), except that bias must be None: those sites keep
 attnfx_chunked. lse is natural-log, -inf for rows with no visible key; the backward is
 attnfx::attention's.
 """
@@ -27,10 +27,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput
+from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
 from . import attention_ops  # noqa: F401  (registers attnfx::attention and its backward, which this op reuses)
-from .attention_args import Dims, accumulation_dtype, check_args, decode_op_args
+from .attention_args import SCORE_OP_SCHEMA, Dims, accumulation_dtype, check_args, decode_op_args
 from .fused import attention_call
 from .variant import Call, Operands, OpVariant, kind_refusal, score_op_reader
 
@@ -70,12 +70,12 @@ def _row_bounds(q: Tensor, k: Tensor, slopes: Tensor | None, d: Dims, scale: flo
 
 
 def bounded_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slopes: Tensor | None,
-                    kv_lengths: Tensor | None, scale: float, causal: str, window: int,
-                    softcap: float) -> tuple[Tensor, Tensor]:
+                    *score_args: float | int | str) -> tuple[Tensor, Tensor]:
     """(out (B,H,M,F), lse (B,H,M)) with a fixed per-row offset; rows it cannot bound are recomputed."""
-    d = _check(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
+    d, mods = _check(q, k, v, bias, alibi_slopes, score_args)
+    scale, softcap, window = mods.scale, mods.softcap or 0.0, -1 if mods.window is None else mods.window
     acc = accumulation_dtype(q.dtype)
-    offset = None if causal == "none" else Causal(causal).offset(d.q_len, d.kv_len)
+    offset = None if mods.causal is Causal.NONE else d.causal_offset(mods.causal)
     qa, ka = q.to(acc), k.to(acc)
     slopes = None if alibi_slopes is None else alibi_slopes.to(acc)
     bound = _row_bounds(qa, ka, slopes, d, scale, softcap, offset, window)  # (b, hk, g, m, 1)
@@ -97,7 +97,7 @@ def bounded_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_
             _modify(s, slopes, bound[:, :, :, m0:m1], softcap, offset, window, m0, m1, n0, n1)
             p = s.exp2_().view(d.batch, d.kv_heads, -1, n1 - n0)
             block += torch.matmul(p, vv[:, :, n0:n1]).view_as(block)
-    return _finish(total, bound, q, k, v, alibi_slopes, scale, causal, window, softcap, d)
+    return _finish(total, bound, q, k, v, alibi_slopes, score_args, mods, d)
 
 
 def _key_range(m0: int, m1: int, offset: int | None, window: int, kv_len: int) -> tuple[int, int]:
@@ -129,7 +129,7 @@ def _modify(s: Tensor, slopes: Tensor | None, bound: Tensor, softcap: float, off
 
 
 def _finish(total: Tensor, bound: Tensor, q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Tensor | None,
-            scale: float, causal: str, window: int, softcap: float, d: Dims) -> tuple[Tensor, Tensor]:
+            score_args: tuple, mods: ScoreMods, d: Dims) -> tuple[Tensor, Tensor]:
     """Normalise; recompute with attnfx::attention the rows the bound could not serve."""
     sums = total[..., -1:]
     empty = sums == 0
@@ -138,67 +138,64 @@ def _finish(total: Tensor, bound: Tensor, q: Tensor, k: Tensor, v: Tensor, alibi
     lse = lse.view(d.batch, d.heads, d.q_len)
     # an empty row has no visible key (its band is empty); any other zero, tiny or non-finite sum is
     # a bound that overshot (or overflowed): recompute those rows
-    visible = _visible(d, causal, window, q.device).view(1, 1, 1, d.q_len, 1)
+    visible = _visible(d, mods, q.device).view(1, 1, 1, d.q_len, 1)
     bad = (~torch.isfinite(sums) | (sums < UNDERFLOW)) & visible
     if bool(bad.any()):
-        safe_out, safe_lse = torch.ops.attnfx.attention(q, k, v, None, alibi_slopes, None, scale, causal, window,
-                                                        softcap)
+        safe_out, safe_lse = torch.ops.attnfx.attention(q, k, v, None, alibi_slopes, *score_args)
         rows = bad.view(d.batch, d.heads, d.q_len)
         out = torch.where(rows.unsqueeze(-1), safe_out.to(out.dtype), out)
         lse = torch.where(rows, safe_lse.to(lse.dtype), lse)
     return out.to(q.dtype), lse
 
 
-def _check(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap) -> Dims:
-    d = check_args(q, k, v, decode_op_args(BOUNDED_OP, bias, alibi_slopes, kv_lengths, 1.0, causal, window,
-                                           softcap)[0], BOUNDED_OP)
-    if bias is not None or kv_lengths is not None:
-        raise ValueError("attnfx::bounded_attention takes no bias or kv_lengths (attnfx::attention does)")
-    return d
+def _check(q, k, v, bias, alibi_slopes, score_args: tuple) -> tuple[Dims, ScoreMods]:
+    extras, mods = decode_op_args(BOUNDED_OP, bias, alibi_slopes, *score_args)
+    d = check_args(q, k, v, extras, BOUNDED_OP)
+    if bias is not None:
+        raise ValueError("attnfx::bounded_attention takes no bias (attnfx::attention does)")
+    return d, mods
 
 
-def _visible(d: Dims, causal: str, window: int, device: torch.device) -> Tensor:
+def _visible(d: Dims, mods: ScoreMods, device: torch.device) -> Tensor:
     """(M,) bool: query rows that see at least one key under the band."""
     m = torch.arange(d.q_len, device=device)
-    if causal == "none":
+    if mods.causal is Causal.NONE:
         return torch.ones_like(m, dtype=torch.bool)
-    offset = Causal(causal).offset(d.q_len, d.kv_len)
+    offset = d.causal_offset(mods.causal)
     hi = (m + offset).clamp(max=d.kv_len - 1)
-    lo = (m + offset - window + 1).clamp(min=0) if window != -1 else torch.zeros_like(m)
+    lo = (m + offset - mods.window + 1).clamp(min=0) if mods.window is not None else torch.zeros_like(m)
     return hi >= lo
 
 
 @torch.library.custom_op(
     "attnfx::bounded_attention",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, Tensor? kv_lengths, "
-    "float scale, str causal, int window, float softcap) -> (Tensor out, Tensor lse)",
+    schema=f"({SCORE_OP_SCHEMA}) -> (Tensor out, Tensor lse)",
 )
 def bounded_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slopes: Tensor | None,
-                      kv_lengths: Tensor | None, scale: float, causal: str, window: int,
-                      softcap: float) -> tuple[Tensor, Tensor]:
+                      *score_args: float | int | str) -> tuple[Tensor, Tensor]:
     """Attention with a fixed per-row softmax offset: (out, lse) as attnfx::attention gives them."""
-    return bounded_forward(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+    return bounded_forward(q, k, v, bias, alibi_slopes, *score_args)
 
 
 @bounded_attention.register_fake
-def _bounded_fake(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
-    d = _check(q, k, v, bias, alibi_slopes, kv_lengths, causal, window, softcap)
+def _bounded_fake(q, k, v, bias, alibi_slopes, *score_args):
+    d, _ = _check(q, k, v, bias, alibi_slopes, score_args)
     out = q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
     return out, q.new_empty(d.batch, d.heads, d.q_len, dtype=accumulation_dtype(q.dtype))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, _, alibi_slopes, _, *params = inputs
+    q, k, v, _, alibi_slopes, *params = inputs
     ctx.save_for_backward(q, k, v, alibi_slopes, *output)
     ctx.params = tuple(params)
 
 
 def _backward(ctx, grad_out: Tensor, grad_lse: Tensor):
     q, k, v, alibi_slopes, out, lse = ctx.saved_tensors
-    dq, dk, dv, _ = torch.ops.attnfx.attention_backward(grad_out, grad_lse, q, k, v, None, alibi_slopes, None, out,
-                                                        lse, *ctx.params, False)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv, _ = torch.ops.attnfx.attention_backward(grad_out, grad_lse, q, k, v, None, alibi_slopes, out, lse,
+                                                        *ctx.params, False)
+    return dq, dk, dv, None, None, *(None,) * len(ctx.params)
 
 
 bounded_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -207,8 +204,8 @@ bounded_attention.register_autograd(_backward, setup_context=_setup_context)
 def _bounded_refusal(spec: AttentionSpec, device: str) -> str | None:
     if device != "cpu":
         return f"attnfx_bounded is a CPU kernel; on {device} attnfx::attention runs its Triton kernels"
-    if spec.mask is not MaskInput.NONE or spec.key_padding:
-        return "attnfx_bounded takes no mask tensor or key lengths (attnfx_chunked does)"
+    if spec.mask is not MaskInput.NONE:
+        return "attnfx_bounded takes no mask tensor (attnfx_chunked does)"
     return kind_refusal("attnfx_bounded", Kind.SOFTMAX, spec)
 
 
@@ -219,4 +216,4 @@ def _bounded_call(spec: AttentionSpec, operands: Operands) -> Call:
 BOUNDED = OpVariant(
     "attnfx_bounded", "bounded", BOUNDED_OP,
     "attnfx::bounded_attention: fixed per-row softmax offset, exp2, row sums in the PV product",
-    _bounded_refusal, _bounded_call, score_op_reader(BOUNDED_OP, output_index=0))
+    _bounded_refusal, _bounded_call, score_op_reader(BOUNDED_OP, output_index=0), takes=("softcap", "alibi"))

@@ -18,7 +18,7 @@ from attnfx.cost_model.spec import ScoreMods
 from attnfx.cost_model.tiles import SCORE_BUDGET, chunk_sizes
 
 from .attention_args import ScoreTensors
-from .chunk_scores import ChunkSite, add_bias_grad, chunk_scores, chunk_site, query_rows
+from .score_mods import ChunkSite, add_bias_grad, chunk_scores, chunk_site, query_rows
 
 
 def chunked_forward(
@@ -124,15 +124,15 @@ def recompute_backward(
         for n0 in range(lo, hi, nc):
             n1 = min(n0 + nc, hi)
             kc, vc = k[:, :, n0:n1].to(site.acc), v[:, :, n0:n1].to(site.acc)  # (b, hk, nc, e|f)
-            s, dcap = chunk_scores(site, qr, kc, m0, m1, n0, n1)
+            s, dterms = chunk_scores(site, qr, kc, m0, m1, n0, n1)
             p = kind.weights(s, state)  # (b, hk, g, mc, nc)
             p_rows = p.view(d.batch, d.kv_heads, -1, n1 - n0)
             dv[:, :, n0:n1] += p_rows.transpose(-1, -2) @ dor
             ds = kind.score_grad(p, (dor @ vc.transpose(-1, -2)).view_as(p), state)
             if dbias is not None:
                 add_bias_grad(dbias, ds.reshape(d.batch, d.heads, m1 - m0, n1 - n0), m0, m1, n0, n1)
-            if dcap is not None:
-                ds = ds * dcap
+            if dterms is not None:
+                ds = ds * dterms
             ds_rows = ds.view(d.batch, d.kv_heads, -1, n1 - n0)
             dq_rows += ds_rows @ kc
             dk[:, :, n0:n1] += ds_rows.transpose(-1, -2) @ qr

@@ -13,7 +13,7 @@ from attnfx.cost_model.spec import ScoreMods
 from attnfx.cost_model.tiles import SCORE_BUDGET, chunk_sizes
 
 from .attention_args import ScoreTensors
-from .chunk_scores import chunk_scores, chunk_site, query_rows
+from .score_mods import chunk_scores, chunk_site, query_rows
 from .chunked import recompute_backward
 
 SIGMOID_ATTENTION = "attnfx::sigmoid_attention"

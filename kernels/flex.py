@@ -3,10 +3,10 @@
 FlexAttention skips the key blocks a block mask proves empty and runs the blocks it proves full
 without evaluating the mask, so a sliding window costs O(N * window) instead of SDPA's dense
 O(N^2) with a mask tensor. attnfx builds the block mask from the proven structure alone (causal
-top-left / bottom-right, window, per-batch key lengths), analytically in O(B * blocks): no
+top-left / bottom-right, window), analytically in O(B * blocks): no
 (M, N) mask is ever evaluated. Score modifiers (softcap, additive bias, ALiBi) become `score_mod`.
 
-    attnfx::flex_attention(q, k, v, bias?, alibi_slopes?, kv_lengths?, scale, causal, window, softcap)
+    attnfx::flex_attention(q, k, v, bias?, alibi_slopes?, scale, causal, window, softcap)
         -> out (B, H, M, F)
 
 Arguments and semantics are attnfx::attention's (AttentionSpec's), except that `bias` must be
@@ -28,10 +28,10 @@ from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from attnfx.cost_model.compiled import compile_key, note_compiled
-from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods, dtype_name
+from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, dtype_name
 
 from . import attention_ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
-from .attention_args import bias_4d, check_args, decode_op_args
+from .attention_args import SCORE_OP_SCHEMA, bias_4d, check_args, decode_op_args
 from .fused import attention_call
 from .variant import Call, Operands, OpVariant, kind_refusal, score_op_reader
 
@@ -42,16 +42,11 @@ FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RECOMPILE_LIMIT = 64  # distinct (shape, modifiers) one process may compile before Dynamo gives up
 
 
-def _causal_offset(causal: str, q_len: int, kv_len: int) -> int | None:
-    """Key n is visible from query m when n <= m + offset; None without a causal diagonal."""
-    return None if causal == "none" else Causal(causal).offset(q_len, kv_len)
-
-
-def block_tables(q_len: int, kv_len: int, offset: int | None, window: int, kv_lengths: Tensor | None,
+def block_tables(q_len: int, kv_len: int, offset: int | None, window: int,
                  block: int = BLOCK) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) of the band and key lengths:
+    """(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices) of the band:
     a key block is *full* when every (m, n) pair in it is kept, *partial* when some are; blocks with
-    none are skipped. Shapes (B|1, 1, M/block) and (B|1, 1, M/block, N/block), int32."""
+    none are skipped. Shapes (1, 1, M/block) and (1, 1, M/block, N/block), int32."""
     mb, nb = -(-q_len // block), -(-kv_len // block)
     q_lo = torch.arange(mb).view(1, -1, 1) * block
     q_hi = torch.clamp(q_lo + block, max=q_len) - 1
@@ -63,9 +58,6 @@ def block_tables(q_len: int, kv_len: int, offset: int | None, window: int, kv_le
         some, every = some & (k_lo <= q_hi + offset), every & (k_hi <= q_lo + offset)
         if window != -1:
             some, every = some & (k_hi > q_lo + offset - window), every & (k_lo > q_hi + offset - window)
-    if kv_lengths is not None:
-        lengths = kv_lengths.view(-1, 1, 1).to(torch.int64).cpu()
-        some, every = some & (k_lo < lengths), every & (k_hi < lengths)
     partial = some & ~every
     return (*_pack(partial), *_pack(every))
 
@@ -77,7 +69,7 @@ def _pack(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return num.unsqueeze(1).contiguous(), idx.unsqueeze(1).contiguous()
 
 
-def _program(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...], kv_lengths: Tensor | None,
+def _program(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...],
              bias: Tensor | None, slopes: Tensor | None, scale: float, offset: int | None, window: int,
              softcap: float) -> Tensor:
     """What Inductor compiles: the block mask and score_mod closures over this call's tensors."""
@@ -89,8 +81,6 @@ def _program(q: Tensor, k: Tensor, v: Tensor, tables: tuple[Tensor, ...], kv_len
             keep = keep & (n <= m + offset)
             if window != -1:
                 keep = keep & (n > m + offset - window)
-        if kv_lengths is not None:
-            keep = keep & (n < kv_lengths[b])
         return keep
 
     def score_mod(s, b, h, m, n):
@@ -114,30 +104,30 @@ def _compiled():
 
 
 def flex_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slopes: Tensor | None,
-                 kv_lengths: Tensor | None, scale: float, causal: str, window: int, softcap: float) -> Tensor:
+                 *score_args: float | int | str) -> Tensor:
     """attnfx::flex_attention's CPU implementation (compiles on the first call of each shape)."""
-    d = check_args(q, k, v, decode_op_args(FLEX_OP, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)[0], FLEX_OP)
+    extras, mods = decode_op_args(FLEX_OP, bias, alibi_slopes, *score_args)
+    d = check_args(q, k, v, extras, FLEX_OP)
     reason = runtime_refusal(q.dtype, q.device.type, bias)
     if reason is not None:
         raise ValueError(f"attnfx::flex_attention: {reason}")
-    offset = _causal_offset(causal, d.q_len, d.kv_len)
-    tables = block_tables(d.q_len, d.kv_len, offset, window, kv_lengths)
+    offset = None if mods.causal is Causal.NONE else d.causal_offset(mods.causal)
+    window = -1 if mods.window is None else mods.window
+    tables = block_tables(d.q_len, d.kv_len, offset, window)
     full_bias = None
     if bias is not None:
         full_bias = bias_4d(bias).to(torch.float32).expand(d.batch, d.heads, d.q_len, d.kv_len)
     slopes = None if alibi_slopes is None else alibi_slopes.to(torch.float32)
-    lengths = None if kv_lengths is None else kv_lengths.to(torch.int64)
     # Inductor compiles FlexAttention on CPU for inference only (the op's backward is attnfx::attention's),
     # and the op is opaque: dispatch modes around it (a caller's, opcheck's) do not trace into Dynamo
     with torch.no_grad(), _disable_current_modes(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         out = _compiled()(q.detach().contiguous(), k.detach().contiguous(), v.detach().contiguous(), tables,
-                          lengths, None if full_bias is None else full_bias.detach(), slopes, float(scale), offset,
-                          window, float(softcap))
+                          None if full_bias is None else full_bias.detach(), slopes, float(mods.scale), offset,
+                          window, float(mods.softcap or 0.0))
     note_compiled(compile_key("flex_compile", (d.batch, d.heads, d.kv_heads, d.q_len, d.kv_len, d.head_dim,
                                                d.value_dim), dtype_name(q.dtype),
-                              ScoreMods.from_op_args(scale, causal, window, softcap),
-                              None if bias is None else tuple(bias_4d(bias).shape), alibi_slopes is not None,
-                              kv_lengths is not None))
+                              mods,
+                              None if bias is None else tuple(bias_4d(bias).shape), alibi_slopes is not None))
     return out.to(q.dtype)
 
 
@@ -168,35 +158,34 @@ def runtime_refusal(dtype: torch.dtype, device: str, bias: Tensor | None = None)
 @torch.library.custom_op(
     "attnfx::flex_attention",
     mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, Tensor? kv_lengths, "
-    "float scale, str causal, int window, float softcap) -> Tensor",
+    schema=f"({SCORE_OP_SCHEMA}) -> Tensor",
 )
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slopes: Tensor | None,
-                   kv_lengths: Tensor | None, scale: float, causal: str, window: int, softcap: float) -> Tensor:
+                   *score_args: float | int | str) -> Tensor:
     """Attention with AttentionSpec's semantics through compiled FlexAttention (out only)."""
-    return flex_forward(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)
+    return flex_forward(q, k, v, bias, alibi_slopes, *score_args)
 
 
 @flex_attention.register_fake
-def _flex_fake(q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap):
-    d = check_args(q, k, v, decode_op_args(FLEX_OP, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap)[0], FLEX_OP)
+def _flex_fake(q, k, v, bias, alibi_slopes, *score_args):
+    d = check_args(q, k, v, decode_op_args(FLEX_OP, bias, alibi_slopes, *score_args)[0], FLEX_OP)
     return q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, bias, alibi_slopes, kv_lengths, scale, causal, window, softcap = inputs
-    ctx.save_for_backward(q, k, v, bias, alibi_slopes, kv_lengths)
-    ctx.params = (scale, causal, window, softcap)
+    q, k, v, bias, alibi_slopes, *params = inputs
+    ctx.save_for_backward(q, k, v, bias, alibi_slopes)
+    ctx.params = tuple(params)
 
 
 def _backward(ctx, grad_out: Tensor):
     """Exact gradients: attnfx::attention recomputes (out, lse), then its backward runs."""
-    q, k, v, bias, alibi_slopes, kv_lengths = ctx.saved_tensors
-    out, lse = torch.ops.attnfx.attention(q, k, v, bias, alibi_slopes, kv_lengths, *ctx.params)
+    q, k, v, bias, alibi_slopes = ctx.saved_tensors
+    out, lse = torch.ops.attnfx.attention(q, k, v, bias, alibi_slopes, *ctx.params)
     bias_grad = bias is not None and bias.dtype.is_floating_point and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.attnfx.attention_backward(
-        grad_out, None, q, k, v, bias, alibi_slopes, kv_lengths, out, lse, *ctx.params, bias_grad)
-    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None
+        grad_out, None, q, k, v, bias, alibi_slopes, out, lse, *ctx.params, bias_grad)
+    return dq, dk, dv, dbias if bias_grad else None, None, *(None,) * len(ctx.params)
 
 
 flex_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -218,4 +207,4 @@ def _flex_call(spec: AttentionSpec, operands: Operands) -> Call:
 
 FLEX = OpVariant(
     "flex", "flex", FLEX_OP, "attnfx::flex_attention: FlexAttention compiled by Inductor, block mask from the proof",
-    _flex_refusal, _flex_call, score_op_reader(FLEX_OP))
+    _flex_refusal, _flex_call, score_op_reader(FLEX_OP), takes=("softcap", "alibi"))

@@ -27,19 +27,19 @@ from attnfx.cost_model.tiles import LINEAR_CHUNK
 
 from . import attention_ops, linear_ops, sigmoid_ops  # noqa: F401  (register torch.ops.attnfx.*)
 from .attention_args import triton_refusal
+from .score_mods import APPLIED
 from .variant import Call, CallSite, Operands, OpVariant, call_arguments, calls_op, kind_refusal, score_op_reader
 
 Refusal = Callable[[AttentionSpec, str], "str | None"]
 
 
 def score_operands(spec: AttentionSpec, operands: Operands) -> tuple:
-    """(q, k, v, bias?, alibi_slopes?, kv_lengths?, scale, causal, window, softcap): the leading
+    """(q, k, v, bias?, alibi_slopes?, *spec.SCORE_ARGS): the leading
     arguments of attnfx::attention and attnfx::sigmoid_attention, with only what the spec uses."""
     return (
         operands.q, operands.k, operands.v,
         operands.mask if spec.mask is not MaskInput.NONE else None,
         operands.slopes if spec.alibi else None,
-        operands.kv_lengths if spec.key_padding else None,
         *spec.mods.op_args(),
     )
 
@@ -129,24 +129,25 @@ CHUNKED = OpVariant(
     "attnfx_chunked", "chunked", "attnfx::attention",
     "attnfx::attention's pure-torch chunked 1-pass kernel (memory-bounded, fp32 accumulation)",
     cpu_kernel("attnfx_chunked", Kind.SOFTMAX, "attnfx::attention runs its Triton kernels"), attention_call,
-    read_attention_call)
+    read_attention_call, takes=APPLIED)
 TRITON_FLASH = OpVariant(
     "triton_flash", "flash", "attnfx::attention",
     "attnfx::attention's Triton flash kernel (1-pass online softmax, causal block skipping)",
-    triton_kernel("triton_flash", Kind.SOFTMAX, _flash_shapes), attention_call, read_attention_call)
+    triton_kernel("triton_flash", Kind.SOFTMAX, _flash_shapes), attention_call, read_attention_call, takes=APPLIED)
 TRITON_DECODE = OpVariant(
     "triton_decode", "decode_split_kv", "attnfx::attention",
     "attnfx::attention's Triton split-KV decode kernel (Flash-Decoding merge)",
-    triton_kernel("triton_decode", Kind.SOFTMAX, _decode_shapes), attention_call, read_attention_call)
+    triton_kernel("triton_decode", Kind.SOFTMAX, _decode_shapes), attention_call, read_attention_call,
+    takes=APPLIED)
 SIGMOID_CHUNKED = OpVariant(
     "attnfx_sigmoid_chunked", "sigmoid_chunked", "attnfx::sigmoid_attention",
     "attnfx::sigmoid_attention's pure-torch chunked kernel (memory-bounded, fp32 accumulation)",
     cpu_kernel("attnfx_sigmoid_chunked", Kind.SIGMOID, "attnfx::sigmoid_attention runs its Triton kernel"),
-    sigmoid_call, read_sigmoid_call)
+    sigmoid_call, read_sigmoid_call, takes=APPLIED)
 TRITON_SIGMOID = OpVariant(
     "triton_sigmoid", "sigmoid_flash", "attnfx::sigmoid_attention",
     "attnfx::sigmoid_attention's Triton flash kernel (sigmoid weights, no row statistics)",
-    triton_kernel("triton_sigmoid", Kind.SIGMOID), sigmoid_call, read_sigmoid_call)
+    triton_kernel("triton_sigmoid", Kind.SIGMOID), sigmoid_call, read_sigmoid_call, takes=APPLIED)
 LINEAR = OpVariant(
     "attnfx_linear", "linear_right_to_left", "attnfx::linear_attention",
     "attnfx::linear_attention right to left: Q (K^T V), O(N E F)",

@@ -101,7 +101,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, slopes: Tensor
         mask = None if bias is None else bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal != "none",
                                               scale=mods.scale, enable_gqa=q.shape[1] != k.shape[1])
-    out, _ = torch.ops.attnfx.attention(q, k, v, bias, slopes, None, mods.scale, causal, mods.window,
+    out, _ = torch.ops.attnfx.attention(q, k, v, bias, slopes, mods.scale, causal, mods.window,
                                         mods.softcap)
     return out
 
@@ -187,7 +187,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, bias: Tensor | None, s
         mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=mods.scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    out, _ = torch.ops.attnfx.attention(q, k, v, mask, slopes, None, mods.scale, mods.causal, mods.window,
+    out, _ = torch.ops.attnfx.attention(q, k, v, mask, slopes, mods.scale, mods.causal, mods.window,
                                         mods.softcap)
     return out
 
@@ -272,7 +272,7 @@ def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, bias: Tens
 
 
 def _check(q, k, v, key_keep, bias, alibi_slopes, causal, window, softcap) -> Dims:
-    d = check_args(q, k, v, decode_op_args(PADDED_OP, bias, alibi_slopes, None, 1.0, causal, window, softcap)[0],
+    d = check_args(q, k, v, decode_op_args(PADDED_OP, bias, alibi_slopes, 1.0, causal, window, softcap)[0],
                    PADDED_OP)
     if bias is not None and bias.dtype == torch.bool:
         raise ValueError("attnfx::padded_attention: bias must be additive; key masking goes in key_keep")
@@ -371,8 +371,6 @@ class PaddedVariant:
             return "attnfx::padded_attention has no dropout (sdpa fuses training dropout)"
         if not is_key_mask(spec):
             return "padded_attention takes a per-key bool mask (B, 1, 1, N); this site's mask is not one"
-        if spec.key_padding:
-            return "padded_attention reads key padding from the key mask, not from kv_lengths"
         return None
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:

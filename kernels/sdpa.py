@@ -10,7 +10,7 @@ from torch.fx import Node
 
 from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
-from .variant import Call, CallSite, Operands, call_arguments, kind_refusal
+from .variant import Call, CallSite, Operands, call_arguments, kind_refusal, untaken_modifier
 
 
 class SdpaVariant:
@@ -29,13 +29,11 @@ class SdpaVariant:
             return "SDPA takes no ALiBi slopes (the bias-tensor form can)"
         if spec.window is not None:
             return "SDPA has no sliding-window flag (the mask-tensor form can)"
-        if spec.key_padding:
-            return "SDPA takes no per-batch key lengths (the mask-tensor form can)"
         if spec.causal is Causal.BOTTOM_RIGHT:
             return "SDPA's is_causal is top-left aligned and this site's diagonal is bottom-right with M != N"
         if spec.causal is not Causal.NONE and spec.mask is not MaskInput.NONE:
             return "SDPA cannot combine is_causal with a mask tensor"
-        return None
+        return untaken_modifier(self.op, spec, takes=())
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
         kwargs = {"scale": spec.scale}

@@ -17,8 +17,9 @@ from attnfx.cost_model.spec import ScoreMods
 from attnfx.cost_model.tiles import DECODE_BLOCK_N, MIN_SPLIT_BLOCKS
 
 from .attention_args import Dims, ScoreTensors
-from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import dot_kwargs, load_tile, mma, modify_scores, score_rows, tile_t
+from .score_mods import modify_scores, score_kwargs, score_rows
+from .triton_launch import checked_dims, head_blocks
+from .triton_tiles import dot_kwargs, load_tile, mma, tile_t
 
 
 @triton.jit
@@ -40,15 +41,13 @@ def _decode_split_kernel(
     offs_f = tl.arange(0, BLOCK_F)
     q = tl.load(Q + b * QS[0] + h[:, None] * QS[1] + pos_m[:, None] * QS[2] + offs_e[None, :] * QS[3],
                 mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0)  # (r, e)
-    score_row, kv_len = score_rows(SC, MODS, b, h, pos_m, row_ok, N)
+    score_row = score_rows(SC, MODS, b, h, pos_m, row_ok)
 
     lo = split * split_len
     stop = tl.minimum(lo + split_len, N)  # this split's keys are [lo, stop)
     hi = stop
     if MODS.CAUSAL:
         hi = tl.minimum(hi, M + SC.offset)  # the last query position sees keys n <= M - 1 + offset
-    if MODS.HAS_LENGTHS:
-        hi = tl.minimum(hi, kv_len)
     if MODS.HAS_WINDOW:
         lo = tl.maximum(lo, SC.offset - SC.window + 1)  # the first query position's window start
 
@@ -59,7 +58,7 @@ def _decode_split_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(tile_t(K, KS, b, kvh, offs_n, offs_e), mask=(offs_n < stop)[None, :] & (offs_e < E)[:, None],
                      other=0.0)  # (e, n)
-        s = modify_scores(mma(q, kt, DOTS), pos_m, row_ok, offs_n, stop, score_row, kv_len, SC, MODS)
+        s = modify_scores(mma(q, kt, DOTS), pos_m, row_ok, offs_n, stop, score_row, SC, MODS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])

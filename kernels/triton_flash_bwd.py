@@ -18,9 +18,9 @@ from attnfx.cost_model.spec import ScoreMods
 from attnfx.cost_model.tiles import flash_backward_blocks
 
 from .attention_args import ScoreTensors, bias_4d
-from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import (dot_kwargs, key_bounds, load_tile, mma, modify_scores, query_block, row_stats, score_rows,
-                            softcap_grad, tile, weights_and_grad)
+from .score_mods import key_bounds, modify_scores, score_grad, score_kwargs, score_rows
+from .triton_launch import checked_dims, head_blocks
+from .triton_tiles import dot_kwargs, load_tile, mma, query_block, row_stats, tile, weights_and_grad
 
 
 @triton.jit
@@ -40,9 +40,6 @@ def _bwd_dkdv_kernel(
     col_ok = offs_n < N
     k = load_tile(K, KS, b, kvh, offs_n, offs_e, col_ok, E)
     v = load_tile(V, VS, b, kvh, offs_n, offs_f, col_ok, F)
-    kv_len = N
-    if MODS.HAS_LENGTHS:
-        kv_len = tl.load(SC.kv_lengths + b)
 
     lo = 0
     if MODS.CAUSAL:
@@ -50,8 +47,6 @@ def _bwd_dkdv_kernel(
     hi = M
     if MODS.HAS_WINDOW:
         hi = tl.minimum(hi, start_n + BLOCK_N - 1 - SC.offset + SC.window)
-    if MODS.HAS_LENGTHS:
-        hi = tl.where(start_n < kv_len, hi, 0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
@@ -64,13 +59,12 @@ def _bwd_dkdv_kernel(
             q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)
             do = load_tile(DO, OS, b, h, offs_m, offs_f, row_ok, F)
             lse, delta = row_stats(Lse, Delta, row_base, offs_m, row_ok, SIGMOID)
-            rows, _ = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
+            rows = score_rows(SC, MODS, b, h, offs_m, row_ok)
             qk = mma(q, tl.trans(k), DOTS)  # (m, n)
-            s = modify_scores(qk, offs_m, row_ok, offs_n, N, rows, kv_len, SC, MODS)
+            s = modify_scores(qk, offs_m, row_ok, offs_n, N, rows, SC, MODS)
             p, ds = weights_and_grad(s, mma(do, tl.trans(v), DOTS), lse, delta, SC, SIGMOID)
             dv += mma(tl.trans(p.to(do.dtype)), do, DOTS)
-            if MODS.HAS_SOFTCAP:
-                ds = ds * softcap_grad(qk, SC)
+            ds = score_grad(ds, qk, SC, MODS)
             dk += mma(tl.trans(ds.to(q.dtype)), q, DOTS)
     tl.store(tile(DK, DKS, b, kvh, offs_n, offs_e), (dk * SC.scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_e < E)[None, :])
@@ -90,8 +84,8 @@ def _bwd_dq_kernel(
     q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)
     do = load_tile(DO, OS, b, h, offs_m, offs_f, row_ok, F)
     lse, delta = row_stats(Lse, Delta, (b * H + h) * M, offs_m, row_ok, SIGMOID)
-    rows, kv_len = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
-    lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, kv_len, SC, MODS)
+    rows = score_rows(SC, MODS, b, h, offs_m, row_ok)
+    lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, SC, MODS)
 
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
@@ -100,12 +94,11 @@ def _bwd_dq_kernel(
         k = load_tile(K, KS, b, kvh, offs_n, offs_e, col_ok, E)
         v = load_tile(V, VS, b, kvh, offs_n, offs_f, col_ok, F)
         qk = mma(q, tl.trans(k), DOTS)  # (m, n)
-        s = modify_scores(qk, offs_m, row_ok, offs_n, N, rows, kv_len, SC, MODS)
+        s = modify_scores(qk, offs_m, row_ok, offs_n, N, rows, SC, MODS)
         _, ds = weights_and_grad(s, mma(do, tl.trans(v), DOTS), lse, delta, SC, SIGMOID)
         if BIAS_GRAD:
             tl.atomic_add(tile(DBias, DBS, b, h, offs_m, offs_n), ds, mask=row_ok[:, None] & col_ok[None, :])
-        if MODS.HAS_SOFTCAP:
-            ds = ds * softcap_grad(qk, SC)
+        ds = score_grad(ds, qk, SC, MODS)
         dq += mma(ds.to(k.dtype), k, DOTS)
     tl.store(tile(DQ, DQS, b, h, offs_m, offs_e), (dq * SC.scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_e < E)[None, :])

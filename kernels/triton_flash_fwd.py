@@ -2,9 +2,9 @@
 and FlashSigmoid with the same loop (SIGMOID: weights sigmoid(s + logit_bias), no row statistics).
 
 One program per (query block, batch * query head). It streams the K/V blocks its rows can see
-(blocks above the causal diagonal, before the window or past the batch's key length are never
-loaded), keeps a running max / sum / unnormalised output in fp32, divides once at the end and
-stores the log-sum-exp for the backward. GQA/MQA read the shared K/V head in place (h // G).
+(blocks above the causal diagonal or before the window are never loaded), keeps a running max /
+sum / unnormalised output in fp32, divides once at the end and stores the log-sum-exp for the
+backward. GQA/MQA read the shared K/V head in place (h // G).
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from attnfx.cost_model.spec import ScoreMods
 from attnfx.cost_model.tiles import flash_blocks
 
 from .attention_args import ScoreTensors
-from .triton_launch import checked_dims, head_blocks, score_kwargs
-from .triton_scores import (dot_kwargs, key_bounds, load_tile, mma, modify_scores, query_block, score_rows, tile,
-                            tile_t)
+from .score_mods import key_bounds, modify_scores, score_kwargs, score_rows
+from .triton_launch import checked_dims, head_blocks
+from .triton_tiles import dot_kwargs, load_tile, mma, query_block, tile, tile_t
 
 
 @triton.jit
@@ -31,8 +31,8 @@ def _flash_fwd_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     offs_f = tl.arange(0, BLOCK_F)
     q = load_tile(Q, QS, b, h, offs_m, offs_e, row_ok, E)  # (m, e)
-    rows, kv_len = score_rows(SC, MODS, b, h, offs_m, row_ok, N)
-    lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, kv_len, SC, MODS)
+    rows = score_rows(SC, MODS, b, h, offs_m, row_ok)
+    lo, hi = key_bounds(start_m, BLOCK_M, BLOCK_N, N, SC, MODS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum
@@ -41,7 +41,7 @@ def _flash_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = tl.load(tile_t(K, KS, b, kvh, offs_n, offs_e),
                      mask=(offs_n < N)[None, :] & (offs_e < E)[:, None], other=0.0)  # (e, n)
-        s = modify_scores(mma(q, kt, DOTS), offs_m, row_ok, offs_n, N, rows, kv_len, SC, MODS)
+        s = modify_scores(mma(q, kt, DOTS), offs_m, row_ok, offs_n, N, rows, SC, MODS)
         if SIGMOID:
             p = tl.sigmoid(s + SC.logit_bias)  # excluded keys: 0
         else:

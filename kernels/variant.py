@@ -1,6 +1,6 @@
 """The implementations an attention site can be replaced by, and what each one can take.
 
-A variant turns canonical operands (q (B,H,M,E), k/v (B,Hkv,N,E|F), optional mask/slopes/lengths,
+A variant turns canonical operands (q (B,H,M,E), k/v (B,Hkv,N,E|F), optional mask/slopes,
 linear attention's decay) into a call `target(*args, **kwargs)`. The same call is emitted into an
 fx graph by the rewriter and run eagerly by tests and verification, so what is verified is exactly
 what runs.
@@ -27,7 +27,6 @@ class Operands:
     v: Any
     mask: Any = None  # bool (True = attend) or additive, 4-D, broadcastable to (B, H, M, N)
     slopes: Any = None  # (H,) ALiBi slopes
-    kv_lengths: Any = None  # (B,) int, keys at n >= length are masked
     decay: Any = None  # (H,) linear attention's per-head decay, in (0, 1]
     fill: float = -math.inf  # the value excluded scores receive: what rows that keep no key compute
 
@@ -104,14 +103,22 @@ class OpVariant:
     emit: Callable[[AttentionSpec, Operands], Call]
     read: Callable[[Node], CallSite | None]  # the call site of a call of `op`, else None
     exact: bool = True
+    takes: tuple[str, ...] = ()  # the optional score terms (spec.SCORE_TERMS) it computes
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
         if spec.dropout_p:
             return f"{self.op} has no dropout (sdpa fuses training dropout)"
-        return self.refuse(spec, device)
+        return self.refuse(spec, device) or untaken_modifier(self.op, spec, self.takes)
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
         return self.emit(spec, operands)
+
+
+def untaken_modifier(variant: str, spec: AttentionSpec, takes: tuple[str, ...]) -> str | None:
+    """Why a variant cannot take a site with an optional score term it does not list in `takes`
+    (None: it takes them all), so a new term is refused everywhere until a variant computes it."""
+    untaken = [name for name in spec.modifiers() if name not in takes]
+    return f"{variant} has no {untaken[0]}" if untaken else None
 
 
 def kind_refusal(variant: str, computes: Kind, spec: AttentionSpec) -> str | None:
@@ -131,12 +138,12 @@ def calls_op(node: Node, op: str) -> bool:
 def score_op_reader(op: str, kind: Kind = Kind.SOFTMAX,
                     output_index: int | None = None) -> Callable[[Node], CallSite | None]:
     """The reader of `op`, whose arguments start like attnfx::attention's (q, k, v, bias,
-    alibi_slopes, kv_lengths, scale, causal, window, softcap)."""
+    alibi_slopes, then spec.SCORE_ARGS)."""
     def read(node: Node) -> CallSite | None:
         if not calls_op(node, op):
             return None
         a = call_arguments(node)
-        operands = Operands(a["q"], a["k"], a["v"], a["bias"], a["alibi_slopes"], a["kv_lengths"])
-        mods = ScoreMods.from_op_args(a["scale"], a["causal"], a["window"], a["softcap"])
+        operands = Operands(a["q"], a["k"], a["v"], a["bias"], a["alibi_slopes"])
+        mods = ScoreMods.from_call(a)
         return CallSite(operands, mods, kind, output_index)
     return read

@@ -312,7 +312,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
     site = Site(
         weights=weights, kind=kind, logit_bias=0.0 if kind is Kind.SOFTMAX else algebra.shift,
         qk=c, av=av, q=q, k=k, v=v, batch_roles=batch_roles, out_roles=out_roles,
-        scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), softcap=algebra.softcap,
+        scale=algebra.scale, scale_tensors=tuple(algebra.scale_tensors), modifiers=algebra.modifiers(),
         bias=tuple(algebra.bias), masks=tuple(algebra.masks), facts=facts,
         structures=structures, batch_sizes=batch_sizes, dropout_p=probs.dropout_p, sink=algebra.sink,
         nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
@@ -465,7 +465,7 @@ def _base_spec(site: Site) -> AttentionSpec:
     return AttentionSpec(
         batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
         head_dim=sizes["e"], value_dim=sizes["f"], dtype=dtype_name(ops.dtype(site.q.node)),
-        scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic), dropout_p=site.dropout_p,
+        scale=site.scale, **site.modifiers, dynamic=frozenset(dynamic), dropout_p=site.dropout_p,
         kind=site.kind, logit_bias=site.logit_bias,
     )
 

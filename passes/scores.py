@@ -34,6 +34,10 @@ class ScoreAlgebra:
     masks: list[MaskTerm] = field(default_factory=list)
     sink: BiasTerm | None = None  # a logit column concatenated after the keys (attention sinks)
 
+    def modifiers(self) -> dict[str, float]:
+        """The score modifiers found, as the AttentionSpec fields they set (spec.SCORE_TERMS)."""
+        return {} if self.softcap is None else {"softcap": self.softcap}
+
 
 @dataclass(frozen=True)
 class ScorePath:

@@ -54,7 +54,7 @@ def lift_sdpa(node: Node, evaluator: MaskEvaluator) -> Site | None:
     site = Site(
         weights=node, qk=Contraction(node, q, k, "abme", "abne", "abmn"), av=Contraction(node, node, v, "abmn", "abnf", "abmf"),
         q=Arranged(q, (*_BATCH, "m", "e")), k=Arranged(k, (*_BATCH, "n", "e")), v=Arranged(v, (*_BATCH, "n", "f")),
-        batch_roles=_BATCH, out_roles=(*_BATCH, "m", "f"), scale=scale, scale_tensors=(), softcap=None,
+        batch_roles=_BATCH, out_roles=(*_BATCH, "m", "f"), scale=scale, scale_tensors=(), modifiers={},
         bias=() if boolean else (BiasTerm(mask, roles),),
         masks=(MaskTerm(mask, roles, keep_when=True, fill=-math.inf),) if boolean else (),
         facts=facts, structures={_BATCH: tuple(ops.shape(q)[:2])},

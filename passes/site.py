@@ -150,7 +150,7 @@ class Site:
     out_roles: Roles
     scale: float
     scale_tensors: tuple[ScaleTerm, ...]  # folded into q
-    softcap: float | None
+    modifiers: dict[str, float]  # the score modifiers the replay recognised, as AttentionSpec fields
     bias: tuple[BiasTerm, ...]
     masks: tuple[MaskTerm, ...]
     facts: MaskFacts

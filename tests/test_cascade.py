@@ -44,19 +44,20 @@ def test_evaluate_causal_alignments(causal: Causal, offset: int) -> None:
     torch.testing.assert_close(evaluate(canonical_cascade(spec), {"Q": q, "K": k, "V": v}), expected)
 
 
-def test_evaluate_softcap_alibi_window_and_key_padding() -> None:
+def test_evaluate_softcap_alibi_window_and_key_mask() -> None:
     q, k, v = qkv(hkv=4, m=7, n=7)
     slopes = alibi_slopes(4)
     lengths = torch.tensor([7, 4])
+    key_mask = torch.arange(7).view(1, 1, 1, 7) < lengths.view(2, 1, 1, 1)
     spec = AttentionSpec(2, 4, 4, 7, 7, 8, 6, scale=0.5, causal=Causal.TOP_LEFT, window=3, softcap=5.0,
-                         alibi=True, key_padding=True)
+                         alibi=True, mask=MaskInput.BOOL, mask_shape=(2, 1, 1, 7))
     m, n = torch.arange(7)[:, None], torch.arange(7)[None, :]
     s = 5.0 * torch.tanh((q.double() @ k.double().transpose(-1, -2)) * 0.5 / 5.0)
     s = s + slopes.double().view(1, 4, 1, 1) * (n - m)
     keep = (n <= m) & (n > m - 3) & (n < lengths.view(2, 1, 1, 1))
     expected = (F.softmax(s.masked_fill(~keep, -math.inf), -1).nan_to_num(0.0) @ v.double()).float()
     assert not keep[1, 0, 6].any()  # a row with no visible key: the oracle gives 0, not NaN
-    out = evaluate(canonical_cascade(spec), {"Q": q, "K": k, "V": v, "SLOPES": slopes, "KV_LENGTHS": lengths})
+    out = evaluate(canonical_cascade(spec), {"Q": q, "K": k, "V": v, "SLOPES": slopes, "MASK": key_mask})
     torch.testing.assert_close(out, expected)
 
 

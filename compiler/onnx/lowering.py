@@ -14,7 +14,7 @@ import operator
 import torch
 from torch import Tensor
 
-from attnfx.cost_model.spec import Causal, ScoreMods
+from attnfx.cost_model.spec import SCORE_ARGS, Causal, ScoreMods
 from attnfx.errors import ExportError
 
 from .plan import ATTENTION, DECOMPOSED, GQA, MHA, SitePlan
@@ -37,7 +37,7 @@ def build_export_module(
     for plan in plans:
         node = nodes[plan.facts.node]
         o = plan.facts.call.operands
-        operands = tuple(None if x is None else nodes[x.name] for x in (o.q, o.k, o.v, o.mask, o.slopes, o.kv_lengths))
+        operands = tuple(None if x is None else nodes[x.name] for x in (o.q, o.k, o.v, o.mask, o.slopes))
         with graph.inserting_before(node):
             new = graph.call_function(lowered_attention, operands, _lowering_kwargs(plan))
         for key in ("nn_module_stack", "stack_trace"):  # keeps the exporter's name scopes
@@ -61,10 +61,9 @@ def build_export_module(
 def _lowering_kwargs(plan: SitePlan) -> dict[str, object]:
     """Plain values only (the graph is printed as code): the score modifiers in their op encoding."""
     f, s = plan.facts, plan.facts.spec
-    scale, causal, window, softcap = s.mods.op_args()
     return dict(
-        op=plan.op, site=f.site, node=f.node, heads=s.heads, kv_heads=s.kv_heads, scale=scale, causal=causal,
-        causal_flag=plan.causal_flag, window=window, softcap=softcap,
+        op=plan.op, site=f.site, node=f.node, heads=s.heads, kv_heads=s.kv_heads, causal_flag=plan.causal_flag,
+        **{arg.name: value for arg, value in zip(SCORE_ARGS, s.mods.op_args())},
     )
 
 
@@ -98,47 +97,42 @@ def lowered_attention(
     v: Tensor,
     mask: Tensor | None,
     slopes: Tensor | None,
-    kv_lengths: Tensor | None,
     *,
     op: str,
     site: int | None,
     node: str,
     heads: int,
     kv_heads: int,
-    scale: float,
-    causal: str,
     causal_flag: bool,
-    window: int,
-    softcap: float,
+    **score_args: float | int | str,
 ) -> Tensor:
     """One site as `op`, in canonical layout: returns (B, H, M, F).
 
     Head counts come from the capture (ints): a re-export may see the head axis as symbolic, and the
-    contrib ops take them as attributes. Scale, causal, window and softcap arrive in ScoreMods' op
-    encoding."""
+    contrib ops take them as attributes. The score modifiers arrive as spec.SCORE_ARGS, by name."""
     meta = {SITE_KEY: "" if site is None else str(site), NODE_KEY: node}
-    mods = ScoreMods.from_op_args(scale, causal, window, softcap)
+    mods = ScoreMods.from_call(score_args)
     scale, causal, window, softcap = mods.scale, mods.causal, mods.window, mods.softcap
     flagged = causal_flag and causal is not Causal.NONE
     if op == ATTENTION:
-        return _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window, softcap)
+        return _standard_attention(q, k, v, mask, slopes, meta, scale, causal, flagged, window, softcap)
     if op == MHA:
         return _multi_head_attention(
-            q, k, v, mask, slopes, kv_lengths, meta, heads, kv_heads, scale, causal, flagged, window
+            q, k, v, mask, slopes, meta, heads, kv_heads, scale, causal, flagged, window
         )
     if op == GQA:
         return _group_query_attention(
-            q, k, v, mask, slopes, kv_lengths, meta, heads, kv_heads, scale, causal, window, softcap
+            q, k, v, mask, slopes, meta, heads, kv_heads, scale, causal, window, softcap
         )
     if op == DECOMPOSED:
-        return _decomposed(q, k, v, mask, slopes, kv_lengths, heads, kv_heads, scale, causal, window, softcap)
+        return _decomposed(q, k, v, mask, slopes, heads, kv_heads, scale, causal, window, softcap)
     raise ValueError(f"unknown lowering {op!r}")
 
 
-def _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, flagged, window, softcap):
+def _standard_attention(q, k, v, mask, slopes, meta, scale, causal, flagged, window, softcap):
     """Attention-23 zeroes rows whose every key is removed itself, as SDPA does."""
     b, h, m, _ = q.shape
-    attn_mask, _ = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=flagged, window=window,
+    attn_mask, _ = score_terms(q, k, mask, slopes, causal=causal, flagged=flagged, window=window,
                                window_in_mask=True, allow_bool=True)
     attrs = {"scale": scale, "is_causal": int(flagged)}
     if softcap:
@@ -149,10 +143,10 @@ def _standard_attention(q, k, v, mask, slopes, kv_lengths, meta, scale, causal, 
     )
 
 
-def _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, h, hkv, scale, causal, flagged, window):
+def _multi_head_attention(q, k, v, mask, slopes, meta, h, hkv, scale, causal, flagged, window):
     b, _, m, _ = q.shape
     f = v.shape[3]
-    bias, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=flagged, window=window,
+    bias, kept = score_terms(q, k, mask, slopes, causal=causal, flagged=flagged, window=window,
                              window_in_mask=True, allow_bool=False)
     inputs = [_to_bsd(q, h), _to_bsd(repeat_kv(k, h, hkv), h), _to_bsd(repeat_kv(v, h, hkv), h), None, None, bias]
     attrs = {"num_heads": h, "scale": scale, "unidirectional": int(flagged)}
@@ -163,11 +157,11 @@ def _multi_head_attention(q, k, v, mask, slopes, kv_lengths, meta, h, hkv, scale
     return _zero_empty_rows(y.reshape(b, m, h, f).transpose(1, 2), kept)
 
 
-def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, h, hkv, scale, causal, window, softcap):
+def _group_query_attention(q, k, v, mask, slopes, meta, h, hkv, scale, causal, window, softcap):
     """Causal self-attention (the plan guarantees M = N, E = F): the op's own causal and window."""
     b, _, m, e = q.shape
     n = k.shape[2]
-    bias, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=True, window=window,
+    bias, kept = score_terms(q, k, mask, slopes, causal=causal, flagged=True, window=window,
                              window_in_mask=False, allow_bool=False)
     seqlens_k = torch.full((b,), n - 1, dtype=torch.int32, device=q.device)  # index of each row's last key
     total_len = torch.full((), n, dtype=torch.int32, device=q.device)
@@ -184,11 +178,11 @@ def _group_query_attention(q, k, v, mask, slopes, kv_lengths, meta, h, hkv, scal
     return _zero_empty_rows(y.reshape(b, m, h, e).transpose(1, 2), kept)
 
 
-def _decomposed(q, k, v, mask, slopes, kv_lengths, h, hkv, scale, causal, window, softcap):
+def _decomposed(q, k, v, mask, slopes, h, hkv, scale, causal, window, softcap):
     scores = torch.matmul(q, repeat_kv(k, h, hkv).transpose(-1, -2)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    terms, kept = score_terms(q, k, mask, slopes, kv_lengths, causal=causal, flagged=False, window=window,
+    terms, kept = score_terms(q, k, mask, slopes, causal=causal, flagged=False, window=window,
                               window_in_mask=True, allow_bool=True)
     if terms is not None:
         scores = scores.masked_fill(~terms, float("-inf")) if terms.dtype == torch.bool else scores + terms
@@ -201,7 +195,6 @@ def score_terms(
     k: Tensor,
     mask: Tensor | None,
     slopes: Tensor | None,
-    kv_lengths: Tensor | None,
     *,
     causal: Causal,
     flagged: bool,
@@ -216,7 +209,7 @@ def score_terms(
     with -inf where a key is removed. It leaves out what the op does itself (a `flagged` causal
     diagonal; the window unless `window_in_mask`). The keep-mask covers every removal, the op's own
     included, so rows left with no key can be zeroed as SDPA does; it is None when no row can be
-    (no bool mask, no key lengths, no bottom-right diagonal that can pass the first key).
+    (no bool mask, no bottom-right diagonal that can pass the first key).
     """
     m, n = q.shape[2], k.shape[2]
     rows = torch.arange(m, device=q.device).unsqueeze(1)
@@ -224,14 +217,13 @@ def score_terms(
     diagonal = rows + causal.offset(m, n)
     causal_keep = (cols <= diagonal).reshape(1, 1, m, n) if causal is not Causal.NONE else None
     window_keep = (cols > diagonal - window).reshape(1, 1, m, n) if window is not None else None
-    length_keep = (cols < kv_lengths.reshape(-1, 1)).reshape(-1, 1, 1, n) if kv_lengths is not None else None
     bool_mask = add_mask = None
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         bool_mask, add_mask = (mask, None) if mask.dtype == torch.bool else (None, _not_lowest(mask.to(q.dtype)))
     alibi = slopes.to(q.dtype).reshape(1, -1, 1, 1) * (cols - rows).to(q.dtype) if slopes is not None else None
 
-    keep = _all([bool_mask, None if flagged else causal_keep, window_keep if window_in_mask else None, length_keep])
+    keep = _all([bool_mask, None if flagged else causal_keep, window_keep if window_in_mask else None])
     add = _sum([add_mask, alibi])
     if add is not None:
         op_mask = add if keep is None else torch.where(keep, add, float("-inf"))
@@ -242,8 +234,8 @@ def score_terms(
     if op_mask is not None:
         op_mask = op_mask.expand(op_mask.shape[0], op_mask.shape[1], m, n)
 
-    can_empty = bool_mask is not None or length_keep is not None or (causal is Causal.BOTTOM_RIGHT and not flagged)
-    kept = _all([bool_mask, causal_keep, window_keep, length_keep]) if can_empty else None
+    can_empty = bool_mask is not None or (causal is Causal.BOTTOM_RIGHT and not flagged)
+    kept = _all([bool_mask, causal_keep, window_keep]) if can_empty else None
     return op_mask, kept
 
 

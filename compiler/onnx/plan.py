@@ -1,7 +1,7 @@
 """Decide, per site, which ONNX operator it becomes and why.
 
 Opset >= 23 has the standard `Attention` operator, which takes every site: what it has no attribute
-for (ALiBi slopes, key lengths, a sliding window, a bottom-right diagonal with M != N: its `is_causal`
+for (ALiBi slopes, a sliding window, a bottom-right diagonal with M != N: its `is_causal`
 is top-left without a KV cache) goes into its mask input, built in the graph.
 
 Below 23 the choice is onnxruntime's com.microsoft contrib ops, used only where they are exact:
@@ -28,6 +28,7 @@ MHA = "MultiHeadAttention"
 GQA = "GroupQueryAttention"
 DECOMPOSED = "decomposed"
 FUSED_OPS = (ATTENTION, MHA, GQA)
+LOWERED = ("softcap", "alibi")  # the optional score terms (spec.SCORE_TERMS) lowering.py computes
 CONTRIB_DTYPES = (torch.float32, torch.float16)
 
 
@@ -52,6 +53,10 @@ def plan_site(facts: SiteFacts, opset: int) -> SitePlan:
             f"{facts.label} ({facts.module or '<root>'}, {facts.op}): {facts.spec.kind.value} attention has no "
             "ONNX operator (Attention and onnxruntime's contrib attention ops normalise with a softmax)"
         )
+    unlowered = [name for name in facts.spec.modifiers() if name not in LOWERED]
+    if unlowered:
+        raise ExportError(f"{facts.label} ({facts.module or '<root>'}, {facts.op}): attnfx's ONNX lowering has no "
+                          f"{unlowered[0]}")
     if opset >= STANDARD_ATTENTION_OPSET:
         return _plan_standard(facts)
     return _plan_contrib(facts)
@@ -118,6 +123,4 @@ def _mask_parts(f: SiteFacts, via: str = "mask") -> list[str]:
         parts.append(f"{s.mask.value} mask" if via == "mask" else f"{s.mask.value} mask as {via}")
     if s.alibi:
         parts.append(f"ALiBi from slopes as {via}")
-    if s.key_padding:
-        parts.append(f"key lengths as {via}")
     return parts

@@ -127,7 +127,7 @@ def _spec(call: CallSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         q_len=ops.hint_int(q_len), kv_len=ops.hint_int(k.shape[2]), head_dim=ops.hint_int(head_dim),
         value_dim=ops.hint_int(v.shape[3]), dtype=dtype, scale=mods.scale, causal=mods.causal, window=mods.window,
         mask=mask, mask_shape=mask_shape, softcap=mods.softcap, alibi=operands.slopes is not None,
-        key_padding=operands.kv_lengths is not None, kind=call.kind,
+        kind=call.kind,
         dynamic=frozenset(name for name, size in (("batch", batch), ("q_len", q_len), ("kv_len", k.shape[2]))
                           if ops.static_int(size) is None),
     )

@@ -23,7 +23,8 @@ TOLERANCE = {"float64": 1e-10, "float32": 5e-5, "float16": 1e-2, "bfloat16": 4e-
 @dataclass(frozen=True)
 class Case:
     """One attention site. `bias` names the mask tensor's full dims, e.g. "BHMN", "1H1N", "11MN";
-    `bias_kind` is "additive" or "bool"."""
+    `bias_kind` is "additive" or "bool". `key_padding` right-pads the keys through that mask (a
+    bool B11N one when there is none): -inf or False at keys past each batch entry's length."""
 
     batch: int = 1
     heads: int = 2
@@ -53,18 +54,25 @@ class Case:
 
     @property
     def bias_shape(self) -> tuple[int, ...] | None:
-        if self.bias is None:
+        bias = self.bias if self.bias is not None or not self.key_padding else "B11N"
+        if bias is None:
             return None
+        if self.key_padding:
+            bias = "B" + bias[1:3] + "N"
         full = (self.batch, self.heads, self.q_len, self.kv_len)
-        return tuple(n if c != "1" else 1 for c, n in zip(self.bias, full))
+        return tuple(n if c != "1" else 1 for c, n in zip(bias, full))
+
+    @property
+    def mask_kind(self) -> MaskInput:
+        if self.bias is None:
+            return MaskInput.BOOL if self.key_padding else MaskInput.NONE
+        return MaskInput(self.bias_kind)
 
     def spec(self, dtype: str = "float64") -> AttentionSpec:
-        mask = MaskInput.NONE if self.bias is None else MaskInput(self.bias_kind)
         return AttentionSpec(
             self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.f,
-            dtype=dtype, scale=self.scale_value, causal=Causal(self.causal), window=self.window, mask=mask,
-            mask_shape=self.bias_shape, softcap=self.softcap, alibi=self.alibi, key_padding=self.key_padding,
-            kind=Kind(self.kind), logit_bias=self.logit_bias,
+            dtype=dtype, scale=self.scale_value, causal=Causal(self.causal), window=self.window,
+            mask=self.mask_kind, mask_shape=self.bias_shape, softcap=self.softcap, alibi=self.alibi, kind=Kind(self.kind), logit_bias=self.logit_bias,
         )
 
     @property
@@ -72,7 +80,7 @@ class Case:
         return self.scale if self.scale is not None else 1 / math.sqrt(self.head_dim)
 
     def tensors(self, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Q, K, V (in the case's dtype) and the BIAS/MASK, SLOPES, KV_LENGTHS its features need."""
+        """Q, K, V (in the case's dtype) and the BIAS/MASK and SLOPES its features need."""
         g = torch.Generator().manual_seed(seed)
         dt = DTYPES[self.dtype]
         t = {
@@ -80,27 +88,32 @@ class Case:
             "K": torch.randn(self.batch, self.kv_heads, self.kv_len, self.head_dim, generator=g).to(dt),
             "V": torch.randn(self.batch, self.kv_heads, self.kv_len, self.f, generator=g).to(dt),
         }
-        if self.bias is not None and self.bias_kind == "additive":
+        if self.mask_kind is MaskInput.ADDITIVE:
             t["BIAS"] = torch.randn(self.bias_shape, generator=g).to(dt)
-        if self.bias is not None and self.bias_kind == "bool":
-            t["MASK"] = torch.rand(self.bias_shape, generator=g) > 0.25
+        if self.mask_kind is MaskInput.BOOL:
+            t["MASK"] = torch.rand(self.bias_shape, generator=g) > (0.25 if self.bias is not None else -1.0)
         if self.alibi:
             t["SLOPES"] = alibi_slopes(self.heads)
         if self.key_padding:
-            # NOTE: a third batch entry has no keys at all: its rows must come out 0.
-            lengths = [max(1, self.kv_len - self.kv_len // 4), max(1, self.kv_len // 3), 0][: self.batch]
-            t["KV_LENGTHS"] = torch.tensor(lengths)
+            name = "BIAS" if self.mask_kind is MaskInput.ADDITIVE else "MASK"
+            t[name] = self.pad_keys(t[name], [max(1, self.kv_len - self.kv_len // 4), max(1, self.kv_len // 3), 0])
         return t
+
+    def pad_keys(self, mask: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """`mask` with the keys at n >= lengths[b] removed (NOTE: a length 0 leaves rows with no key:
+        they must come out 0)."""
+        live = torch.arange(self.kv_len).view(1, 1, 1, -1) < torch.tensor(lengths[: self.batch]).view(-1, 1, 1, 1)
+        return mask & live if mask.dtype == torch.bool else mask.masked_fill(~live, -math.inf)
 
     def op_args(self, t: dict[str, torch.Tensor]) -> tuple:
         """Positional arguments of attnfx::attention, or of attnfx::sigmoid_attention (+ logit_bias)."""
-        args = (t["Q"], t["K"], t["V"], t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"),
+        args = (t["Q"], t["K"], t["V"], t.get("BIAS", t.get("MASK")), t.get("SLOPES"),
                 *self.spec().mods.op_args())
         return args + (self.logit_bias,) if self.kind == "sigmoid" else args
 
     def launch_args(self, t: dict[str, torch.Tensor]) -> tuple:
         """(q, k, v, extras, mods), as the implementations and the Triton launchers take them."""
-        extras = ScoreTensors(t.get("BIAS", t.get("MASK")), t.get("SLOPES"), t.get("KV_LENGTHS"))
+        extras = ScoreTensors(t.get("BIAS", t.get("MASK")), t.get("SLOPES"))
         return t["Q"], t["K"], t["V"], extras, self.spec().mods
 
     def __str__(self) -> str:

@@ -22,7 +22,7 @@ BACKWARD = torch.ops.attnfx.attention_backward.default
 
 def test_schemas():
     assert str(OP._schema) == (
-        "attnfx::attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, Tensor? kv_lengths, "
+        "attnfx::attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
         "float scale, str causal, int window, float softcap) -> (Tensor out, Tensor lse)")
     assert str(BACKWARD._schema).endswith(
         "bool bias_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)")
@@ -53,22 +53,22 @@ def test_opcheck_backward(bias_grad):
     t = case.tensors()
     args = case.op_args(t)
     out, lse = OP(*args)
-    torch.library.opcheck(BACKWARD, (torch.randn_like(out), torch.randn_like(lse), *args[:6], out, lse,
-                                     *args[6:], bias_grad))
+    torch.library.opcheck(BACKWARD, (torch.randn_like(out), torch.randn_like(lse), *args[:5], out, lse,
+                                     *args[5:], bias_grad))
 
 
 class _Attention(torch.nn.Module):
-    def forward(self, q, k, v, bias, lengths):
-        return OP(q, k, v, bias, None, lengths, 0.25, "bottom_right", -1, 2.0)[0]
+    def forward(self, q, k, v, bias):
+        return OP(q, k, v, bias, None, 0.25, "bottom_right", -1, 2.0)[0]
 
 
 def test_export_with_dynamic_lengths_and_save_load_round_trip(tmp_path):
     case = Case(batch=2, heads=4, kv_heads=2, q_len=7, kv_len=20, causal="bottom_right", bias="1HMN",
                 key_padding=True, scale=0.25, softcap=2.0)
     t = case.tensors()
-    args = (t["Q"], t["K"], t["V"], t["BIAS"], t["KV_LENGTHS"])
+    args = (t["Q"], t["K"], t["V"], t["BIAS"])
     m, n = torch.export.Dim("m", min=2, max=512), torch.export.Dim("n", min=2, max=512)
-    shapes = ({2: m}, {2: n}, {2: n}, {2: m, 3: n}, None)
+    shapes = ({2: m}, {2: n}, {2: n}, {2: m, 3: n})
     ep = torch.export.export(_Attention(), args, dynamic_shapes=shapes)
     assert [n.target for n in ep.graph.nodes if n.op == "call_function"].count(OP) == 1
     torch.export.save(ep, tmp_path / "attention.pt2")
@@ -76,7 +76,7 @@ def test_export_with_dynamic_lengths_and_save_load_round_trip(tmp_path):
     assert_close(loaded(*args), reference(case, t), "float32")
     bigger = case.with_(q_len=11, kv_len=40)
     t2 = bigger.tensors(seed=1)
-    assert_close(loaded(t2["Q"], t2["K"], t2["V"], t2["BIAS"], t2["KV_LENGTHS"]), reference(bigger, t2), "float32")
+    assert_close(loaded(t2["Q"], t2["K"], t2["V"], t2["BIAS"]), reference(bigger, t2), "float32")
 
 
 def test_compile_traces_forward_and_backward_through_the_fake_kernels():
@@ -115,8 +115,8 @@ def test_cuda_registration_runs_the_triton_kernels():
         out, lse = ops._attention_cuda(*case.op_args(t))
         assert_close(out, reference(case, t), "float32")
         args = case.op_args(t)
-        grads = ops._attention_backward_cuda(torch.ones_like(out), None, *args[:6], out, lse, *args[6:], False)
-        cpu_grads = ops.attention_backward(torch.ones_like(out), None, *args[:6], out, lse, *args[6:], False)
+        grads = ops._attention_backward_cuda(torch.ones_like(out), None, *args[:5], out, lse, *args[5:], False)
+        cpu_grads = ops.attention_backward(torch.ones_like(out), None, *args[:5], out, lse, *args[5:], False)
         for g, c in zip(grads[:3], cpu_grads[:3]):
             assert_close(g, c, "float32")
 
@@ -154,7 +154,7 @@ def test_cuda_registration_without_triton_raises_kernel_unavailable(monkeypatch)
     with pytest.raises(KernelUnavailable, match="^attnfx::attention on cuda: triton is not importable$"):
         ops._attention_cuda(*args)
     with pytest.raises(KernelUnavailable, match="^attnfx::attention on cuda: triton is not importable$"):
-        ops._attention_backward_cuda(args[0], None, *args[:6], args[0], args[0][..., 0], *args[6:], False)
+        ops._attention_backward_cuda(args[0], None, *args[:5], args[0], args[0][..., 0], *args[5:], False)
 
 
 def test_triton_backward_raises_kernel_unavailable():
@@ -179,7 +179,7 @@ def test_triton_backward_raises_kernel_unavailable():
 ])
 def test_malformed_calls_are_value_errors(change, message):
     case = Case(q_len=4, kv_len=8)
-    args = dict(zip(("q", "k", "v", "bias", "alibi_slopes", "kv_lengths", "scale", "causal", "window", "softcap"),
+    args = dict(zip(("q", "k", "v", "bias", "alibi_slopes", "scale", "causal", "window", "softcap"),
                     case.op_args(case.tensors())))
     with pytest.raises(ValueError) as err:
         OP(**{**args, **change})
@@ -205,7 +205,7 @@ def test_attnfx_works_without_triton():
         from attnfx.cost_model import AttentionSpec
         from attnfx.kernels import get_variant
         q = torch.randn(1, 2, 5, 16)
-        out, lse = torch.ops.attnfx.attention(q, q, q, None, None, None, 0.25, "top_left", -1, 0.0)
+        out, lse = torch.ops.attnfx.attention(q, q, q, None, None, 0.25, "top_left", -1, 0.0)
         spec = AttentionSpec(1, 2, 2, 64, 64, 16, 16)
         print(tuple(out.shape))
         print(get_variant("triton_flash").refusal(spec, "cuda"))

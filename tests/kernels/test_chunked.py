@@ -62,7 +62,8 @@ def test_gradients_match_oracle(name):
 def test_gradcheck_every_feature_in_float64():
     case = COMBINED["all_additive_gqa"].with_(q_len=5, kv_len=9, head_dim=4, window=4, dtype="float64")
     t = case.tensors()
-    t["KV_LENGTHS"] = torch.tensor([9, 7])  # no fully masked row: its lse (-inf) has no derivative
+    t["BIAS"] = case.with_(key_padding=False).tensors()["BIAS"]
+    t["BIAS"] = case.pad_keys(t["BIAS"], [9, 7])  # no fully masked row: its lse (-inf) has no derivative
     args = case.op_args(t)
 
     def f(q, k, v, bias):
@@ -75,7 +76,7 @@ def test_gradcheck_every_feature_in_float64():
 def test_lse_is_the_log_sum_exp_of_the_scores_and_minus_inf_on_empty_rows():
     case = Case(batch=2, q_len=37, kv_len=100, causal="bottom_right", key_padding=True, dtype="float64")
     t = case.tensors()
-    t["KV_LENGTHS"] = torch.tensor([100, 0])
+    t["MASK"] = case.pad_keys(torch.ones(case.bias_shape, dtype=torch.bool), [100, 0])
     _, lse = run_op(case, t)
     s = case.scale_value * t["Q"] @ t["K"].transpose(-1, -2)  # (b, h, m, n)
     keep = torch.arange(100).view(1, -1) <= torch.arange(37).view(-1, 1) + 63

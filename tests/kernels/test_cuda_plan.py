@@ -15,8 +15,7 @@ CASES = {**FEATURES, **COMBINED}
 
 
 def _operands(t: dict[str, torch.Tensor]) -> Operands:
-    return Operands(q=t["Q"], k=t["K"], v=t["V"], mask=t.get("BIAS", t.get("MASK")), slopes=t.get("SLOPES"),
-                    kv_lengths=t.get("KV_LENGTHS"))
+    return Operands(q=t["Q"], k=t["K"], v=t["V"], mask=t.get("BIAS", t.get("MASK")), slopes=t.get("SLOPES"))
 
 
 @pytest.mark.parametrize("name", ["softcap", "window_bottom_right", "alibi_softcap_padding",

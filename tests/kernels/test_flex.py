@@ -16,20 +16,19 @@ from attnfx.cost_model import AttentionSpec, Causal, MaskInput
 from attnfx.kernels import Operands, get_variant
 from attnfx.kernels.flex import block_tables, inductor_cpu_refusal
 
-# softcap, a per-head additive bias, ALiBi, bottom-right causal with a window, key lengths, GQA
+# softcap, an additive bias carrying key padding, ALiBi, bottom-right causal with a window, GQA
 SITE = COMBINED["all_additive_gqa"]
 needs_inductor = pytest.mark.skipif(inductor_cpu_refusal() is not None, reason=str(inductor_cpu_refusal()))
 
 
-def _dense_keep(q_len, kv_len, offset, window, lengths):
+def _dense_keep(q_len, kv_len, offset, window):
     m, n = torch.arange(q_len).view(-1, 1), torch.arange(kv_len).view(1, -1)
     keep = torch.ones(q_len, kv_len, dtype=torch.bool)
     if offset is not None:
         keep = n <= m + offset
         if window != -1:
             keep = keep & (n > m + offset - window)
-    keep = keep.expand(1 if lengths is None else len(lengths), q_len, kv_len)
-    return keep if lengths is None else keep & (n < lengths.view(-1, 1, 1))
+    return keep.expand(1, q_len, kv_len)
 
 
 def _unpack(num, idx, nb):
@@ -41,16 +40,16 @@ def _unpack(num, idx, nb):
     return blocks
 
 
-@pytest.mark.parametrize("q_len,kv_len,offset,window,lengths", [
-    (300, 300, 0, -1, None), (37, 300, 263, -1, None), (300, 300, 0, 100, None), (300, 37, -263, 20, None),
-    (300, 300, None, -1, torch.tensor([300, 129, 0])), (100, 300, 200, 50, torch.tensor([300, 10])),
+@pytest.mark.parametrize("q_len,kv_len,offset,window", [
+    (300, 300, 0, -1), (37, 300, 263, -1), (300, 300, 0, 100), (300, 37, -263, 20), (300, 300, None, -1),
+    (100, 300, 200, 50),
 ])
-def test_block_tables_classify_every_block(q_len, kv_len, offset, window, lengths):
+def test_block_tables_classify_every_block(q_len, kv_len, offset, window):
     block = 64
-    kv_num, kv_idx, full_num, full_idx = block_tables(q_len, kv_len, offset, window, lengths, block)
+    kv_num, kv_idx, full_num, full_idx = block_tables(q_len, kv_len, offset, window, block)
     nb = -(-kv_len // block)
     partial, full = _unpack(kv_num, kv_idx, nb), _unpack(full_num, full_idx, nb)
-    keep = _dense_keep(q_len, kv_len, offset, window, lengths)
+    keep = _dense_keep(q_len, kv_len, offset, window)
     padded = torch.nn.functional.pad(keep, (0, nb * block - kv_len, 0, -(-q_len // block) * block - q_len))
     tiles = padded.unflatten(1, (-1, block)).unflatten(3, (-1, block))  # (b, mb, block, nb, block)
     # pad cells outside the sequence count as kept for "full" (a ragged edge block can be full)
@@ -100,13 +99,13 @@ def test_autograd_registration_and_fake_kernel_agree_with_the_op():
 
 
 class _Flex(torch.nn.Module):
-    def forward(self, q, k, v, bias, slopes, lengths):
-        return torch.ops.attnfx.flex_attention(q, k, v, bias, slopes, lengths, *SITE.op_args(SITE.tensors())[6:])
+    def forward(self, q, k, v, bias, slopes):
+        return torch.ops.attnfx.flex_attention(q, k, v, bias, slopes, *SITE.op_args(SITE.tensors())[5:])
 
 
 def test_a_graph_holding_the_op_exports_with_one_node():
     t = SITE.tensors()
-    args = (t["Q"], t["K"], t["V"], t["BIAS"], t["SLOPES"], t["KV_LENGTHS"])
+    args = (t["Q"], t["K"], t["V"], t["BIAS"], t["SLOPES"])
     exported = torch.export.export(_Flex(), args)
     nodes = [n for n in exported.graph.nodes if getattr(n.target, "name", str)() == "attnfx::flex_attention"]
     assert len(nodes) == 1 and tuple(nodes[0].meta["val"].shape) == (2, 4, 37, 16)
@@ -115,9 +114,9 @@ def test_a_graph_holding_the_op_exports_with_one_node():
 def test_the_call_passes_only_what_the_spec_uses():
     t = SITE.tensors()
     call = get_variant("flex").call(SITE.spec("float32"), Operands(q=t["Q"], k=t["K"], v=t["V"], mask=t["BIAS"],
-                                                                   slopes=t["SLOPES"], kv_lengths=t["KV_LENGTHS"]))
+                                                                   slopes=t["SLOPES"]))
     assert call.target.name() == "attnfx::flex_attention" and call.output_index is None
-    assert call.args[3:] == (t["BIAS"], t["SLOPES"], t["KV_LENGTHS"], 0.3, "bottom_right", 30, 2.0)
+    assert call.args[3:] == (t["BIAS"], t["SLOPES"], 0.3, "bottom_right", 30, 2.0)
 
 
 SPEC = AttentionSpec(1, 8, 8, 2048, 2048, 64, 64, causal=Causal.TOP_LEFT, window=256)

@@ -16,7 +16,7 @@ ALL = {**FEATURES, **COMBINED}
 
 def operands(t: dict[str, torch.Tensor]) -> Operands:
     return Operands(q=t["Q"], k=t["K"], v=t["V"], mask=t.get("BIAS", t.get("MASK")), slopes=t.get("SLOPES"),
-                    kv_lengths=t.get("KV_LENGTHS"), decay=t.get("DECAY"))
+                    decay=t.get("DECAY"))
 
 
 def test_registered_in_order_with_their_algorithms():
@@ -49,10 +49,9 @@ def test_the_call_computes_the_site(name):
 def test_the_call_passes_only_what_the_spec_uses():
     case = Case(causal="bottom_right", window=8, softcap=3.0, scale=0.5)
     t = case.tensors()
-    extra = Operands(q=t["Q"], k=t["K"], v=t["V"], mask=torch.zeros(1), slopes=torch.zeros(2),
-                     kv_lengths=torch.zeros(1))
+    extra = Operands(q=t["Q"], k=t["K"], v=t["V"], mask=torch.zeros(1), slopes=torch.zeros(2))
     call = get_variant("triton_flash").call(case.spec("float32"), extra)
-    assert call.args[3:] == (None, None, None, 0.5, "bottom_right", 8, 3.0)
+    assert call.args[3:] == (None, None, 0.5, "bottom_right", 8, 3.0)
 
 
 SPEC = AttentionSpec(1, 8, 8, 128, 128, 64, 64)

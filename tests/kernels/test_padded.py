@@ -212,7 +212,6 @@ KEY_MASK = AttentionSpec(2, 4, 4, 64, 64, 16, 16, causal=Causal.TOP_LEFT, mask=M
      "padded_attention takes a per-key bool mask (B, 1, 1, N); this site's mask is not one"),
     (replace(KEY_MASK, mask=MaskInput.ADDITIVE),
      "padded_attention takes a per-key bool mask (B, 1, 1, N); this site's mask is not one"),
-    (replace(KEY_MASK, key_padding=True), "padded_attention reads key padding from the key mask, not from kv_lengths"),
 ])
 def test_variant_refusals(spec, reason):
     assert get_variant("padded").refusal(spec, "cpu") == reason

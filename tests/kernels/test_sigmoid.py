@@ -20,7 +20,7 @@ ALL = {name: case.with_(kind="sigmoid", logit_bias=LOGIT_BIAS) for name, case in
 def test_schemas():
     assert str(OP._schema) == (
         "attnfx::sigmoid_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
-        "Tensor? kv_lengths, float scale, str causal, int window, float softcap, float logit_bias) -> Tensor")
+        "float scale, str causal, int window, float softcap, float logit_bias) -> Tensor")
     assert str(BACKWARD._schema).endswith(
         "float logit_bias, bool bias_grad) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)")
 
@@ -150,23 +150,23 @@ def test_opcheck_backward(bias_grad):
 
 
 class _Sigmoid(torch.nn.Module):
-    def forward(self, q, k, v, bias, lengths):
-        return OP(q, k, v, bias, None, lengths, 0.25, "bottom_right", -1, 2.0, LOGIT_BIAS)
+    def forward(self, q, k, v, bias):
+        return OP(q, k, v, bias, None, 0.25, "bottom_right", -1, 2.0, LOGIT_BIAS)
 
 
 def test_export_with_dynamic_lengths_round_trips(tmp_path):
     case = Case(batch=2, heads=4, kv_heads=2, q_len=7, kv_len=20, causal="bottom_right", bias="1HMN",
                 key_padding=True, scale=0.25, softcap=2.0, kind="sigmoid", logit_bias=LOGIT_BIAS)
     t = case.tensors()
-    args = (t["Q"], t["K"], t["V"], t["BIAS"], t["KV_LENGTHS"])
+    args = (t["Q"], t["K"], t["V"], t["BIAS"])
     m, n = torch.export.Dim("m", min=2, max=512), torch.export.Dim("n", min=2, max=512)
-    ep = torch.export.export(_Sigmoid(), args, dynamic_shapes=({2: m}, {2: n}, {2: n}, {2: m, 3: n}, None))
+    ep = torch.export.export(_Sigmoid(), args, dynamic_shapes=({2: m}, {2: n}, {2: n}, {2: m, 3: n}))
     assert [n.target for n in ep.graph.nodes if n.op == "call_function"].count(OP) == 1
     torch.export.save(ep, tmp_path / "sigmoid.pt2")
     loaded = torch.export.load(tmp_path / "sigmoid.pt2").module()
     bigger = case.with_(q_len=11, kv_len=40)
     t2 = bigger.tensors(seed=1)
-    assert_close(loaded(t2["Q"], t2["K"], t2["V"], t2["BIAS"], t2["KV_LENGTHS"]), reference(bigger, t2), "float32")
+    assert_close(loaded(t2["Q"], t2["K"], t2["V"], t2["BIAS"]), reference(bigger, t2), "float32")
 
 
 def test_compile_traces_forward_and_backward_through_the_fake_kernels():
@@ -207,7 +207,7 @@ def test_cuda_registration_runs_the_triton_kernels():
 ])
 def test_malformed_calls_are_value_errors_naming_the_op(change, message):
     case = Case(q_len=4, kv_len=8, kind="sigmoid")
-    names = ("q", "k", "v", "bias", "alibi_slopes", "kv_lengths", "scale", "causal", "window", "softcap",
+    names = ("q", "k", "v", "bias", "alibi_slopes", "scale", "causal", "window", "softcap",
              "logit_bias")
     args = dict(zip(names, case.op_args(case.tensors())))
     with pytest.raises(ValueError) as err:

@@ -154,7 +154,6 @@ def test_lse_gradient_folds_into_delta():
 POISONED = {  # keys no query can see, whole blocks of them: a kernel that skips them never reads them
     "causal_top_left": (Case(q_len=37, kv_len=232, causal="top_left"), (slice(None), slice(64, None))),
     "window": (Case(q_len=37, kv_len=232, causal="bottom_right", window=20), (slice(None), slice(0, 128))),
-    "key_padding": (Case(batch=2, q_len=37, kv_len=232, key_padding=True), (1, slice(128, None))),
 }
 
 

@@ -109,14 +109,14 @@ def test_sdpa_reader_states_the_default_scale_causal_and_dropout():
     assert call.mods == ScoreMods(0.25, Causal.TOP_LEFT)
     assert call.dropout == 0.25 and call.kind is Kind.SOFTMAX and call.output_index is None
     o = call.operands
-    assert [o.q.name, o.k.name, o.v.name, o.mask, o.slopes, o.kv_lengths] == ["q", "k", "v", None, None, None]
+    assert [o.q.name, o.k.name, o.v.name, o.mask, o.slopes] == ["q", "k", "v", None, None]
     assert CHUNKED.read(node) is None
 
 
 def test_variants_emitting_attnfx_attention_share_one_reader():
     class Op(torch.nn.Module):
         def forward(self, q, k, v):
-            return torch.ops.attnfx.attention(q, k, v, None, None, None, 0.5, "bottom_right", 3, 30.0)[0]
+            return torch.ops.attnfx.attention(q, k, v, None, None, 0.5, "bottom_right", 3, 30.0)[0]
 
     gm = torch.export.export(Op(), tuple(torch.randn(3, 1, 2, 4, 8))).module()
     node = _only_call(gm, torch.ops.attnfx.attention.default)
@@ -132,11 +132,11 @@ def test_every_op_has_one_reader_that_states_its_kind():
     keep = torch.tensor([[True, True, True, False]]).view(1, 1, 1, 4)
     calls = {
         "attnfx::sigmoid_attention": (lambda q, k, v: torch.ops.attnfx.sigmoid_attention.default(
-            q, k, v, None, None, None, 0.5, "top_left", -1, 0.0, -1.5), Kind.SIGMOID),
+            q, k, v, None, None, 0.5, "top_left", -1, 0.0, -1.5), Kind.SIGMOID),
         "attnfx::linear_attention": (lambda q, k, v: torch.ops.attnfx.linear_attention.default(
             q, k, v, None, 0.5, "top_left", True, 1e-6, "chunked", 64)[0], Kind.LINEAR),
         "attnfx::bounded_attention": (lambda q, k, v: torch.ops.attnfx.bounded_attention.default(
-            q, k, v, None, None, None, 0.5, "top_left", -1, 0.0)[0], Kind.SOFTMAX),
+            q, k, v, None, None, 0.5, "top_left", -1, 0.0)[0], Kind.SOFTMAX),
         "attnfx::padded_attention": (lambda q, k, v: torch.ops.attnfx.padded_attention.default(
             q, k, v, keep, None, None, 0.5, "top_left", -1, 0.0, float("-inf")), Kind.SOFTMAX),
     }

@@ -1,4 +1,4 @@
-"""Sites rewritten to attnfx::attention: softcap, ALiBi, key lengths, bottom-right causal, window, bias.
+"""Sites rewritten to attnfx::attention: softcap, ALiBi, key padding, bottom-right causal, window, bias.
 
 They run once the kernels branch registers the op (skipped before that).
 """
@@ -31,19 +31,19 @@ class OpAttention(torch.nn.Module):
         self.kv = torch.nn.Linear(32, 2 * kv_heads * 8)
         self.slopes = torch.nn.Parameter(torch.rand(4)) if alibi else None
 
-    def forward(self, x, memory=None, bias=None, lengths=None):
+    def forward(self, x, memory=None, bias=None):
         b, m, _ = x.shape
         src = x if memory is None else memory
         q = self.q(x).view(b, m, 4, 8).transpose(1, 2)
         k, v = self.kv(src).view(b, src.shape[1], 2, self.kv_heads, 8).permute(2, 0, 3, 1, 4)
         out, lse = torch.ops.attnfx.attention(
-            q, k, v, bias, self.slopes, lengths, 0.4, self.causal, self.window, self.softcap
+            q, k, v, bias, self.slopes, 0.4, self.causal, self.window, self.softcap
         )
         y = out.transpose(1, 2).reshape(b, m, 32)
         return y + lse.transpose(1, 2).sum(-1, keepdim=True) if self.use_lse else y
 
 
-def _inputs(cross=False, bias=None, lengths=False, n=9):
+def _inputs(cross=False, bias=None, key_padding=False, n=9):
     torch.manual_seed(1)
     n = n if cross else 6
     inputs = {"x": 2 * torch.randn(2, 6, 32)}
@@ -54,8 +54,9 @@ def _inputs(cross=False, bias=None, lengths=False, n=9):
         inputs["bias"][1, ..., n - 2:] = False
     elif bias == "additive":
         inputs["bias"] = torch.randn(2, 1, 6, n)
-    if lengths:
-        inputs["lengths"] = torch.tensor([n, 4])
+    if key_padding:  # keys past 4 removed in batch 1, through a bool (2, 1, 1, N) mask or the bool bias
+        keep = torch.arange(n).view(1, 1, 1, n) < torch.tensor([n, 4]).view(2, 1, 1, 1)
+        inputs["bias"] = keep & inputs["bias"] if "bias" in inputs else keep
     return inputs
 
 
@@ -68,8 +69,8 @@ CASES = [
     (dict(causal="bottom_right", window=4, softcap=3.0), dict(cross=True), 23, "Attention",
      {"is_causal": 0, "softcap": 3.0}),
     (dict(causal="bottom_right", window=3), {}, 20, "GroupQueryAttention", {"local_window_size": 3}),
-    (dict(kv_heads=4), dict(cross=True, bias="bool", lengths=True), 23, "Attention", {"is_causal": 0}),
-    (dict(kv_heads=4, causal="bottom_right", alibi=True), dict(cross=True, lengths=True), 18,
+    (dict(kv_heads=4), dict(cross=True, bias="bool", key_padding=True), 23, "Attention", {"is_causal": 0}),
+    (dict(kv_heads=4, causal="bottom_right", alibi=True), dict(cross=True, key_padding=True), 18,
      "MultiHeadAttention", {"unidirectional": 0}),
     # M = 6 > N = 4, bottom-right: queries 0 and 1 see no key (0 in PyTorch, NaN in the contrib op)
     (dict(causal="bottom_right"), dict(cross=True, n=4), 20, "MultiHeadAttention", {"unidirectional": 0}),

@@ -14,10 +14,10 @@ from onnx_helpers import Decoder, SelfAttention, decoder_inputs, stand_in
 def test_a_wrong_site_is_named_with_its_difference_and_no_file_is_left(tmp_path, monkeypatch):
     lower = onnx_lowering._standard_attention
 
-    def doubled_scale_at_site_1(q, k, v, mask, slopes, kv_lengths, meta, scale, *rest):
+    def doubled_scale_at_site_1(q, k, v, mask, slopes, meta, scale, *rest):
         if meta[onnx_lowering.SITE_KEY] == "1":
             scale = 2 * scale
-        return lower(q, k, v, mask, slopes, kv_lengths, meta, scale, *rest)
+        return lower(q, k, v, mask, slopes, meta, scale, *rest)
 
     monkeypatch.setattr(onnx_lowering, "_standard_attention", doubled_scale_at_site_1)
     torch.manual_seed(0)

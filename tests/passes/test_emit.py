@@ -48,6 +48,6 @@ def test_causal_flag_site_keeps_no_mask_tensor() -> None:
 
     code = emitted_code(attend, "attnfx_chunked", "flag", rand(2, 3, 6, 4), rand(2, 3, 6, 4), rand(2, 3, 6, 4))
     assert code == [
-        "attention_default = attention(args_0, args_1, args_2, None, None, None, 1.0, 'top_left', -1, 0.0)",
+        "attention_default = attention(args_0, args_1, args_2, None, None, 1.0, 'top_left', -1, 0.0)",
         "getitem = getitem(attention_default, 0)",
     ]

@@ -29,7 +29,7 @@ def test_bhmd_matmul_lifts_to_canonical_roles() -> None:
     assert (site.q.roles, site.k.roles, site.v.roles) == (("b0", "b1", "m", "e"), ("b0", "b1", "e", "n"),
                                                           ("b0", "b1", "n", "f"))
     assert site.out_roles == ("b0", "b1", "m", "f")
-    assert (site.scale, site.softcap, site.bias, site.masks) == (0.5, None, (), ())
+    assert (site.scale, site.modifiers, site.bias, site.masks) == (0.5, {}, (), ())
 
 
 def test_query_head_key_score_layout_reads_the_query_axis_as_m() -> None:
@@ -49,7 +49,7 @@ def test_query_head_key_score_layout_reads_the_query_axis_as_m() -> None:
 def test_softcap_and_scale_fold_into_canonical_order() -> None:
     site = lifted(lambda q, k, v: F.softmax(torch.tanh(q @ k.transpose(-1, -2) * 0.5 / 30.0) * 30.0, -1) @ v,
                   rand(B, H, M, E), rand(B, H, N, E), rand(B, H, N, E))
-    assert (site.scale, site.softcap) == (pytest.approx(0.5), 30.0)
+    assert (site.scale, site.modifiers) == (pytest.approx(0.5), {"softcap": 30.0})
 
 
 @pytest.mark.parametrize("fn,code,stage,message", [

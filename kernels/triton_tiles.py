@@ -1,8 +1,6 @@
-"""The score modifications every attnfx Triton kernel applies, in AttentionSpec's order, and the
-small helpers the kernels share (tile pointers, dots, loop bounds, weights).
-
-One jitted function, shared by the forward, backward and decode kernels, so none can disagree on
-what a mask means. Imported only by the Triton launchers (never by `attnfx.kernels`).
+"""The small jitted helpers attnfx's Triton kernels share: tile pointers and loads, dots, the
+program's query block, and the weights with their gradient (softmax or sigmoid). The score terms
+they apply live in score_mods.py. Imported only by the Triton launchers (never by `attnfx.kernels`).
 """
 from __future__ import annotations
 
@@ -19,12 +17,6 @@ class DotFlags(NamedTuple):
 
     PRECISION: str
     UPCAST: bool
-
-
-@triton.jit
-def tanh(x):
-    """tanh through the sigmoid (tl has no tanh that also runs in the interpreter)."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -64,70 +56,6 @@ def load_tile(base, strides, b, h, rows, cols, rows_ok, n_cols):
 def tile_t(base, strides, b, h, rows, cols):
     """Pointers to x[b, h, rows, cols] transposed: cols down, rows across."""
     return base + b * strides[0] + h * strides[1] + rows[None, :] * strides[2] + cols[:, None] * strides[3]
-
-
-@triton.jit
-def score_rows(SC, MODS: tl.constexpr, b, h, pos_m, row_ok, N):
-    """What modify_scores reads per query row: (bias row pointers, ALiBi slope), and the batch's key count."""
-    bias_rows = SC.bias + b * SC.bias_strides[0] + h * SC.bias_strides[1] + pos_m * SC.bias_strides[2]
-    slope = tl.zeros(pos_m.shape, dtype=tl.float32)
-    if MODS.HAS_ALIBI:
-        slope += tl.load(SC.slopes + h + 0 * pos_m, mask=row_ok, other=0.0)
-    kv_len = N
-    if MODS.HAS_LENGTHS:
-        kv_len = tl.load(SC.kv_lengths + b)
-    return (bias_rows, slope), kv_len
-
-
-@triton.jit
-def key_bounds(start_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N, kv_len, SC, MODS: tl.constexpr):
-    """Keys [lo, hi) the query block at start_m can see: blocks above the causal diagonal, before
-    the window or past the key length are skipped (lo is rounded down to a key block)."""
-    hi = N
-    if MODS.CAUSAL:
-        hi = tl.minimum(hi, start_m + BLOCK_M + SC.offset)
-    if MODS.HAS_LENGTHS:
-        hi = tl.minimum(hi, kv_len)
-    lo = 0
-    if MODS.HAS_WINDOW:
-        lo = (tl.maximum(0, start_m + SC.offset - SC.window + 1) // BLOCK_N) * BLOCK_N
-    return lo, hi
-
-
-@triton.jit
-def modify_scores(qk, pos_m, row_ok, offs_n, stop_n, rows, kv_len, SC, MODS: tl.constexpr):
-    """Scores (rows, cols) in natural units from raw dots `qk`, -inf wherever a key is not visible.
-
-    pos_m: query position per row; row_ok: rows that exist; offs_n: key positions; keys at or past
-    stop_n do not exist; rows: score_rows' per-row (bias pointers, ALiBi slope).
-    """
-    bias_rows, slope = rows
-    s = qk * SC.scale
-    if MODS.HAS_SOFTCAP:
-        s = SC.softcap * tanh(s / SC.softcap)
-    keep = row_ok[:, None] & (offs_n < stop_n)[None, :]
-    if MODS.HAS_BIAS:
-        b = tl.load(bias_rows[:, None] + offs_n[None, :] * SC.bias_strides[3], mask=keep, other=0)
-        if MODS.BIAS_BOOL:
-            keep = keep & (b != 0)
-        else:
-            s = s + b.to(tl.float32)
-    if MODS.HAS_ALIBI:
-        s = s + slope[:, None] * (offs_n[None, :] - pos_m[:, None]).to(tl.float32)
-    if MODS.CAUSAL:
-        keep = keep & (offs_n[None, :] <= pos_m[:, None] + SC.offset)
-        if MODS.HAS_WINDOW:
-            keep = keep & (offs_n[None, :] > pos_m[:, None] + SC.offset - SC.window)
-    if MODS.HAS_LENGTHS:
-        keep = keep & (offs_n[None, :] < kv_len)
-    return tl.where(keep, s, float("-inf"))
-
-
-@triton.jit
-def softcap_grad(qk, SC):
-    """d(softcap * tanh(x / softcap)) / dx at x = scale * qk."""
-    t = tanh(qk * SC.scale / SC.softcap)
-    return 1.0 - t * t
 
 
 @triton.jit
