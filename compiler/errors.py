@@ -1,18 +1,6 @@
-"""One error hierarchy, so users can catch `AttnfxError` and read which stage failed and why."""
-from __future__ import annotations
+"""attnfx's error hierarchy where users and the compiler import it (`attnfx.errors`). It is defined
+in the foundation layer (cost_model/errors.py) because the kernels raise it too, and no layer
+imports from one above it."""
+from attnfx.cost_model.errors import AttnfxError, CaptureError, ExportError, KernelUnavailable
 
-
-class AttnfxError(Exception):
-    """Base of every error attnfx raises on purpose."""
-
-
-class CaptureError(AttnfxError):
-    """The model could not be captured as an fx graph (nothing was rewritten)."""
-
-
-class KernelUnavailable(AttnfxError):
-    """A kernel was asked for a site it cannot take (device, dtype, shape or feature)."""
-
-
-class ExportError(AttnfxError):
-    """ONNX export or its onnxruntime check failed (no file is left behind)."""
+__all__ = ["AttnfxError", "CaptureError", "ExportError", "KernelUnavailable"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import types
 from dataclasses import fields
-from functools import partial
 from typing import Any
 
 import torch
@@ -42,22 +41,23 @@ def optimize_generative(model: nn.Module, args: tuple, kwargs: dict, options: An
         raise AttnfxError(f"{type(model).__name__} returns a KV cache, so attnfx captures it with Dynamo, which "
                           "follows the shapes it sees; dynamic_shapes applies to torch.export only (pass "
                           "use_cache=False to capture it with torch.export)")
-    from .backend import attnfx_backend  # the backend runs optimize()'s pipeline: imported late
-
     settings = {f.name: getattr(options, f.name) for f in fields(options)}
-    backend = partial(attnfx_backend, options={**settings, "inductor": False})
+    backend_options = {**settings, "inductor": False}
     copy_ = shallow_copy(model)
-    _compile_forward(copy_, backend)
+    _compile_forward(copy_, backend_options)
     encoder = _encoder_path(model)
     if encoder:  # generate() runs an encoder-decoder's encoder itself, outside forward
-        _compile_forward(_copy_path(copy_, encoder), backend)
+        _compile_forward(_copy_path(copy_, encoder), backend_options)
     with torch.no_grad():
         copy_(*args, **kwargs)
     return copy_
 
 
-def _compile_forward(module: nn.Module, backend: Any) -> None:
-    module.forward = torch.compile(types.MethodType(type(module).forward, module), backend=backend)
+def _compile_forward(module: nn.Module, backend_options: dict[str, Any]) -> None:
+    """Compile `module.forward` with the backend registered as "attnfx" (by name: backend.py runs
+    optimize()'s pipeline, which calls this module, so importing it here would be a cycle)."""
+    module.forward = torch.compile(types.MethodType(type(module).forward, module), backend="attnfx",
+                                   options=backend_options)
 
 
 def _encoder_path(model: nn.Module) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .hardware import CALL_S, COMPILE_S, FLEX_SDPA_RATIO, SANDBOX_CPU, HardwareProfile
 from .profiles import cache_path, machine_id, save_profile
-from .spec import AttentionSpec
+from .spec import SCORE_ARGS, SCORE_OP_SCHEMA, AttentionSpec, ScoreMods
 
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps allocations above this fresh on every call
 
@@ -124,18 +124,16 @@ def _sdpa_time(b: int, h: int, n: int, e: int, reps: int) -> float:
     return _best(lambda: F.scaled_dot_product_attention(q, k, v), reps)
 
 
-_OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, "
-              "float scale, str causal, int window, float softcap) -> Tensor")
 
 
 @functools.cache
 def _noop_op():
     """A custom op with attnfx::attention's arguments and autograd registration that only copies q."""
-    @torch.library.custom_op("attnfx_calibrate::noop", mutates_args=(), schema=_OP_SCHEMA)
-    def noop(q, k, v, bias, alibi_slopes, scale, causal, window, softcap):
+    @torch.library.custom_op("attnfx_calibrate::noop", mutates_args=(), schema=f"({SCORE_OP_SCHEMA}) -> Tensor")
+    def noop(q, k, v, bias, alibi_slopes, *score_args):
         return q.clone()
 
-    noop.register_autograd(lambda ctx, grad: (grad,) + (None,) * 8)
+    noop.register_autograd(lambda ctx, grad: (grad,) + (None,) * (4 + len(SCORE_ARGS)))
     return torch.ops.attnfx_calibrate.noop.default
 
 
@@ -144,7 +142,7 @@ def _op_call_s(reps: int) -> float:
     x = torch.randn(1, 1, 16, 16)
     op = _noop_op()
     with torch.no_grad():
-        t_op = _best(lambda: op(x, x, x, None, None, 1.0, "none", -1, 0.0), reps, inner=50)
+        t_op = _best(lambda: op(x, x, x, None, None, *ScoreMods().op_args()), reps, inner=50)
         return max(t_op - _best(lambda: x.clone(), reps, inner=50), 0.0)
 
 

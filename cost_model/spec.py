@@ -127,6 +127,8 @@ SCORE_ARGS: tuple[OpArg, ...] = (
     OpArg("softcap", "float", lambda c: float(c or 0.0), _softcap_arg),
 )
 SCORE_SCHEMA = ", ".join(f"{a.type} {a.name}" for a in SCORE_ARGS)  # "float scale, str causal, ..."
+# the leading arguments of every attnfx score op (attention, sigmoid, flex, bounded)
+SCORE_OP_SCHEMA = f"Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, {SCORE_SCHEMA}"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Everything an attention site can be replaced by, each a custom op with a pure-torch implementation.
 
 What each variant takes, and the call it emits (`variant.call(spec, operands)`; every argument is
-read from the spec, `spec.mods.op_args()` for scale/causal/window/softcap, and from `Operands`):
+read from the spec, `spec.mods.op_args()` for the scalar score modifiers (spec.SCORE_ARGS), and
+from `Operands`):
 
   softmax sites (AttentionSpec.kind SOFTMAX)
     sdpa                    aten.scaled_dot_product_attention        any device
@@ -21,7 +22,9 @@ read from the spec, `spec.mods.op_args()` for scale/causal/window/softcap, and f
                                                                       algorithm linear_chunked
 
 Each variant refuses, with a sentence, the sites of another kind and the devices or shapes it does
-not take. The eager forms are priced as algorithms eager, sigmoid_eager and linear_eager.
+not take, and every optional score term (softcap, ALiBi, ...) it does not list in `takes` (the
+variants whose kernels run through score_mods.py take what that module applies). The eager forms
+are priced as algorithms eager, sigmoid_eager and linear_eager.
 """
 from .bounded import BOUNDED
 from .flex import FLEX

@@ -2,7 +2,7 @@
 
 Inside attnfx a call is `(q, k, v, extras, mods)`: the optional tensors bundled as `ScoreTensors`,
 the scalar modifiers as the spec's `ScoreMods`; only the custom-op schemas keep the flat list
-(`SCORE_OP_SCHEMA`: its scalar tail is the spec's SCORE_SCHEMA).
+(the spec's SCORE_OP_SCHEMA).
 
 A call whose shapes do not line up is a caller's bug (ValueError). A well-formed call that one
 kernel cannot take (dtype, head dim, no triton) is `KernelUnavailable`, which the selection reads to
@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attnfx.cost_model.spec import SCORE_SCHEMA, Causal, ScoreMods
+from attnfx.cost_model.spec import Causal, ScoreMods
 
 ATTENTION = "attnfx::attention"
-# the leading arguments of every attnfx score op (attention, sigmoid, flex, bounded)
-SCORE_OP_SCHEMA = f"Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? alibi_slopes, {SCORE_SCHEMA}"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 

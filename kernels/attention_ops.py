@@ -28,12 +28,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from attnfx.errors import KernelUnavailable
+from attnfx.cost_model.errors import KernelUnavailable
+from attnfx.cost_model.spec import SCORE_OP_SCHEMA, SCORE_SCHEMA, is_decode_shape
 
-from attnfx.cost_model.spec import SCORE_SCHEMA, is_decode_shape
-
-from .attention_args import (ATTENTION, SCORE_OP_SCHEMA, accumulation_dtype, check_args, decode_op_args,
-                             triton_importable)
+from .attention_args import ATTENTION, accumulation_dtype, check_args, decode_op_args, triton_importable
 from .chunked import chunked_backward, chunked_forward
 
 

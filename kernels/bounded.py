@@ -27,10 +27,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
+from attnfx.cost_model.spec import SCORE_OP_SCHEMA, AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
 from . import attention_ops  # noqa: F401  (registers attnfx::attention and its backward, which this op reuses)
-from .attention_args import SCORE_OP_SCHEMA, Dims, accumulation_dtype, check_args, decode_op_args
+from .attention_args import Dims, accumulation_dtype, check_args, decode_op_args
 from .fused import attention_call
 from .variant import Call, Operands, OpVariant, kind_refusal, score_op_reader
 

@@ -28,10 +28,10 @@ from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from attnfx.cost_model.compiled import compile_key, note_compiled
-from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, dtype_name
+from attnfx.cost_model.spec import SCORE_OP_SCHEMA, AttentionSpec, Causal, Kind, MaskInput, dtype_name
 
 from . import attention_ops  # noqa: F401  (registers attnfx::attention, whose backward flex reuses)
-from .attention_args import SCORE_OP_SCHEMA, bias_4d, check_args, decode_op_args
+from .attention_args import bias_4d, check_args, decode_op_args
 from .fused import attention_call
 from .variant import Call, Operands, OpVariant, kind_refusal, score_op_reader
 

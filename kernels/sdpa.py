@@ -19,6 +19,7 @@ class SdpaVariant:
     algorithm = "sdpa"
     exact = True
     description = "torch.nn.functional.scaled_dot_product_attention"
+    takes: tuple[str, ...] = ()  # no optional score term (spec.SCORE_TERMS)
 
     def refusal(self, spec: AttentionSpec, device: str) -> str | None:
         if spec.kind is not Kind.SOFTMAX:
@@ -33,7 +34,7 @@ class SdpaVariant:
             return "SDPA's is_causal is top-left aligned and this site's diagonal is bottom-right with M != N"
         if spec.causal is not Causal.NONE and spec.mask is not MaskInput.NONE:
             return "SDPA cannot combine is_causal with a mask tensor"
-        return untaken_modifier(self.op, spec, takes=())
+        return untaken_modifier(self.op, spec, self.takes)
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
         kwargs = {"scale": spec.scale}

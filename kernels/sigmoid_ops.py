@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnfx.cost_model.spec import SCORE_SCHEMA
+from attnfx.cost_model.spec import SCORE_OP_SCHEMA, SCORE_SCHEMA
 
-from .attention_args import SCORE_OP_SCHEMA, check_args, decode_op_args
+from .attention_args import check_args, decode_op_args
 from .chunked_sigmoid import SIGMOID_ATTENTION, sigmoid_backward, sigmoid_forward
 from .attention_ops import triton_module
 

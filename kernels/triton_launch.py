@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from attnfx.errors import KernelUnavailable
+from attnfx.cost_model.errors import KernelUnavailable
 
 from .attention_args import Dims, ScoreTensors, check_args, triton_refusal
 

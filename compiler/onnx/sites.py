@@ -9,7 +9,7 @@ calls REWRITTEN must be here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -125,9 +125,8 @@ def _spec(call: CallSite, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return AttentionSpec(
         batch=ops.hint_int(batch), heads=ops.hint_int(heads), kv_heads=ops.hint_int(k.shape[1]),
         q_len=ops.hint_int(q_len), kv_len=ops.hint_int(k.shape[2]), head_dim=ops.hint_int(head_dim),
-        value_dim=ops.hint_int(v.shape[3]), dtype=dtype, scale=mods.scale, causal=mods.causal, window=mods.window,
-        mask=mask, mask_shape=mask_shape, softcap=mods.softcap, alibi=operands.slopes is not None,
-        kind=call.kind,
+        value_dim=ops.hint_int(v.shape[3]), dtype=dtype, **asdict(mods), mask=mask, mask_shape=mask_shape,
+        alibi=operands.slopes is not None, kind=call.kind,
         dynamic=frozenset(name for name, size in (("batch", batch), ("q_len", q_len), ("kv_len", k.shape[2]))
                           if ops.static_int(size) is None),
     )
