@@ -1,0 +1,81 @@
+"""ALiBi proven from real models: the bias tensor becomes the kernels' alibi_slopes argument."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import attnfx
+
+NO_SDPA = ["attnfx_chunked", "padded"]  # SDPA takes no slopes: pin the variants that take ALiBi
+
+
+def mpt(max_len: int = 64) -> nn.Module:
+    config = transformers.MptConfig(vocab_size=99, d_model=64, n_heads=4, n_layers=2, max_seq_len=max_len,
+                                    expansion_ratio=2)
+    config._attn_implementation = "eager"
+    config.use_cache = False
+    torch.manual_seed(0)
+    return transformers.MptModel(config).eval()
+
+
+def text(n: int, padded: int = 3) -> dict[str, torch.Tensor]:
+    """Two rows of tokens, the second left-padded by `padded`."""
+    ids = torch.randint(3, 99, (2, n), generator=torch.Generator().manual_seed(n))
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, :padded] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_mpt_alibi_is_passed_as_slopes() -> None:
+    model = mpt()
+    opt = attnfx.optimize(model, (), text(24), variants=NO_SDPA)
+    entries = opt.report.entries
+    assert [e.status for e in entries] == ["REWRITTEN", "REWRITTEN"], opt.report
+    for e in entries:
+        assert e.lowering.startswith("alibi+") and e.spec.alibi, e
+        assert e.spec.mask_shape is None or e.spec.mask_shape[1] == 1  # no dense (B, H, M, N) bias left
+        assert e.alibi.startswith("ALiBi: ") and "up to a constant per row" in e.alibi
+    assert "bias: ALiBi" in str(opt.report)
+    for n in (24, 40):  # the graph is dynamic in the length: the slopes slice follows it
+        inputs = text(n, padded=5)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
+                                       rtol=1e-4, atol=1e-5)
+
+
+class SigmoidMpt(nn.Module):
+    """Sigmoid attention with MPT's bias: ALiBi only up to a per-row constant, which a sigmoid keeps."""
+
+    def __init__(self, exact: bool) -> None:
+        super().__init__()
+        self.exact = exact
+        self.qkv = nn.Linear(32, 96)
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        keys = torch.arange(n, device=x.device)
+        positions = keys.view(1, -1) - keys.view(-1, 1) if self.exact else torch.arange(1 - n, 1).view(1, -1)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + self.slopes.view(-1, 1, 1) * positions
+        return (torch.sigmoid(scores - 2.0) @ v).transpose(1, 2).reshape(b, n, 32)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_sigmoid_takes_alibi_only_when_exact(exact: bool) -> None:
+    model = SigmoidMpt(exact).eval()
+    x = torch.randn(2, 12, 32)
+    opt = attnfx.optimize(model, (x,), variants=["attnfx_sigmoid_chunked"])
+    (e,) = opt.report.entries
+    assert e.status == "REWRITTEN", opt.report
+    if exact:
+        assert e.lowering == "alibi+none" and e.spec.alibi and e.alibi.startswith("ALiBi: ")
+    else:
+        assert e.lowering == "tensor" and not e.spec.alibi
+        assert e.alibi.startswith("ALIBI_SHIFT_KEPT: ") and "which a sigmoid does not cancel" in e.alibi
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        model.slopes.mul_(2.0)  # the slopes are a buffer read at run time, not a literal folded in
+        torch.testing.assert_close(opt(x), model(x))
