@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 import sympy
+from sympy.core.function import AppliedUndef
 from torch.fx import Node
 
 from attnfx.cost_model.spec import Kind
@@ -32,11 +33,14 @@ def prove_alibi(term: BiasTerm, evaluator: MaskEvaluator, kind: Kind, batch_role
     """`term` as ALiBi over the site's canonical heads, or the refusal saying which part does not fit."""
     value = evaluator.value(term.node)
     if is_predicate(value.expr):
-        return _refusal(Reason.ALIBI_NOT_LINEAR, term, "is a boolean mask, not a bias")
-    if kind not in (Kind.SOFTMAX, Kind.SIGMOID):
-        return _refusal(Reason.ALIBI_NOT_LINEAR, term, f"feeds {kind.value} weights")
+        return _refusal(Reason.ALIBI_NOT_LINEAR, term, "is a boolean tensor added to the scores")
     expr = sympy.expand(term.coeff * in_roles(value, term.roles))
     n, m = role_symbol("n"), role_symbol("m")
+    data = _data_read_at(expr, n)
+    if data is not None:
+        return _refusal(Reason.ALIBI_READS_DATA, term, f"reads {data} at the key index, so only the data can say "
+                        "whether it is slopes[h] * n plus a per-row constant (Bloom's and Falcon's positions, "
+                        "counted over the keys attention_mask keeps, are where each row keeps one run of keys)")
     slope = sympy.simplify(expr.xreplace({n: n + 1}) - expr)
     if n in slope.free_symbols:
         return _refusal(Reason.ALIBI_NOT_LINEAR, term, "is not linear in the key index")
@@ -62,6 +66,12 @@ def first_alibi(real_bias: list[BiasTerm], evaluator: MaskEvaluator, kind: Kind,
     """The first bias term proven to be ALiBi, else why the first one is not (None: no bias)."""
     proofs = [prove_alibi(t, evaluator, kind, batch_roles) for t in real_bias]
     return next((p for p in proofs if isinstance(p, Alibi)), proofs[0] if proofs else None)
+
+
+def _data_read_at(expr, n) -> str | None:
+    """The model input (or node) an opaque read in `expr` comes from, when it is read at key index n."""
+    reads = sorted(str(f.func) for f in expr.atoms(AppliedUndef) if n in f.free_symbols)
+    return reads[0].removeprefix("data_").split("__")[0] if reads else None
 
 
 def _head_role(batch_roles: Roles) -> str | None:

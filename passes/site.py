@@ -42,6 +42,7 @@ class Reason(str, enum.Enum):
     NO_VARIANT = "NO_VARIANT"
     # why a bias term stays a dense tensor instead of ALiBi slopes (the site is still rewritten)
     ALIBI_NOT_LINEAR = "ALIBI_NOT_LINEAR"
+    ALIBI_READS_DATA = "ALIBI_READS_DATA"
     ALIBI_SLOPE_AXIS = "ALIBI_SLOPE_AXIS"
     ALIBI_SHIFT_KEPT = "ALIBI_SHIFT_KEPT"
     ALIBI_SLOPES_NOT_FOUND = "ALIBI_SLOPES_NOT_FOUND"
