@@ -38,9 +38,8 @@ def prove_alibi(term: BiasTerm, evaluator: MaskEvaluator, kind: Kind, batch_role
     n, m = role_symbol("n"), role_symbol("m")
     data = _data_read_at(expr, n)
     if data is not None:
-        return _refusal(Reason.ALIBI_READS_DATA, term, f"reads {data} at the key index, so only the data can say "
-                        "whether it is slopes[h] * n plus a per-row constant (Bloom's and Falcon's positions, "
-                        "counted over the keys attention_mask keeps, are where each row keeps one run of keys)")
+        return _refusal(Reason.ALIBI_READS_DATA, term, f"reads {data} at the key index (data, or an op the proof "
+                        "does not evaluate), so it is not proven to be slopes[h] * n plus a per-row constant")
     slope = sympy.simplify(expr.xreplace({n: n + 1}) - expr)
     if n in slope.free_symbols:
         return _refusal(Reason.ALIBI_NOT_LINEAR, term, "is not linear in the key index")

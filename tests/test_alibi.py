@@ -79,3 +79,12 @@ def test_sigmoid_takes_alibi_only_when_exact(exact: bool) -> None:
         torch.testing.assert_close(opt(x), model(x))
         model.slopes.mul_(2.0)  # the slopes are a buffer read at run time, not a literal folded in
         torch.testing.assert_close(opt(x), model(x))
+
+
+def test_mpt_alibi_exports_to_onnx_from_the_slopes(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    opt = attnfx.optimize(mpt(), (), text(24), variants=NO_SDPA)
+    summary = attnfx.export_onnx(opt, tmp_path / "mpt.onnx")  # checked in onnxruntime at two lengths
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "mpt.onnx")).graph.node]
+    assert ops.count("Attention") == 2 and "Softmax" not in ops
+    assert str(summary).count("ALiBi from slopes") == 2
