@@ -88,3 +88,32 @@ def test_mpt_alibi_exports_to_onnx_from_the_slopes(tmp_path) -> None:
     ops = [n.op_type for n in onnx.load(str(tmp_path / "mpt.onnx")).graph.node]
     assert ops.count("Attention") == 2 and "Softmax" not in ops
     assert str(summary).count("ALiBi from slopes") == 2
+
+
+class ScaledAlibi(nn.Module):
+    """(scores + slopes[h] * (n - m)) * 0.5: the bias reaches the softmax scaled, the slopes are trained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.slopes = nn.Parameter(torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        keys = torch.arange(n, device=x.device)
+        scores = (q @ k.transpose(-1, -2) + self.slopes.view(-1, 1, 1) * (keys.view(1, -1) - keys.view(-1, 1))) * 0.5
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 32)
+
+
+def test_scaled_alibi_reads_its_trained_slopes_at_run_time() -> None:
+    model = ScaledAlibi().eval()
+    x = torch.randn(2, 12, 32)
+    opt = attnfx.optimize(model, (x,), variants=["attnfx_chunked"])
+    (e,) = opt.report.entries
+    assert (e.status, e.lowering, e.spec.alibi, e.spec.mask.value) == ("REWRITTEN", "alibi+none", True, "none")
+    assert e.alibi.startswith("ALiBi: ") and "up to a constant" not in e.alibi  # exactly slopes[h] * (n - m)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        model.slopes.copy_(torch.tensor([1.0, -0.5, 0.0, 2.0]))  # a user changes the parameter after optimize()
+        torch.testing.assert_close(opt(x), model(x))
