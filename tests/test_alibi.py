@@ -117,3 +117,21 @@ def test_scaled_alibi_reads_its_trained_slopes_at_run_time() -> None:
         torch.testing.assert_close(opt(x), model(x))
         model.slopes.copy_(torch.tensor([1.0, -0.5, 0.0, 2.0]))  # a user changes the parameter after optimize()
         torch.testing.assert_close(opt(x), model(x))
+
+
+@pytest.mark.slow
+def test_mpt_generates_eagers_tokens_through_the_backend_with_slopes() -> None:
+    """Prefill and decode steps (one query over the cache: the kernel's n - m is a per-row shift away)."""
+    config = transformers.MptConfig(vocab_size=99, d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                    expansion_ratio=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.MptForCausalLM(config).eval()
+    inputs = text(12)
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="attnfx", options={"inductor": False, "variants": NO_SDPA})
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+    entries = [e for r in attnfx.reports(model) for e in r.entries]
+    assert entries and all(e.status == "REWRITTEN" and e.lowering.startswith("alibi+") for e in entries)
+    torch._dynamo.reset()
