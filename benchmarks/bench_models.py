@@ -7,6 +7,7 @@ Models built from configs with random weights (fp32, 2 layers, hidden 256, heads
   mistral (window)     MistralModel, sliding window 256, batch 1
   gemma2 (softcap)     Gemma2Model, tanh softcap 50, alternating windows of 256 (HF has no sdpa path)
   bloom (ALiBi)        BloomModel (HF has no sdpa path)
+  mpt (ALiBi)          MptModel, ALiBi built statically over max_seq_len = N (HF has no sdpa path)
   bert (padded)        BertModel, batch 8 with valid lengths spread evenly from N/4 to N (right padding)
   t5 (relative bias)   T5EncoderModel
   vit                  ViTModel, 16-pixel patches, an image giving about N patches
@@ -80,6 +81,9 @@ MODELS: dict[str, ModelCase] = {
                                   lambda n: {**_tokens(1, n), "use_cache": False}, has_sdpa=False),
     "bloom (ALiBi)": ModelCase(_config("BloomConfig", vocab_size=1024, hidden_size=256, n_head=4, n_layer=2),
                                "BloomModel", lambda n: {**_tokens(1, n), "use_cache": False}, has_sdpa=False),
+    "mpt (ALiBi)": ModelCase(lambda n: transformers.MptConfig(vocab_size=1024, d_model=256, n_heads=4, n_layers=2,
+                                                              expansion_ratio=4, max_seq_len=n),
+                             "MptModel", lambda n: {**_tokens(1, n), "use_cache": False}, has_sdpa=False),
     "bert (padded)": ModelCase(lambda n: transformers.BertConfig(**HIDDEN, vocab_size=1024, intermediate_size=1024,
                                                                  max_position_embeddings=n),
                                "BertModel", padded_batch),
