@@ -109,7 +109,8 @@ def entry(decision: Decision, outcome: Outcome | None = None, module_prefix: str
                                  c.hbm_bytes / 2**20, c.peak_bytes / 2**20) for c in selection.ranked]
         if selection else [],
         unavailable=[(o.variant, o.lowering, o.refusal or "") for o in selection.refused] if selection else [],
-        why=selection.why if selection else "",
+        why=(selection.why if selection else "") + "".join(
+            f"; verification rejected {r}, so the next fastest was taken" for r in decision.rejected),
         error=outcome.error if outcome is not None else None,
         replacement=outcome.replacement if outcome is not None else None,
     )
