@@ -28,6 +28,7 @@ from .compiled_reports import record
 from .dynamo_graph import (aten_graph, copy_written_inputs, drop_input_copies, specialize_score_floats,
                            verification_inputs)
 from .errors import AttnfxError
+from .inductor_cache import keyed_by_kernels
 from .pipeline import Options, rewrite
 from .report import Report
 
@@ -125,7 +126,7 @@ def _compile(gm: GraphModule, example_inputs: Sequence[Any], settings: BackendOp
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches=settings.inductor_config)
+    return compile_fx(gm, list(example_inputs), config_patches=keyed_by_kernels(settings.inductor_config))
 
 
 def _device_of(example_inputs: Sequence[Any]) -> str:

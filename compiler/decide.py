@@ -52,6 +52,19 @@ class Decision:
     selection: Selection | None = None
     lowering: Lowering | None = None
     variant: Variant | None = None
+    runners_up: tuple[tuple[Lowering, Variant], ...] = ()  # the next fastest replacements, in order
+    rejected: tuple[str, ...] = ()  # the replacements verification rejected before this one, and why
+
+    def next_choice(self, why: str) -> Decision | None:
+        """This decision with the next fastest replacement of another variant, after verification
+        rejected this one for `why`; None when the model's own code comes next (or nothing does)."""
+        failed = f"{self.variant.name} [{self.lowering.name}] ({why})"
+        rest = [(lowering, variant) for lowering, variant in self.runners_up if variant.name != self.variant.name]
+        if not rest:
+            return None
+        (lowering, variant), *rest = rest
+        return replace(self, lowering=lowering, variant=variant, runners_up=tuple(rest),
+                       rejected=(*self.rejected, failed))
 
     @property
     def spec(self) -> AttentionSpec | None:
@@ -151,7 +164,20 @@ def _choose(index: int, node: Node, site: Site, planning: Planning) -> Decision:
                           "shapes", "select")
         return Decision(index, node, "KEPT", refusal, site, selection)
     lowering, variant = by_key[(winner.option.variant, winner.option.lowering)]
-    return Decision(index, node, "CHOSEN", None, site, selection, lowering, variant)
+    return Decision(index, node, "CHOSEN", None, site, selection, lowering, variant,
+                    _runners_up(selection, by_key))
+
+
+def _runners_up(selection: Selection, by_key: dict) -> tuple[tuple[Lowering, Variant], ...]:
+    """The replacements ranked after the winner, up to the model's own code: if verification rejects
+    the winner, the next of them is tried, but never one predicted slower than leaving the site."""
+    after = []
+    for candidate in selection.ranked[selection.ranked.index(selection.winner) + 1:]:
+        if candidate.option.variant == "eager":
+            break
+        if candidate.fits:
+            after.append(by_key[(candidate.option.variant, candidate.option.lowering)])
+    return tuple(after)
 
 
 def _options(site: Site, planning: Planning) -> tuple[list[Option], dict]:

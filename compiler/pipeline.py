@@ -147,7 +147,8 @@ def rewrite(original: GraphModule, args: tuple, kwargs: dict, options: Options, 
         result = _check_end_to_end(work, original, report, args, kwargs, expected, outcomes)
     if result is work and any(p.decision.lowering.spec.dropout_p for p in plans):
         _arm_dropout(work, plans)
-    report.entries.extend(entry(d, outcomes.get(d.index), module_prefix) for d in decisions)
+    final = {p.decision.index: p.decision for p in plans}  # a runner-up where verification rejected the winner
+    report.entries.extend(entry(final.get(d.index, d), outcomes.get(d.index), module_prefix) for d in decisions)
     return result
 
 
@@ -157,17 +158,24 @@ def _emit(work: GraphModule, decisions: list[Decision]) -> tuple[list[_Plan], di
     for decision in decisions:
         if decision.status != "CHOSEN":
             continue
-        before = set(work.graph.nodes)
-        # emitted without dropout: verification compares the deterministic part, then it is armed
-        deterministic = replace(decision.lowering, spec=replace(decision.lowering.spec, dropout_p=0.0))
-        try:
-            emitted = emit(work.graph, decision.site, deterministic, decision.variant, decision.index)
-        except Exception as exc:  # noqa: BLE001 - an emitter bug leaves that one site as written
-            _erase_unused(work.graph, [n for n in work.graph.nodes if n not in before])
-            failures[decision.index] = Outcome("REFUSED", refusal=internal_error(exc, "emit"))
-            continue
-        plans.append(_Plan(decision, emitted))
+        emitted = _emit_one(work, decision)
+        if isinstance(emitted, Outcome):
+            failures[decision.index] = emitted
+        else:
+            plans.append(emitted)
     return plans, failures
+
+
+def _emit_one(work: GraphModule, decision: Decision) -> _Plan | Outcome:
+    """One chosen site's replacement, or the INTERNAL_ERROR outcome of an emitter that raised."""
+    before = set(work.graph.nodes)
+    # emitted without dropout: verification compares the deterministic part, then it is armed
+    deterministic = replace(decision.lowering, spec=replace(decision.lowering.spec, dropout_p=0.0))
+    try:
+        return _Plan(decision, emit(work.graph, decision.site, deterministic, decision.variant, decision.index))
+    except Exception as exc:  # noqa: BLE001 - an emitter bug leaves that one site as written
+        _erase_unused(work.graph, [n for n in work.graph.nodes if n not in before])
+        return Outcome("REFUSED", refusal=internal_error(exc, "emit"))
 
 
 def _arm_dropout(work: GraphModule, plans: list[_Plan]) -> None:
@@ -272,29 +280,56 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 def _verify(work: GraphModule, plans: list[_Plan], args: tuple, kwargs: dict
             ) -> tuple[list[_Plan], dict[int, Outcome], Any]:
-    """The plans whose replacement reproduces its site (the others are erased again), each plan's
-    outcome, and the original graph's flat outputs."""
+    """The plans whose replacement reproduces its site, each plan's outcome, and the original
+    graph's flat outputs. A rejected replacement is erased and the site's next fastest one (of
+    another variant) is tried, down to the model's own code, which is restored."""
     wanted = set().union(*(external_inputs(p.emitted.nodes) for p in plans)) | {p.decision.site.av.node for p in plans}
     values, expected = record(work, args, kwargs, wanted)
     accepted, outcomes = [], {}
     for plan in plans:
-        index, variant = plan.decision.index, plan.decision.variant.name
-        try:
-            actual = run_emitted(work, plan.emitted.nodes, plan.emitted.output, values)
-            check = compare(actual, values[plan.decision.site.av.node])
-            error, detail = check.max_abs, check.detail
-        except Exception as exc:  # noqa: BLE001 - a replacement that cannot run is restored
-            check, error = None, None
-            detail = f"the replacement raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        if check is not None and check.ok:
-            accepted.append(plan)
-            outcomes[index] = Outcome("REWRITTEN", error, replacement=plan.emitted.output.name)
-            continue
-        _erase_unused(work.graph, plan.emitted.nodes)
-        outcomes[index] = Outcome("RESTORED", error, Refusal(
-            Reason.VERIFICATION_FAILED, f"{variant} did not reproduce the site on the example inputs: {detail}; "
-            "the original was restored", "verify"))
+        verified, outcomes[plan.decision.index] = _first_verified(work, plan, values, args, kwargs)
+        if verified is not None:
+            accepted.append(verified)
     return accepted, outcomes, expected
+
+
+def _first_verified(work: GraphModule, plan: _Plan, values: dict, args: tuple, kwargs: dict
+                    ) -> tuple[_Plan | None, Outcome]:
+    """The site's first replacement in the cost model's order that reproduces it, and its outcome;
+    (None, why) when none before the model's own code does."""
+    while True:
+        outcome, detail = _check_site(work, plan, values)
+        if outcome.status == "REWRITTEN":
+            return plan, outcome
+        _erase_unused(work.graph, plan.emitted.nodes)
+        runner_up = plan.decision.next_choice(detail)
+        if runner_up is None:
+            return None, outcome
+        emitted = _emit_one(work, runner_up)
+        if isinstance(emitted, Outcome):
+            return None, emitted
+        plan = emitted
+        missing = external_inputs(plan.emitted.nodes) - values.keys()
+        if missing:
+            values.update(record(work, args, kwargs, missing)[0])
+
+
+def _check_site(work: GraphModule, plan: _Plan, values: dict) -> tuple[Outcome, str]:
+    """REWRITTEN when the emitted replacement reproduces the site's output on the recorded inputs;
+    else RESTORED, and what differed."""
+    try:
+        actual = run_emitted(work, plan.emitted.nodes, plan.emitted.output, values)
+        check = compare(actual, values[plan.decision.site.av.node])
+    except Exception as exc:  # noqa: BLE001 - a replacement that cannot run is restored
+        error, detail = None, f"the replacement raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    else:
+        if check.ok:
+            return Outcome("REWRITTEN", check.max_abs, replacement=plan.emitted.output.name), ""
+        error, detail = check.max_abs, check.detail
+    earlier = "".join(f"{r}; then " for r in plan.decision.rejected)
+    return Outcome("RESTORED", error, Refusal(
+        Reason.VERIFICATION_FAILED, f"{earlier}{plan.decision.variant.name} did not reproduce the site on the "
+        f"example inputs: {detail}; the original was restored", "verify")), detail
 
 
 def _check_end_to_end(work: GraphModule, original: GraphModule, report: Report, args: tuple, kwargs: dict,

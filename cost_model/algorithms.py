@@ -501,7 +501,7 @@ PADDED = Algorithm(
         *(_over_kept_pairs(k, "no_sdpa_flags") for k in CHUNKED.kernels
           if k.when != "bool_mask" and k is not OP_CALL),
     ),
-    # the zeroed output the slices are written into, and the running statistics
+    # the output the slices are written into, and the running statistics
     peak=s * B * H * M * F + 4 * B * H * M,
 )
 

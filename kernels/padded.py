@@ -258,17 +258,29 @@ def padded_forward(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, bias: Tens
     mods = Mods(scale, causal, window, softcap, fill)
     plan = plan_keys(keep)
     if plan.path == "all_kept":
-        out = _attend(q, k, v, bias, alibi_slopes, mods, causal).contiguous()
+        out = _in_output_layout(_attend(q, k, v, bias, alibi_slopes, mods, causal))
     elif plan.path == "padding_free":
-        out = q.new_zeros(d.batch, d.heads, d.q_len, d.value_dim)
+        out = _new_output(q, d)  # every row is written below or is an empty row, filled after
         _padding_free(q, k, v, keep, bias, alibi_slopes, mods, plan, out)
     else:
-        out = _dense(q, k, v, keep, bias, alibi_slopes, mods).contiguous()
+        out = _in_output_layout(_dense(q, k, v, keep, bias, alibi_slopes, mods))
     empty = empty_rows(keep, plan, d.q_len, mods)
     if empty:
         out = out.clone()  # never write into a tensor autograd saved (SDPA's output)
         _fill_empty(q, k, v, bias, alibi_slopes, mods, empty, out)
     return out
+
+
+def _new_output(q: Tensor, d: Dims) -> Tensor:
+    """An uninitialised (B, H, M, F) output stored as (B, M, H, F): the layout SDPA's CPU kernel
+    writes for a model's transposed q, so each group's result is copied in as one block and the
+    model's `transpose(1, 2).reshape(B, M, H * F)` after the op is a view, not a copy."""
+    return q.new_empty(d.batch, d.q_len, d.heads, d.value_dim).transpose(1, 2)
+
+
+def _in_output_layout(out: Tensor) -> Tensor:
+    """`out` stored as `_new_output` stores it (no copy when it already is)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _check(q, k, v, key_keep, bias, alibi_slopes, causal, window, softcap) -> Dims:
@@ -298,8 +310,7 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, key_keep: Tensor, bias: Te
 
 @padded_attention.register_fake
 def _padded_fake(q, k, v, key_keep, bias, alibi_slopes, scale, causal, window, softcap, fill):
-    d = _check(q, k, v, key_keep, bias, alibi_slopes, causal, window, softcap)
-    return q.new_empty(d.batch, d.heads, d.q_len, d.value_dim)
+    return _new_output(q, _check(q, k, v, key_keep, bias, alibi_slopes, causal, window, softcap))
 
 
 def _setup_context(ctx, inputs, output) -> None:

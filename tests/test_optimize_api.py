@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -97,6 +98,20 @@ def test_a_site_that_fails_verification_is_restored(monkeypatch) -> None:
     assert entry.status == "RESTORED" and entry.reason_code == "VERIFICATION_FAILED"
     assert "sdpa_wrong_scale did not reproduce the site on the example inputs: max abs error" in entry.reason
     assert torch.ops.aten.scaled_dot_product_attention.default not in [n.target for n in opt.graph_module.graph.nodes]
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*inputs()), model(*inputs()))
+
+
+def test_a_rejected_replacement_gives_way_to_the_next_fastest(monkeypatch) -> None:
+    monkeypatch.setattr("attnfx.pipeline.VARIANTS", (WrongVariant(), SdpaVariant()))
+    model = Projected(cases.matmul_div).eval()
+    opt = attnfx.optimize(model, inputs())
+    (entry,) = opt.report.entries
+    assert (entry.status, entry.variant, entry.reason_code) == ("REWRITTEN", "sdpa", None)
+    assert re.search(r"; verification rejected sdpa_wrong_scale \[\w+\] \(max abs error \S+ exceeds atol 2e-05 "
+                     r"\+ rtol 0\.0001\), so the next fastest was taken$", entry.why), entry.why
+    targets = [n.target for n in opt.graph_module.graph.nodes]
+    assert targets.count(torch.ops.aten.scaled_dot_product_attention.default) == 1
     with torch.no_grad():
         torch.testing.assert_close(opt(*inputs()), model(*inputs()))
 

@@ -226,3 +226,33 @@ def test_variant_call_runs_the_site():
     call = get_variant("padded").call(spec, Operands(q=t["Q"], k=t["K"], v=t["V"], mask=keep.view(3, 1, 1, N)))
     assert call.target.name() == "attnfx::padded_attention"
     assert_close(call.run(), _reference(case, t, keep, -math.inf), "float32")
+
+
+@pytest.mark.parametrize("padding", list(PADDINGS))
+@pytest.mark.parametrize("config", ["encoder", "causal", "decode_bottom_right", "window"])
+def test_output_is_stored_as_the_fake_says_and_reshapes_to_tokens_without_a_copy(config, padding):
+    case, (keep, _) = CONFIGS[config], PADDINGS[padding]
+    t = case.tensors()
+    out = _run(case, t, keep, MIN32)
+    fake = torch.ops.attnfx.padded_attention.default(
+        *(x.to("meta") for x in (t["Q"], t["K"], t["V"], keep)), None, None, case.scale_value, case.causal,
+        case.window or -1, 0.0, MIN32)
+    assert out.stride() == fake.stride() == (case.q_len * 2 * 16, 16, 2 * 16, 1)
+    tokens = out.transpose(1, 2).reshape(3, case.q_len, 2 * 16)
+    assert tokens.data_ptr() == out.data_ptr() and tokens._base is not None
+
+
+@pytest.mark.parametrize("padding", ["right", "left", "mixed_runs", "empty_row"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_padding_free_writes_every_position_of_its_uninitialised_output(config, padding, monkeypatch):
+    """The padding-free path allocates its output without zeroing it: poisoned with NaN, every
+    position must still come out as the oracle's (rows that keep no key included)."""
+    from attnfx.kernels import padded
+
+    allocate = padded._new_output
+    monkeypatch.setattr(padded, "_new_output", lambda q, d: allocate(q, d).fill_(math.nan))
+    case, (keep, path) = CONFIGS[config], PADDINGS[padding]
+    t = case.tensors()
+    assert path == "padding_free"
+    for fill in (-math.inf, MIN32):
+        assert_close(_run(case, t, keep, fill), _reference(case, t, keep, fill), "float32", f"{config}/{padding}")
