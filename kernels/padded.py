@@ -33,15 +33,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, Causal, Kind, MaskInput, ScoreMods
+from attnfx.cost_model.spec import SCORE_ARGS, AttentionSpec, Causal, Kind, MaskInput, ScoreMods
 
 from . import attention_ops  # noqa: F401  (registers attnfx::attention, the kernel for what SDPA cannot take)
 from .attention_args import Dims, accumulation_dtype, bias_4d, check_args, decode_op_args
-from .variant import Call, CallSite, Operands, call_arguments, calls_op, kind_refusal
+from .variant import Call, CallSite, Operands, call_arguments, calls_op, kind_refusal, untaken_modifier
 
 PADDED_OP = "attnfx::padded_attention"
 
-PATHS = ("all_kept", "padding_free", "dense")
+# The score arguments its schema spells out (its slicing realigns each of them), and the optional
+# score terms it computes: a new term is refused here until the padding-free path handles it.
+SCORE_ARGS_TAKEN = ("scale", "causal", "window", "softcap")
+TAKES = ("softcap", "alibi")
 
 
 @dataclass(frozen=True)
@@ -338,8 +341,9 @@ padded_attention.register_autograd(_backward, setup_context=_setup_context)
 
 def padded_call(spec: AttentionSpec, operands: Operands, key_keep, fill: float = -math.inf, bias=None) -> Call:
     """`attnfx::padded_attention(...)` for `spec` (its causal/window/softcap/ALiBi) over `key_keep`."""
+    encoded = dict(zip((a.name for a in SCORE_ARGS), spec.mods.op_args()))
     args = (operands.q, operands.k, operands.v, key_keep, bias, operands.slopes if spec.alibi else None,
-            *spec.mods.op_args(), float(fill))
+            *(encoded[name] for name in SCORE_ARGS_TAKEN), float(fill))
     return Call(torch.ops.attnfx.padded_attention.default, args, {})
 
 
@@ -370,6 +374,7 @@ class PaddedVariant:
     op = PADDED_OP
     read = staticmethod(read_padded_call)
     algorithm = "padded"
+    takes = TAKES
     exact = True
     description = ("attnfx::padded_attention: run-time dispatch on the key mask (no mask / padding-free / "
                    "dense)")
@@ -382,7 +387,7 @@ class PaddedVariant:
             return "attnfx::padded_attention has no dropout (sdpa fuses training dropout)"
         if not is_key_mask(spec):
             return "padded_attention takes a per-key bool mask (B, 1, 1, N); this site's mask is not one"
-        return None
+        return untaken_modifier(self.op, spec, self.takes)
 
     def call(self, spec: AttentionSpec, operands: Operands) -> Call:
         return padded_call(spec, operands, operands.mask, operands.fill)
