@@ -2,7 +2,9 @@
 
 The host CPU is measured once per machine and thread count (a few seconds) and cached as JSON at
 `$ATTNFX_CACHE_DIR` (default `~/.cache/attnfx`) under `profile-<machine id>-t<threads>.json`, with
-the date and the torch version it was measured with; a different torch version re-measures.
+the torch version and the calibration it was measured with; a different torch version, or a
+calibration that measures other things (an attnfx upgrade that adds a per-call cost, say), re-measures:
+a stale profile would price what it never measured as free.
 """
 from __future__ import annotations
 
@@ -15,6 +17,15 @@ from pathlib import Path
 from .hardware import HardwareProfile
 
 CACHE_ENV = "ATTNFX_CACHE_DIR"
+_CALIBRATION_SOURCES = ("calibrate.py", "hardware.py")  # what is measured, and the profile's fields
+
+
+def calibration_version() -> str:
+    """A hash of the code that decides what a profile measures and holds."""
+    digest = hashlib.sha1()
+    for name in _CALIBRATION_SOURCES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def cache_dir() -> Path:
@@ -55,7 +66,7 @@ def save_profile(profile: HardwareProfile, path: Path | None = None) -> Path:
 
     path = path or cache_path(profile.threads or None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"torch": torch.__version__, "profile": profile.to_json()}
+    payload = {"torch": torch.__version__, "calibration": calibration_version(), "profile": profile.to_json()}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
     tmp.replace(path)
@@ -63,13 +74,14 @@ def save_profile(profile: HardwareProfile, path: Path | None = None) -> Path:
 
 
 def load_profile(path: Path | None = None) -> HardwareProfile | None:
-    """The cached profile, or None when there is none or it was measured with another torch."""
+    """The cached profile, or None when there is none or it was measured with another torch or
+    another calibration."""
     import torch
 
     path = path or cache_path()
     try:
         payload = json.loads(path.read_text())
-        if payload.get("torch") != torch.__version__:
+        if payload.get("torch") != torch.__version__ or payload.get("calibration") != calibration_version():
             return None
         return HardwareProfile.from_json(payload["profile"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -19,8 +19,11 @@ def test_cache_round_trip(tmp_path, monkeypatch):
 def test_cache_is_ignored_when_stale_or_corrupt(tmp_path):
     path = profiles.save_profile(SANDBOX_CPU, tmp_path / "p.json")
     payload = json.loads(path.read_text())
-    payload["torch"] = "0.0.1"
-    path.write_text(json.dumps(payload))
+    path.write_text(json.dumps({**payload, "torch": "0.0.1"}))
+    assert profiles.load_profile(path) is None
+    path.write_text(json.dumps({**payload, "calibration": "older"}))  # measured by another attnfx's calibration
+    assert profiles.load_profile(path) is None
+    path.write_text(json.dumps({k: v for k, v in payload.items() if k != "calibration"}))
     assert profiles.load_profile(path) is None
     path.write_text("{not json")
     assert profiles.load_profile(path) is None
