@@ -31,9 +31,9 @@ class SdpaVariant:
             return "SDPA has no sliding-window flag (the mask-tensor form can)"
         if spec.key_padding:
             return "SDPA takes no per-batch key lengths (the mask-tensor form can)"
-        if spec.causal is Causal.BOTTOM_RIGHT:
+        if spec.causal is Causal.BOTTOM_RIGHT and spec.diagonal_hides_keys:
             return "SDPA's is_causal is top-left aligned and this site's diagonal is bottom-right with M != N"
-        if spec.causal is not Causal.NONE and spec.mask is not MaskInput.NONE:
+        if spec.diagonal_hides_keys and spec.mask is not MaskInput.NONE:
             return "SDPA cannot combine is_causal with a mask tensor"
         return None
 
