@@ -120,7 +120,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--new", type=int, default=64, help="new tokens per generate")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps OpenMP barriers out of a loaded machine's timings")
     ns = parser.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     # The compiled contenders share one code object (HF's forward wrapper), whose compiled entries
     # Dynamo caps at 8 by default: past it, a contender would silently run eager.
     torch._dynamo.config.recompile_limit = 64
