@@ -14,16 +14,22 @@ and Gemma-2-like (tanh softcap, alternating windows). Batches of 4 are left-padd
   attnfx          torch.compile(model.forward, backend="attnfx")
 
 Every contender first generates once at each row's shapes (compiling what it compiles), then all
-run interleaved, `--repeats` times each: a one-token generate (time to first token) and a
-`--new`-token generate, whose difference gives the decode time. All of them must produce eager's
-greedy tokens. Ratios are contender time / attnfx time (> 1: attnfx is faster).
+run interleaved, `--repeats` times each: a one-token generate (time to first token, median of the
+repeats) and a `--new`-token generate whose decode steps' forward calls are timed one by one (decode
+time per token: the median over every step of every repeat; generate()'s own per-token work, the same
+Python for every contender, is left out). The difference of the two generate() totals would give
+the decode time too, but on a loaded machine it subtracts two noisy totals of seconds to find a few
+milliseconds. All of them must produce eager's greedy tokens. Ratios are contender time / attnfx
+time (> 1: attnfx is faster).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import transformers
@@ -89,11 +95,32 @@ def measure(models: dict[str, Any], inputs: dict[str, torch.Tensor], new: int, r
     decode: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
         for key, model in models.items():
-            ttft = _seconds(lambda: generate(model, inputs, 1))
-            total = _seconds(lambda: generate(model, inputs, new))
-            first[key].append(ttft)
-            decode[key].append(max(total - ttft, 1e-9) / (new - 1))
+            first[key].append(_seconds(lambda: generate(model, inputs, 1)))
+            with _forward_clock(model) as calls:
+                _seconds(lambda: generate(model, inputs, new))
+            decode[key] += calls[1:]  # the first call is the prefill
     return {k: (statistics.median(first[k]), statistics.median(decode[k])) for k in models}
+
+
+@contextlib.contextmanager
+def _forward_clock(model: Any) -> Iterator[list[float]]:
+    """The seconds of each forward call while inside; the wrapper keeps forward's signature, which
+    generate() inspects to choose the arguments it passes."""
+    forward, calls = model.forward, []
+
+    @functools.wraps(forward)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            calls.append(time.perf_counter() - start)
+
+    model.forward = timed
+    try:
+        yield calls
+    finally:
+        model.forward = forward
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
