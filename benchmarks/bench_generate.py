@@ -1,6 +1,6 @@
 """generate() with a KV cache: time to first token and decode speed, attnfx against PyTorch and HF.
 
-Run by hand: `python benchmarks/bench_generate.py [--prompts 512 2048] [--batches 1 4] [--new 64]`.
+Run by hand: `python benchmarks/bench_generate.py [--prompts 512 2048] [--batches 1 4] [--new 64] [--threads 1]`.
 Decoders built from configs with random weights (fp32, 2 layers, hidden 512, 8 heads of 64, 2
 key/value heads): Llama-like (GQA), Mistral-like (sliding window 256, shorter than every prompt)
 and Gemma-2-like (tanh softcap, alternating windows). Batches of 4 are left-padded (the rows lose
