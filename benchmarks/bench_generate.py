@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="new tokens per generate")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's); 1 keeps OpenMP barriers out of a loaded machine's timings")
+                        help="torch threads (default: torch's); 1 keeps OpenMP barrier stalls out of a loaded "
+                             "machine's timings")
     ns = parser.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
