@@ -1,6 +1,6 @@
 """generate() with a KV cache: time to first token and decode speed, attnfx against PyTorch and HF.
 
-Run by hand: `python benchmarks/bench_generate.py [--prompts 512 2048] [--batches 1 4] [--new 64]`.
+Run by hand: `python benchmarks/bench_generate.py [--prompts 512 2048] [--batches 1 4] [--new 64] [--threads 1]`.
 Decoders built from configs with random weights (fp32, 2 layers, hidden 512, 8 heads of 64, 2
 key/value heads): Llama-like (GQA), Mistral-like (sliding window 256, shorter than every prompt)
 and Gemma-2-like (tanh softcap, alternating windows). Batches of 4 are left-padded (the rows lose
@@ -14,16 +14,22 @@ and Gemma-2-like (tanh softcap, alternating windows). Batches of 4 are left-padd
   attnfx          torch.compile(model.forward, backend="attnfx")
 
 Every contender first generates once at each row's shapes (compiling what it compiles), then all
-run interleaved, `--repeats` times each: a one-token generate (time to first token) and a
-`--new`-token generate, whose difference gives the decode time. All of them must produce eager's
-greedy tokens. Ratios are contender time / attnfx time (> 1: attnfx is faster).
+run interleaved, `--repeats` times each: a one-token generate (time to first token, median of the
+repeats) and a `--new`-token generate whose decode steps' forward calls are timed one by one (decode
+time per token: the median over every step of every repeat; generate()'s own per-token work, the same
+Python for every contender, is left out). The difference of the two generate() totals would give
+the decode time too, but on a loaded machine it subtracts two noisy totals of seconds to find a few
+milliseconds. All of them must produce eager's greedy tokens. Ratios are contender time / attnfx
+time (> 1: attnfx is faster).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import transformers
@@ -62,14 +68,18 @@ def prompt(batch: int, length: int) -> dict[str, torch.Tensor]:
 
 
 def contenders(name: str, example: dict[str, torch.Tensor]) -> dict[str, Any]:
-    models = {"eager": build(name, "eager"), "compile": build(name, "eager"), "sdpa": build(name, "sdpa"),
-              "sdpa+compile": build(name, "sdpa"), "attnfx": build(name, "eager")}
+    models = {"eager": build(name, "eager"), "compile": build(name, "eager"), "attnfx": build(name, "eager")}
+    try:
+        models.update({"sdpa": build(name, "sdpa"), "sdpa+compile": build(name, "sdpa")})
+    except ValueError as exc:  # HF has no sdpa attention for this family (Gemma 2)
+        print(f"  no HF sdpa contenders: {str(exc).splitlines()[0][:120]}")
     for key, backend in (("compile", "inductor"), ("sdpa+compile", "inductor"), ("attnfx", "attnfx")):
-        models[key].forward = torch.compile(models[key].forward, backend=backend)
+        if key in models:
+            models[key].forward = torch.compile(models[key].forward, backend=backend)
     started = time.perf_counter()
     models["optimize"] = attnfx.optimize(build(name, "eager"), (), example)
     print(f"  attnfx.optimize() took {time.perf_counter() - started:.1f} s")
-    return {key: models[key] for key in CONTENDERS}
+    return {key: models[key] for key in CONTENDERS if key in models}
 
 
 def generate(model: Any, inputs: dict[str, torch.Tensor], new: int) -> torch.Tensor:
@@ -89,11 +99,32 @@ def measure(models: dict[str, Any], inputs: dict[str, torch.Tensor], new: int, r
     decode: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
         for key, model in models.items():
-            ttft = _seconds(lambda: generate(model, inputs, 1))
-            total = _seconds(lambda: generate(model, inputs, new))
-            first[key].append(ttft)
-            decode[key].append(max(total - ttft, 1e-9) / (new - 1))
+            first[key].append(_seconds(lambda: generate(model, inputs, 1)))
+            with _forward_clock(model) as calls:
+                _seconds(lambda: generate(model, inputs, new))
+            decode[key] += calls[1:]  # the first call is the prefill
     return {k: (statistics.median(first[k]), statistics.median(decode[k])) for k in models}
+
+
+@contextlib.contextmanager
+def _forward_clock(model: Any) -> Iterator[list[float]]:
+    """The seconds of each forward call while inside; the wrapper keeps forward's signature, which
+    generate() inspects to choose the arguments it passes."""
+    forward, calls = model.forward, []
+
+    @functools.wraps(forward)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            calls.append(time.perf_counter() - start)
+
+    model.forward = timed
+    try:
+        yield calls
+    finally:
+        model.forward = forward
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
@@ -120,7 +151,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--new", type=int, default=64, help="new tokens per generate")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps OpenMP barrier stalls out of a loaded "
+                             "machine's timings")
     ns = parser.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     # The compiled contenders share one code object (HF's forward wrapper), whose compiled entries
     # Dynamo caps at 8 by default: past it, a contender would silently run eager.
     torch._dynamo.config.recompile_limit = 64
@@ -149,7 +185,8 @@ def _header() -> str:
 
 def _row(name: str, length: int, batch: int, times: dict[str, tuple[float, float]]) -> str:
     ttft, decode = times["attnfx"]
-    cells = " | ".join(f"{times[c][0] / ttft:.2f}x, {times[c][1] / decode:.2f}x" for c in CONTENDERS if c != "attnfx")
+    cells = " | ".join(f"{times[c][0] / ttft:.2f}x, {times[c][1] / decode:.2f}x" if c in times else "n/a"
+                       for c in CONTENDERS if c != "attnfx")
     return f"| {name} | {length} | {batch} | {ttft * 1e3:.0f} | {decode * 1e3:.1f} | {cells} |"
 
 

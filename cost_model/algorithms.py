@@ -114,7 +114,7 @@ FEATURES: dict[str, Callable[[AttentionSpec], bool]] = {
 def _sdpa_flags(spec: AttentionSpec) -> bool:
     square = spec.q_len == spec.kv_len
     return (not spec.modifiers() and spec.window is None
-            and (spec.causal is not Causal.BOTTOM_RIGHT or square))
+            and (spec.causal is not Causal.BOTTOM_RIGHT or square or not spec.diagonal_hides_keys))
 
 BHMN = B * H * M * N  # materialised score elements
 SCORES = s_a * BHMN  # bytes of one materialised score tensor

@@ -52,6 +52,12 @@ class Causal(str, enum.Enum):
         """Key n is visible from query m when n <= m + offset (ints, SymInts or sympy sizes)."""
         return kv_len - q_len if self is Causal.BOTTOM_RIGHT else 0
 
+    def hides_keys(self, q_len: int | None) -> bool:
+        """Whether the diagonal excludes any key from `q_len` query rows (None: not fixed). A
+        bottom-right one over a single row (a decode step: that query sees every key) excludes
+        none, so a kernel without that diagonal runs it unmasked."""
+        return self is not Causal.NONE and not (self is Causal.BOTTOM_RIGHT and q_len == 1)
+
 
 class Kind(str, enum.Enum):
     """What normalises the scores into weights."""
@@ -280,6 +286,11 @@ class AttentionSpec:
     @property
     def is_decode(self) -> bool:
         return is_decode_shape(self.q_len, self.kv_len)
+
+    @property
+    def diagonal_hides_keys(self) -> bool:
+        """`Causal.hides_keys` at this site's query length (a dynamic one is not fixed)."""
+        return self.causal.hides_keys(None if "q_len" in self.dynamic else self.q_len)
 
     @property
     def element_size(self) -> int:

@@ -92,7 +92,7 @@ def _sdpa_takes(mods: Mods, slopes: Tensor | None, causal: str, q_len: int, kv_l
                 bias: Tensor | None) -> bool:
     if mods.softcap or slopes is not None or mods.window != -1:
         return False
-    if causal == "none":
+    if not Causal(causal).hides_keys(q_len):
         return True
     return bias is None and (causal == "top_left" or q_len == kv_len)
 
@@ -102,7 +102,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, slopes: Tensor
     """One attention call without key masking: SDPA's flag path where it can, else attnfx::attention."""
     if _sdpa_takes(mods, slopes, causal, q.shape[2], k.shape[2], bias):
         mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal != "none",
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              is_causal=Causal(causal).hides_keys(q.shape[2]),
                                               scale=mods.scale, enable_gqa=q.shape[1] != k.shape[1])
     out, _ = torch.ops.attnfx.attention(q, k, v, bias, slopes, mods.scale, causal, mods.window,
                                         mods.softcap)

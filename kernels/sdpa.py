@@ -30,9 +30,9 @@ class SdpaVariant:
             return "SDPA takes no ALiBi slopes (the bias-tensor form can)"
         if spec.window is not None:
             return "SDPA has no sliding-window flag (the mask-tensor form can)"
-        if spec.causal is Causal.BOTTOM_RIGHT:
+        if spec.causal is Causal.BOTTOM_RIGHT and spec.diagonal_hides_keys:
             return "SDPA's is_causal is top-left aligned and this site's diagonal is bottom-right with M != N"
-        if spec.causal is not Causal.NONE and spec.mask is not MaskInput.NONE:
+        if spec.diagonal_hides_keys and spec.mask is not MaskInput.NONE:
             return "SDPA cannot combine is_causal with a mask tensor"
         return untaken_modifier(self.op, spec, self.takes)
 

@@ -16,8 +16,10 @@ from attnfx.cost_model.spec import Causal
 from .mask_eval import Sym, in_roles, role_symbol, to_bool
 from .site import MaskFacts
 
-def _linear_in_mn(rel: Any) -> tuple[str, Any] | None:
-    """('upper', K) for n <= m + K, ('lower', L) for n >= m + L, or None."""
+def _linear_in_mn(rel: Any, one_query: bool) -> tuple[str, Any] | None:
+    """('upper', K) for n <= m + K, ('lower', L) for n >= m + L, or None. With one query row m is
+    always 0, so a bound on n alone (how a decode step's mask reads once m's size-1 axis is gone)
+    is the diagonal through it: n <= K is n <= m + K."""
     m, n = role_symbol("m"), role_symbol("n")
     if isinstance(rel, (sympy.Le, sympy.Lt)):
         d, strict = rel.lhs - rel.rhs, isinstance(rel, sympy.Lt)
@@ -30,6 +32,8 @@ def _linear_in_mn(rel: Any) -> tuple[str, Any] | None:
     rest = sympy.expand(d - a_n * n - a_m * m)
     if rest.has(m) or rest.has(n):
         return None
+    if one_query and a_m == 0:
+        a_m = -a_n
     if a_n == 1 and a_m == -1:
         return "upper", -rest
     if a_n == -1 and a_m == 1:
@@ -43,11 +47,12 @@ def classify(keep: Any, q_len: Any, kv_len: Any) -> MaskFacts:
     conjuncts = keep.args if isinstance(keep, sympy.And) else (keep,)
     upper, lower, padding, unproven = [], [], [], []
     data_roles = {role_symbol("b0"), role_symbol("n")}
+    one_query = q_len == 1
     for conj in conjuncts:
         if conj == sympy.true:
             continue
         reads = conj.atoms(sympy.core.function.AppliedUndef)
-        linear = _linear_in_mn(conj) if not reads else None
+        linear = _linear_in_mn(conj, one_query) if not reads else None
         if linear is not None:
             (upper if linear[0] == "upper" else lower).append(linear[1])
         elif reads and conj.free_symbols <= data_roles and role_symbol("n") in conj.free_symbols:

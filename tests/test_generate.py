@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnfx
-from generation_cases import CASES, AtenOps, greedy, prompt
+from generation_cases import CASES, NEW_TOKENS, AtenOps, greedy, prompt
 
 # Every site rewritten (eager is no candidate), and the rewritten graphs run as they are.
 OPTIONS = {"inductor": False, "variants": ["sdpa", "attnfx_chunked"]}
@@ -111,3 +112,44 @@ def test_inductor_and_dynamic_shapes_generate_eagers_tokens() -> None:
     reports = attnfx.reports(model)
     # prefill and decode (Inductor's cache layout after prefill may cost one more decode graph)
     assert len(reports) in (2, 3) and all(r.rewritten == 2 and r.notes == [] for r in reports)
+
+
+class SdpaMasks(TorchDispatchMode):
+    """The mask argument of every SDPA kernel that runs, by query length (compiled code included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masks: list[tuple[int, torch.Tensor | None]] = []
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.masks.append((args[0].shape[2], kwargs.get("attn_mask")))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_decode_steps_reuse_one_graph_and_run_sdpa_without_a_mask() -> None:
+    """generate() compiles prefill, the first decode step and one graph for every later step: a
+    longer generate() adds none. A decode step's query sees every cached key (a bottom-right
+    diagonal over one row), so its sites run SDPA with no mask tensor to build and read."""
+    model, inputs = CASES["llama"].build(), prompt(batch=1)
+    inputs["attention_mask"][:] = 1
+    inputs["input_ids"][inputs["input_ids"] == 0] = 3
+    expected = model.generate(**inputs, max_new_tokens=3 * NEW_TOKENS, do_sample=False)
+    compile_for_generation(model, options={"inductor": False})
+    assert torch.equal(greedy(model, inputs), expected[:, :-2 * NEW_TOKENS])
+    assert len(attnfx.reports(model)) == 3
+    with SdpaMasks() as sdpa:
+        tokens = model.generate(**inputs, max_new_tokens=3 * NEW_TOKENS, do_sample=False)
+    assert torch.equal(tokens, expected)
+    assert len(attnfx.reports(model)) == 3  # no recompilation for the longer caches
+    decode = [e for r in attnfx.reports(model) for e in r.entries if e.spec.q_len == 1]
+    assert len(decode) == 4 and all((e.variant, e.lowering, e.spec.causal.value, e.spec.mask.value)
+                                    == ("sdpa", "flag", "bottom_right", "none") for e in decode)
+    decode_calls = [mask for rows, mask in sdpa.masks if rows == 1]
+    assert len(decode_calls) == 2 * (3 * NEW_TOKENS - 1) and all(mask is None for mask in decode_calls)

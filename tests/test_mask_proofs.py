@@ -1,6 +1,8 @@
 """Mask proofs: what attnfx proves about a mask from how the model builds it, for every length."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,3 +121,59 @@ def test_symbolic_diagonal_is_proven_bottom_right(spelling: str) -> None:
     for m, past in ((4, 12), (7, 30), (1, 9)):
         with torch.no_grad():
             torch.testing.assert_close(opt(*step(m, past)), model(*step(m, past)), atol=1e-5, rtol=1e-5)
+
+
+class DecodeStep(torch.nn.Module):
+    """One new query over a cache, its position counted from the cache length, as Hugging Face
+    builds a decode step's mask: with one query row the mask reads no query index at all."""
+
+    def __init__(self, last_visible: int = 0) -> None:
+        super().__init__()
+        self.last_visible = last_visible  # 0: the new key; -1: a near-miss that hides it
+        self.proj = torch.nn.Linear(cases.C, 3 * cases.C)
+
+    def forward(self, x, past_k, past_v):
+        b, m, _ = x.shape
+        q, k, v = (z.view(b, m, cases.H, cases.D).transpose(1, 2) for z in self.proj(x).split(cases.C, -1))
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        position = past_k.size(2) + self.last_visible + torch.arange(m, device=x.device)
+        keep = torch.arange(k.size(2), device=x.device)[None, :] <= position[:, None]
+        bias = torch.where(keep, 0.0, torch.finfo(x.dtype).min)
+        s = q @ k.transpose(-1, -2) * cases.SCALE + bias
+        return (F.softmax(s, -1) @ v).transpose(1, 2).reshape(b, m, cases.C)
+
+
+def decode_inputs(past: int, b: int = 2):
+    g = torch.Generator().manual_seed(past)
+    return (torch.randn(b, 1, cases.C, generator=g), torch.randn(b, cases.H, past, cases.D, generator=g),
+            torch.randn(b, cases.H, past, cases.D, generator=g))
+
+
+def _decode_through_the_backend(model: torch.nn.Module) -> list:
+    """Compile `model` with the backend (Dynamo keeps the one query row static, as in generate()'s
+    decode graphs), check it against eager at a few cache lengths, return its graphs' sites."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="attnfx", options={"inductor": False, "variants": ["sdpa"]})
+    for past in (12, 13, 30):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(*decode_inputs(past)), model(*decode_inputs(past)),
+                                       atol=1e-5, rtol=1e-5)
+    return [e for report in attnfx.reports(compiled) for e in report.entries]
+
+
+def test_a_decode_steps_diagonal_is_proven_and_runs_sdpa_without_a_mask() -> None:
+    entries = _decode_through_the_backend(DecodeStep().eval())
+    assert len(entries) == 2  # a static cache length, then one graph for every later length
+    for entry in entries:
+        assert entry.status == "REWRITTEN"
+        assert entry.mask == "causal bottom-right (n <= m + N - M)"
+        assert (entry.variant, entry.lowering, entry.spec.mask.value) == ("sdpa", "flag", "none")
+        assert not entry.spec.diagonal_hides_keys
+
+
+def test_a_decode_mask_that_hides_the_new_key_is_not_a_diagonal() -> None:
+    entries = _decode_through_the_backend(DecodeStep(last_visible=-1).eval())
+    static, dynamic = (e.mask for e in entries)
+    assert static == "unproven: n <= m + 11"  # N - M is 12
+    assert re.fullmatch(r"unproven: n <= m \+ s\d+ - 1", dynamic), dynamic  # N - M is the cache length s
+    assert all((e.lowering, e.spec.mask.value) == ("tensor", "additive") for e in entries)

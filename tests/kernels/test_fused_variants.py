@@ -150,3 +150,26 @@ SIGMOID = AttentionSpec(1, 8, 8, 128, 128, 64, 64, kind=Kind.SIGMOID, logit_bias
 ])
 def test_refusals_of_other_kinds(variant, spec, device, reason):
     assert get_variant(variant).refusal(spec, device) == reason
+
+
+DECODE = Case(heads=8, kv_heads=2, q_len=1, kv_len=45, causal="bottom_right")
+
+
+@pytest.mark.parametrize("bias", [None, "B11N"])
+def test_sdpa_runs_a_decode_steps_bottom_right_diagonal_unmasked(bias):
+    """One query row sees every key under a bottom-right diagonal: SDPA takes it with no flag."""
+    case = DECODE.with_(batch=2, bias=bias)
+    spec = case.spec("float32")
+    assert not spec.diagonal_hides_keys and get_variant("sdpa").refusal(spec, "cpu") is None
+    t = case.tensors()
+    call = get_variant("sdpa").call(spec, operands(t))
+    assert call.args[3] is t.get("BIAS") and call.args[5] is False  # the mask as given, is_causal off
+    assert_close(call.run(), reference(case, t), "float32")
+
+
+@pytest.mark.parametrize("spec", [DECODE.with_(q_len=2).spec(), replace(DECODE.spec(), dynamic=frozenset({"q_len"}))],
+                         ids=["two_rows", "dynamic_rows"])
+def test_sdpa_refuses_a_bottom_right_diagonal_that_can_hide_keys(spec):
+    assert spec.diagonal_hides_keys
+    assert get_variant("sdpa").refusal(spec, "cpu") == (
+        "SDPA's is_causal is top-left aligned and this site's diagonal is bottom-right with M != N")
