@@ -239,8 +239,9 @@ def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arran
 
 
 def _before_views(node: Node) -> Node:
-    """The tensor behind the model's own views, reshapes, expands, permutes and casts of it."""
-    while ops.kind(node) in ("reshape", "transpose", "permute", "cast", "identity") \
+    """The tensor behind the model's own views, reshapes, expands, head repeats, permutes and casts of it
+    (a scale before GQA's `repeat_interleave` is as much a scale on V as one after it)."""
+    while ops.kind(node) in ("reshape", "transpose", "permute", "cast", "identity", "repeat_interleave") \
             or ops.target_name(node) in ("expand", "unsqueeze", "flatten", "unflatten", "alias") or _whole_slice(node):
         node = node.args[0]
     return node

@@ -143,8 +143,26 @@ def _scaled_values_merged_heads(q, k, v):
     return torch.bmm(p, v).view(b, H, -1, D)
 
 
-def test_scale_on_values_behind_a_reshape_is_refused() -> None:
-    model = Heads(_scaled_values_merged_heads).eval()
+def _scaled_values_repeated_heads(q, k, v, past: int = 0):
+    """Found by the fuzzer (KNOWN_BROKEN scale_on_values): GQA's `repeat_interleave` between the scale
+    and the merged-heads bmm hid the scale, so the near-miss was rewritten."""
+    b = q.shape[0]
+    k, v = k[:, :2], v[:, :2]  # 2 kv heads
+    if past:
+        cached = torch.ones(b, 2, past, D, dtype=v.dtype)
+        k, v = torch.cat([cached, k], dim=2), torch.cat([cached, v], dim=2)
+    v = v * 0.5
+    k, v = k.repeat_interleave(H // 2, dim=1), v.repeat_interleave(H // 2, dim=1)
+    q, k, v = (z.reshape(b * H, -1, D) for z in (q, k, v))
+    p = torch.bmm(q, k.transpose(1, 2)).mul(D ** -0.5).softmax(-1)
+    return torch.bmm(p, v).view(b, H, -1, D)
+
+
+@pytest.mark.parametrize("attend", [_scaled_values_merged_heads, _scaled_values_repeated_heads,
+                                    lambda q, k, v: _scaled_values_repeated_heads(q, k, v, past=3)],
+                         ids=["reshape", "repeat_interleave", "repeat_interleave_after_cache_concat"])
+def test_scale_on_values_behind_a_reshape_is_refused(attend) -> None:
+    model = Heads(attend).eval()
     opt = attnfx.optimize(model, (_x(),))
     assert [(e.status, e.reason_code) for e in opt.report.entries] == [("REFUSED", "SCALE_ON_VALUES")], opt.report
     _assert_matches_eager(model, opt)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch.utils import _pytree as pytree
 
 import attnfx
@@ -62,6 +63,11 @@ class Outcome:
     def failures(self) -> list[Finding]:
         return [f for f in self.findings if f.kind in FAILURES]
 
+    def portable(self) -> Outcome:
+        """This outcome without the program's executed namespace (its model and functions), so it pickles
+        back from a worker process."""
+        return replace(self, case=replace(self.case, namespace={}))
+
     def explain(self) -> str:
         """The failures and the program's source, ready to paste into a regression test."""
         lines = [f"{f.kind} [{f.where}]: {f.detail}" for f in self.findings]
@@ -82,10 +88,18 @@ def check(program: Program) -> Outcome:
     case = build(program)
     outcome = Outcome(case)
     try:
-        _check(case, outcome)
+        with without_fake_tensor_cache():
+            _check(case, outcome)
     finally:
         outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def without_fake_tensor_cache() -> Any:
+    """Captures with fake-tensor dispatch caching off: a fuzz program's ops rarely repeat with the same
+    symbolic shapes, so building and validating cache entries costs more than the hits save (export
+    then takes about half the time). The cache is an optimisation only: what is captured is the same."""
+    return dynamo_config.patch(fake_tensor_cache_enabled=False)
 
 
 def _check(case: Case, outcome: Outcome) -> None:
