@@ -130,7 +130,6 @@ def test_near_miss_codes_are_documented() -> None:
     assert expected <= documented_codes(), sorted(expected - documented_codes())
 
 
-@pytest.mark.xfail(strict=True, reason="the README's reason-code table lacks VIEW_ON_SCORES, which attnfx reports")
 def test_every_reason_code_is_documented() -> None:
     from attnfx.passes.site import Reason
 

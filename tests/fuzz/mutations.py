@@ -28,6 +28,7 @@ class Mutation:
     normalise: Hook | None = None  # (w) -> p: replaces the softmax
     probs: Hook | None = None  # (w, p) -> p
     transposed_av: bool = False
+    sink_slice: str = "[..., :-1]"  # how a block with a sink drops the sink's weight after the softmax
 
 
 def _future(w) -> str:
@@ -105,6 +106,10 @@ def _relu_normalised(w) -> str:
     return "p"
 
 
+def _value_row_for_sink(w) -> None:
+    w.line("v = torch.cat([v, torch.ones_like(v[:, :1])], dim=1)  # a value row that the sink's weight weighs")
+
+
 def _codes(*codes: str) -> frozenset[str]:
     return frozenset(codes)
 
@@ -137,6 +142,11 @@ MUTATIONS: dict[str, Mutation] = {
     "multiplicative_mask": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_last(_multiplicative)),
     "probs_transposed_av": Mutation(_codes("PROBS_WRONG_AXIS"), {"projection": ("separate", "fused"),
                                     "layout": ("matmul",), "gqa": PLAIN_HEADS["gqa"]}, transposed_av=True),
+    "sink_not_sliced": Mutation(_codes("SCORE_OP_UNSUPPORTED"), {"sink": ("per_head", "per_query"),
+                                "layout": ("matmul", "ellipsis"), "gqa": ("none", "repeat_interleave", "broadcast")},
+                                values=_value_row_for_sink, sink_slice=""),
+    "sink_sliced_first": Mutation(_codes("NO_AV_CONTRACTION"), {"sink": ("per_head", "per_query")},
+                                  sink_slice="[..., 1:]"),
     "wrong_max_axis": Mutation(_codes(), {"softmax": ("hw_amax", "hw_max_values", "hw_max_indexed", "hw_detached")},
                                sites=(0, 1), softmax={"max_role": "m"}),
 }

@@ -69,6 +69,9 @@ def _block_class(block: Block, index: int) -> tuple[str, bool]:
     for _, write in ops:
         write(w)
     p = mutation.normalise(w) if mutation.normalise else write_softmax(w, **mutation.softmax)
+    if block.sink != "none" and mutation.sink_slice:
+        w.line(f"p = {p}{mutation.sink_slice}  # the sink's weight dropped")
+        p = "p"
     if mutation.probs:
         p = mutation.probs(w, p)
     p = _dropout(w, p)

@@ -25,7 +25,21 @@ def score_ops(w: Writer) -> list[ScoreOp]:
         ops.append((term.family, lambda w, term=term: write_term(w, term)))
     if scale.placement == "after_mask":
         ops.append(("scale", lambda w: write_scale(w, "s")))
+    if block.sink != "none":
+        ops.append(("sink", write_sink))
     return ops
+
+
+def write_sink(w: Writer) -> None:
+    """gpt-oss's sink: a learned logit per head (or per query) concatenated after the keys."""
+    if w.block.sink == "per_head":
+        w.init("self.sinks = nn.Parameter(torch.randn(H))")
+        w.line(f"sink = {w.align('self.sinks', 'h')}  # one logit per head")
+    else:
+        w.init("self.sinks = nn.Parameter(torch.randn(TABLE))")
+        w.line(f"sink = {w.align('self.sinks[:m]', 'm')}  # one logit per query")
+    assert w.dim("n") == -1, "the sink joins the keys as the scores' last column"
+    w.line("s = torch.cat([s, sink.expand(*s.shape[:-1], 1)], dim=-1)  # (..., n + 1)")
 
 
 def write_scale(w: Writer, target: str) -> None:
