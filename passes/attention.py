@@ -24,8 +24,8 @@ from torch.fx import Node
 from attnfx.cost_model.spec import AttentionSpec, Kind, MaskInput, dtype_name
 
 from . import ops
-from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
-                     look_through_permutes, read_contraction, unflatten_sizes)
+from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, broadcast_prefix_sizes,
+                     is_batch_role, look_through_permutes, read_contraction, unflatten_sizes)
 from .mask_eval import MaskEvaluator
 from .mask_proof import additive_keep, classify, conjunction, exclusion_values, keep_predicate
 from .repeats import fold_repeats
@@ -343,7 +343,8 @@ def _check_structures(structures: dict[Roles, tuple], batch_roles: Roles, operan
         sizes = dict(zip(tensor.roles, ops.shape(tensor.node)))
         whole = layout is not None and all(r in sizes and ops.same_size(sizes[r], full)
                                            for r, full in zip(layout, structures[layout]))
-        broadcast = layout is not None and all(ops.static_int(sizes.get(r, 1)) == 1 for r in layout)
+        broadcast = layout is not None and broadcast_prefix_sizes(
+            tuple(sizes.get(r, 1) for r in layout), structures[batch_roles]) is not None
         if not (whole or broadcast):
             return Refusal(Reason.RANK_UNSUPPORTED, f"{tensor.node.name} broadcasts over part of a batch layout "
                            "that the site reshapes", "S")
@@ -401,7 +402,10 @@ def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
     lowerings = []
     facts = site.facts
     rescaled = any(t.scaled_by for t in site.masks)  # excluded scores are fill * a tensor: only the tensor says so
-    if facts.structural and not rescaled:
+    # A finite fill (-1e9) is only a score: where a bias (say -1e9 on padded keys) brings every kept
+    # score of a row down to it, eager spreads the row over the "excluded" keys too, a flag does not.
+    fill_competes = bool(real_bias) and any(not math.isinf(t.fill) for t in site.masks)
+    if facts.structural and not rescaled and not fill_competes:
         flags = dict(causal=facts.causal, window=facts.window)
         if not real_bias:
             lowerings.append(Lowering("flag", replace(base, **flags)))
