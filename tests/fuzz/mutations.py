@@ -129,7 +129,8 @@ MUTATIONS: dict[str, Mutation] = {
         lambda w: w.line(f"s = s.masked_fill(s < s.mean(dim={w.dim('n')}, keepdim=True), float('-inf'))"))),
     "sigmoid_renormalised": Mutation(_codes("PROBS_ESCAPE", "PROBS_MODIFIED"), {"softmax": ("F.softmax",),
                                      "upcast": ("none",)}, sites=(0, 1), normalise=_sigmoid_renormalised),
-    "relu_normalised": Mutation(_codes(), {"softmax": ("F.softmax",), "upcast": ("none",)}, sites=(0,),
+    "relu_normalised": Mutation(_codes("FEATURE_MAP_AFTER_PRODUCT"), {"softmax": ("F.softmax",), "upcast": ("none",)},
+                                sites=(0, 1),  # the linear rule lists it when it reads a map after QK
                                 normalise=_relu_normalised),
     "relu_scores": Mutation(_codes("SCORE_OP_UNSUPPORTED"), scores=_last(lambda w: w.line("s = F.relu(s)"))),
     "zero_fill": Mutation(_codes("UNPROVEN_MASK"), scores=_last(
