@@ -21,6 +21,7 @@ import argparse
 import ast
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -135,8 +136,10 @@ def _outcomes(args: argparse.Namespace, exclude: dict, force: dict, deadline: fl
             yield key, checked(key, exclude, force)
         return
     context = get_context("spawn")  # a fresh interpreter per worker: no torch state forked mid-use
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init) as pool:
-        running: dict[Future, str] = {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill PID: workers stop with the run
+    pool = ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init)
+    running: dict[Future, str] = {}
+    try:
         while True:
             while len(running) < 2 * args.jobs and time.monotonic() <= deadline:
                 key = next(keys, None)
@@ -148,6 +151,8 @@ def _outcomes(args: argparse.Namespace, exclude: dict, force: dict, deadline: fl
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 yield running.pop(future), future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _worker_init() -> None:
