@@ -7,6 +7,7 @@ Models built from configs with random weights (fp32, 2 layers, hidden 256, heads
   mistral (window)     MistralModel, sliding window 256, batch 1
   gemma2 (softcap)     Gemma2Model, tanh softcap 50, alternating windows of 256 (HF has no sdpa path)
   bloom (ALiBi)        BloomModel (HF has no sdpa path)
+  mpt (ALiBi)          MptModel, ALiBi built statically over max_seq_len = N (HF has no sdpa path)
   bert (padded)        BertModel, batch 8 with valid lengths spread evenly from N/4 to N (right padding)
   t5 (relative bias)   T5EncoderModel
   vit                  ViTModel, 16-pixel patches, an image giving about N patches
@@ -16,7 +17,8 @@ Contenders, each on its own copy of the same weights: eager (HF eager attention)
 (attnfx.optimize) and attnfx (torch.compile(backend="attnfx")). After one warm-up call each (which
 compiles), all run interleaved, `--repeats` times; medians. Every output must match eager's.
 The table gives each contender's time over attnfx.optimize's (> 1: attnfx is faster), the setup
-times (first call) of the compiled contenders, and what attnfx chose. `--quick`: 512 only, fewer
+times (first call) of the compiled contenders, each contender's peak memory over one call (MiB above
+the resident size before it, `peak_memory.py`), and what attnfx chose. `--quick`: 512 only, fewer
 models and repeats. Timing on a shared machine is noisy: compare the ratios, not the milliseconds.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch._inductor.metrics
 import transformers
 
 import attnfx
+from peak_memory import peak_mib
 
 HIDDEN = dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=2)
 DECODER = dict(**HIDDEN, vocab_size=1024, intermediate_size=1024, head_dim=64, max_position_embeddings=8192)
@@ -78,6 +81,9 @@ MODELS: dict[str, ModelCase] = {
                                   lambda n: {**_tokens(1, n), "use_cache": False}, has_sdpa=False),
     "bloom (ALiBi)": ModelCase(_config("BloomConfig", vocab_size=1024, hidden_size=256, n_head=4, n_layer=2),
                                "BloomModel", lambda n: {**_tokens(1, n), "use_cache": False}, has_sdpa=False),
+    "mpt (ALiBi)": ModelCase(lambda n: transformers.MptConfig(vocab_size=1024, d_model=256, n_heads=4, n_layers=2,
+                                                              expansion_ratio=4, max_seq_len=n),
+                             "MptModel", lambda n: {**_tokens(1, n), "use_cache": False}, has_sdpa=False),
     "bert (padded)": ModelCase(lambda n: transformers.BertConfig(**HIDDEN, vocab_size=1024, intermediate_size=1024,
                                                                  max_position_embeddings=n),
                                "BertModel", padded_batch),
@@ -135,18 +141,20 @@ def _output(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result.last_hidden_state
 
 
-def measure(models: dict, inputs: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds per call of each contender, interleaved, and its max abs error vs eager."""
+def measure(models: dict, inputs: dict, repeats: int) -> tuple[dict[str, float], dict[str, float], dict]:
+    """Median seconds per call of each contender, interleaved, its max abs error vs eager, and the
+    peak memory (MiB above the resident size before the call) of one call."""
     with torch.no_grad():
         reference = _output(models["eager"](**inputs))
         errors = {k: (_output(m(**inputs)) - reference).abs().max().item() for k, m in models.items()}
+        peaks = {k: peak_mib(lambda m=m: m(**inputs)) for k, m in models.items()}
         times: dict[str, list[float]] = {k: [] for k in models}
         for _ in range(repeats):
             for key, model in models.items():
                 started = time.perf_counter()
                 model(**inputs)
                 times[key].append(time.perf_counter() - started)
-    return {k: statistics.median(v) for k, v in times.items()}, errors
+    return {k: statistics.median(v) for k, v in times.items()}, errors, peaks
 
 
 def chosen(model: Any) -> str:
@@ -158,7 +166,7 @@ def chosen(model: Any) -> str:
     return ", ".join(picks)
 
 
-def row(name: str, n: int, times: dict, errors: dict, setup: dict, kernels: dict) -> str:
+def row(name: str, n: int, times: dict, errors: dict, setup: dict, kernels: dict, peaks: dict) -> str:
     base = times["optimize"]
     cells = " | ".join(f"{times[c] / base if c in times else float('nan'):.2f}x".replace("nanx", "—")
                        if c != "optimize" else f"{times[c] * 1e3:.0f} ms" for c in CONTENDERS)
@@ -166,14 +174,16 @@ def row(name: str, n: int, times: dict, errors: dict, setup: dict, kernels: dict
     worst = max(errors.values())
     compile_s = " / ".join(f"{setup[c]:.0f}" for c in ("compile", "optimize", "attnfx") if c in setup)
     counts = " / ".join(str(kernels[c]) for c in ("compile", "attnfx") if c in kernels)
+    memory = " / ".join(f"{peaks[c]:.0f}" if peaks.get(c) is not None else "—" for c in CONTENDERS)
     return (f"| {name} | {n} | {cells} | {best_peer / min(base, times.get('attnfx', base)):.2f}x | {worst:.1e} | "
-            f"{compile_s} | {counts} |")
+            f"{compile_s} | {counts} | {memory} |")
 
 
 def header() -> str:
     cells = " | ".join("optimize" if c == "optimize" else f"{c}" for c in CONTENDERS)
     return (f"| model | N | {cells} | attnfx best vs best peer | max err | setup s (compile / optimize / backend) "
-            "| Inductor kernels (compile / backend) |\n" + "|" + "---|" * (len(CONTENDERS) + 6))
+            f"| Inductor kernels (compile / backend) | peak MiB ({' / '.join(CONTENDERS)}) |\n"
+            + "|" + "---|" * (len(CONTENDERS) + 7))
 
 
 def main() -> None:
@@ -197,8 +207,8 @@ def main() -> None:
         for n in lengths:
             inputs = MODELS[name].inputs(n)
             models_, setup, kernels = contenders(MODELS[name], n, inputs, wanted)
-            times, errors = measure(models_, inputs, repeats)
-            rows.append(row(name, n, times, errors, setup, kernels))
+            times, errors, peaks = measure(models_, inputs, repeats)
+            rows.append(row(name, n, times, errors, setup, kernels, peaks))
             print(rows[-1], "optimize:", chosen(models_["optimize"]),
                   "| backend:", chosen(models_["attnfx"]) if "attnfx" in models_ else "-", flush=True)
             torch._dynamo.reset()

@@ -10,7 +10,7 @@ from typing import Any
 from attnfx.cost_model.spec import AttentionSpec
 from attnfx.passes import ops
 from attnfx.passes.attention import RULES
-from attnfx.passes.site import Refusal
+from attnfx.passes.site import Alibi, Refusal, Site
 
 from .decide import Decision
 
@@ -46,6 +46,7 @@ class SiteEntry:
     spec: AttentionSpec | None = None
     cascade: str | None = None
     mask: str = ""
+    alibi: str = ""  # the bias term proven ALiBi, or why no bias term is (its reason code first)
     candidates: list[CandidateRow] = field(default_factory=list)
     unavailable: list[tuple[str, str, str]] = field(default_factory=list)  # (variant, lowering, why)
     why: str = ""
@@ -103,6 +104,7 @@ def entry(decision: Decision, outcome: Outcome | None = None, module_prefix: str
         lowering=decision.lowering.name if chosen else None,
         spec=decision.spec, cascade=decision.cascade,
         mask=decision.site.facts.text if decision.site is not None else "",
+        alibi=_alibi_text(decision.site),
         candidates=[CandidateRow(c.option.variant, c.option.lowering, c.option.algorithm, c.predicted_s * 1e3,
                                  c.hbm_bytes / 2**20, c.peak_bytes / 2**20) for c in selection.ranked]
         if selection else [],
@@ -111,6 +113,13 @@ def entry(decision: Decision, outcome: Outcome | None = None, module_prefix: str
         error=outcome.error if outcome is not None else None,
         replacement=outcome.replacement if outcome is not None else None,
     )
+
+
+def _alibi_text(site: Site | None) -> str:
+    proof = site.alibi if site is not None else None
+    if proof is None:
+        return ""
+    return proof.text if isinstance(proof, Alibi) else f"{proof.code.value}: {proof.message}"
 
 
 @dataclass
@@ -176,6 +185,8 @@ def _entry_details(e: SiteEntry) -> list[str]:
         lines.append(f"    site: {e.spec.describe()}")
     if e.mask:
         lines.append(f"    mask proof: {e.mask}")
+    if e.alibi:
+        lines.append(f"    bias: {e.alibi}")
     if e.cascade:
         lines += ["    " + line for line in e.cascade.splitlines()]
     if e.candidates:

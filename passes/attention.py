@@ -21,16 +21,18 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
-from attnfx.cost_model.spec import AttentionSpec, Kind, MaskInput, dtype_name
+from attnfx.cost_model.spec import Kind, dtype_name
 
 from . import ops
 from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, broadcast_prefix_sizes,
                      is_batch_role, look_through_permutes, read_contraction, unflatten_sizes)
+from .alibi import first_alibi
 from .mask_eval import MaskEvaluator
-from .mask_proof import additive_keep, classify, conjunction, exclusion_values, keep_predicate
+from .lowerings import alibi_lowerings, site_lowerings
+from .mask_proof import additive_keep, classify, conjunction, keep_predicate
 from .repeats import fold_repeats
 from .scores import ScoreAlgebra, ScorePath, find_contraction, replay
-from .site import BiasTerm, Lowering, MaskFacts, MaskTerm, Reason, Refusal, Site
+from .site import Alibi, BiasTerm, MaskFacts, MaskTerm, Reason, Refusal, Site
 
 RULES = {"softmax": "attention.softmax", "log_softmax": "attention.softmax", "sigmoid": "attention.sigmoid",
          "matmul": "attention.linear", "einsum": "attention.linear"}  # linear: anchored on AV (passes/linear.py)
@@ -319,11 +321,10 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
         nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
     )
     real_bias = [t for t, keep in zip(site.bias, bias_keeps) if keep is None]
-    site.lowerings = _lowerings(site, real_bias)
-    if not real_bias:
-        fills = {t.fill for t in site.masks}.union(*(exclusion_values(evaluator.value(t.node), t.roles)
-                                                     for t in site.bias))
-        site.lowerings[-1:-1] = _key_keep_lowering(site, fills)
+    site.alibi = first_alibi(real_bias, evaluator, kind, batch_roles)
+    site.lowerings = site_lowerings(site, real_bias, evaluator)
+    if isinstance(site.alibi, Alibi):
+        site.lowerings[0:0] = alibi_lowerings(site, site.alibi, real_bias, evaluator)
     return site
 
 
@@ -375,104 +376,6 @@ def _prove(algebra: ScoreAlgebra, evaluator: MaskEvaluator, bias_keeps: list, si
     if not predicates:
         return MaskFacts()
     return classify(conjunction(predicates), ops.sym_expr(sizes[0]), ops.sym_expr(sizes[1]))
-
-
-def _canonical_mask_shape(terms: list[BiasTerm | MaskTerm], site: Site) -> tuple[int, ...]:
-    """The hint shape of the combined mask in 4-D canonical (B, H, M, N) layout."""
-    batch_roles = site.batch_roles
-    target = (*batch_roles, "m", "n")
-    sizes = {r: 1 for r in target}
-    for term in terms:
-        for role, size in zip(term.roles, ops.shape(term.node)):
-            if role in sizes:
-                sizes[role] = max(sizes[role], ops.hint_int(size))
-            elif ops.hint_int(size) != 1:  # another batch layout, converted whole
-                sizes.update(zip(batch_roles, site.batch_sizes))
-    dims = [sizes[r] for r in target]
-    nb = len(batch_roles)
-    if nb < 2:
-        dims = [1] * (2 - nb) + dims
-    elif nb > 2:
-        dims = [dims[0], math.prod(dims[1:nb]), *dims[nb:]]
-    return tuple(dims)
-
-
-def _lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Lowering]:
-    base = _base_spec(site)
-    lowerings = []
-    facts = site.facts
-    rescaled = any(t.scaled_by for t in site.masks)  # excluded scores are fill * a tensor: only the tensor says so
-    # A finite fill (-1e9) is only a score: where a bias (say -1e9 on padded keys) brings every kept
-    # score of a row down to it, eager spreads the row over the "excluded" keys too, a flag does not.
-    fill_competes = bool(real_bias) and any(not math.isinf(t.fill) for t in site.masks)
-    if facts.structural and not rescaled and not fill_competes:
-        flags = dict(causal=facts.causal, window=facts.window)
-        if not real_bias:
-            lowerings.append(Lowering("flag", replace(base, **flags)))
-        else:
-            shape = _canonical_mask_shape(real_bias, site)
-            spec = replace(base, mask=MaskInput.ADDITIVE, mask_shape=shape, **flags)
-            lowerings.append(Lowering("bias+flag", spec, bias=tuple(real_bias)))
-    if not site.bias and not site.masks:
-        lowerings.append(Lowering("none", base))
-    else:
-        terms = [*site.bias, *site.masks]
-        # A huge finite fill (finfo.min) absorbs the score it is added to, so an additive mask
-        # reproduces masked_fill exactly, fully masked rows included; a boolean mask would not.
-        absorbing = any(not math.isinf(t.fill) and t.fill <= torch.finfo(ops.dtype(site.weights)).min / 2
-                        for t in site.masks)
-        single_bool = not site.bias and len(site.masks) == 1 and not absorbing and not rescaled
-        kind = MaskInput.BOOL if single_bool else MaskInput.ADDITIVE
-        scales = [scale for t in site.masks for scale in t.scaled_by if ops.rank(scale.node)]
-        spec = replace(base, mask=kind, mask_shape=_canonical_mask_shape([*terms, *scales], site))
-        lowerings.append(Lowering("tensor", spec, bias=site.bias, masks=site.masks))
-    return lowerings
-
-
-def _key_keep_lowering(site: Site, fills: set[float]) -> list[Lowering]:
-    """For proven key padding (with causal/window flags and nothing unproven): the per-key keep mask
-    (B|1, 1, 1, N) as the mask, for attnfx::padded_attention, which skips padded keys at run time.
-    Needs one exclusion value for every excluded score (it decides rows that keep no key) and the
-    canonical (batch, heads) layout, whose first dim the padding is read along."""
-    facts = site.facts
-    if not facts.key_padding or facts.unproven or len(site.batch_roles) < 2 or len(fills) != 1:
-        return []
-    if any(site.bias[t.later_bias:] or t.scaled_by for t in site.masks):  # the fill varies: bias on top, scaled
-        return []
-    shape = _canonical_mask_shape([*site.bias, *site.masks], site)
-    spec = replace(_base_spec(site), mask=MaskInput.BOOL, mask_shape=(shape[0], 1, 1, shape[3]),
-                   causal=facts.causal, window=facts.window)
-    return [Lowering("key_keep", spec, bias=site.bias, masks=site.masks, per_key=True, fill=fills.pop(),
-                     only=("padded",))]
-
-
-def _base_spec(site: Site) -> AttentionSpec:
-    sizes = {}
-    for arranged in (site.q, site.k, site.v):
-        for role, size in zip(arranged.roles, ops.shape(arranged.node)):
-            sizes[role] = max(sizes.get(role, 1), ops.hint_int(size))
-    nb = len(site.batch_roles)
-    batch_sizes = list(site.batch_sizes)
-    if nb == 0:
-        batch, heads = 1, 1
-    elif nb == 1:
-        batch, heads = 1, batch_sizes[0]
-    else:
-        batch, heads = batch_sizes[0], math.prod(batch_sizes[1:])
-    dynamic = {name for name, arranged, role in (("q_len", site.q, "m"), ("kv_len", site.k, "n"))
-               if ops.static_int(arranged.size(role)) is None}
-    if site.batch_roles and ops.static_int(site.q.size(site.batch_roles[0])) is None:
-        dynamic.add("batch")
-    kv_heads = heads
-    head_roles = site.batch_roles[min(1, nb - 1):] if nb else ()
-    if head_roles and all(r in site.k.roles for r in head_roles):
-        kv_heads = math.prod(ops.hint_int(site.k.size(r)) for r in head_roles)
-    return AttentionSpec(
-        batch=batch, heads=heads, kv_heads=kv_heads, q_len=sizes["m"], kv_len=sizes["n"],
-        head_dim=sizes["e"], value_dim=sizes["f"], dtype=dtype_name(ops.dtype(site.q.node)),
-        scale=site.scale, softcap=site.softcap, dynamic=frozenset(dynamic), dropout_p=site.dropout_p,
-        kind=site.kind, logit_bias=site.logit_bias,
-    )
 
 
 __all__ = ["RULES", "lift", "qk_roles"]

@@ -16,7 +16,7 @@ from attnfx.kernels import Operands, Variant
 from . import ops
 from .layout import Arranged, arrange, broadcast_prefix_sizes, is_batch_role, unflatten_sizes
 from .narrow import pick
-from .site import BiasTerm, Decay, Lowering, Site
+from .site import Alibi, BiasTerm, Decay, Lowering, Site
 
 aten = torch.ops.aten
 SINK_OP = "attnfx::attention"  # the op whose second output (lse) the attention-sink lowering reads
@@ -41,7 +41,8 @@ def emit(graph: Graph, site: Site, lowering: Lowering, variant: Variant, site_in
         k, v = builder.broadcast_batch(site, site.k, k), builder.broadcast_batch(site, site.v, v)
         mask = builder.mask(lowering, ops.dtype(site.q.node))
         decay = builder.decay(site.decay) if lowering.spec.decay else None
-        operands = Operands(q=q, k=k, v=v, mask=mask, decay=decay, fill=lowering.fill)
+        slopes = builder.slopes(lowering.alibi, lowering.spec.heads) if lowering.alibi is not None else None
+        operands = Operands(q=q, k=k, v=v, mask=mask, slopes=slopes, decay=decay, fill=lowering.fill)
         call = variant.call(lowering.spec, operands)
         out = call_node = graph.call_function(call.target, call.args, call.kwargs)
         if call.output_index is not None:
@@ -182,6 +183,17 @@ class _Builder:
         if decay.exp_coeff is not None:
             node = self.call(aten.exp.default, self.call(aten.mul.Tensor, node, decay.exp_coeff))
         return node
+
+    def slopes(self, alibi: Alibi, heads: int) -> Node:
+        """(H,) float32 ALiBi slopes, read at run time from the tensor of the model that holds them."""
+        if alibi.source is None:
+            return self.call(aten.full.default, [heads], alibi.value, dtype=torch.float32)
+        node = self.call(aten.reshape.default, alibi.source, [-1])
+        if alibi.head_dim is None:
+            node = self.call(aten.expand.default, node, [heads])
+        if alibi.term.coeff != 1.0:
+            node = self.call(aten.mul.Tensor, node, alibi.term.coeff)
+        return self.call(aten._to_copy.default, node, dtype=torch.float32)
 
     def key_keep(self, lowering: Lowering) -> Node:
         """The per-key keep mask (B|1, 1, 1, N) of the site's 0/exclusion terms. The proof says the

@@ -18,7 +18,8 @@ from torch.fx import Node
 from attnfx.kernels.variant import call_arguments
 
 from . import ops
-from .attention import _exclusion, _lowerings, _with_checks
+from .attention import _exclusion, _with_checks
+from .lowerings import tensor_and_flag_lowerings
 from .layout import Arranged, Contraction
 from .mask_eval import MaskEvaluator
 from .mask_proof import additive_keep, classify, keep_predicate
@@ -60,7 +61,7 @@ def lift_sdpa(node: Node, evaluator: MaskEvaluator) -> Site | None:
         facts=facts, structures={_BATCH: tuple(ops.shape(q)[:2])},
         batch_sizes=tuple(ops.hint_int(s) for s in ops.shape(q)[:2]), nodes=_with_checks((node,)),
     )
-    site.lowerings = [lowering for lowering in _lowerings(site, []) if lowering.name == "flag"]
+    site.lowerings = [lowering for lowering in tensor_and_flag_lowerings(site, []) if lowering.name == "flag"]
     return site if site.lowerings else None
 
 

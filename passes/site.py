@@ -40,6 +40,12 @@ class Reason(str, enum.Enum):
     NORMALIZER_AXIS = "NORMALIZER_AXIS"
     SOFTMAX_PRESENT = "SOFTMAX_PRESENT"
     NO_VARIANT = "NO_VARIANT"
+    # why a bias term stays a dense tensor instead of ALiBi slopes (the site is still rewritten)
+    ALIBI_NOT_LINEAR = "ALIBI_NOT_LINEAR"
+    ALIBI_READS_DATA = "ALIBI_READS_DATA"
+    ALIBI_SLOPE_AXIS = "ALIBI_SLOPE_AXIS"
+    ALIBI_SHIFT_KEPT = "ALIBI_SHIFT_KEPT"
+    ALIBI_SLOPES_NOT_FOUND = "ALIBI_SLOPES_NOT_FOUND"
     EAGER_FASTEST = "EAGER_FASTEST"
     VERIFICATION_FAILED = "VERIFICATION_FAILED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
@@ -83,6 +89,23 @@ class BiasTerm:
     node: Node
     roles: Roles
     coeff: float = 1.0
+
+
+@dataclass(frozen=True)
+class Alibi:
+    """A bias term proven to be ALiBi, and where its slopes are at run time."""
+
+    term: BiasTerm
+    source: Node | None  # the tensor holding the slopes (times term.coeff); None: `value`
+    head_dim: int | None  # source's dim that indexes heads; None: one slope for every head
+    value: float | None = None  # the slope, when the graph writes it as a number
+    exact: bool = False  # the bias is slopes[h] * (n - m), with no per-row shift
+
+    @property
+    def text(self) -> str:
+        where = f"{self.source.name}" if self.source is not None else f"the constant {self.value:g}"
+        shift = "" if self.exact else " up to a constant per row, which the softmax cancels"
+        return f"ALiBi: {self.term.node.name} is slopes[h] * (n - m){shift}; slopes read from {where}"
 
 
 @dataclass(frozen=True)
@@ -134,6 +157,7 @@ class Lowering:
     per_key: bool = False
     fill: float = -math.inf
     only: tuple[str, ...] = ()  # the variants that may take it (empty: any)
+    alibi: Alibi | None = None  # the bias term passed as ALiBi slopes (with spec.alibi)
 
 
 @dataclass
@@ -162,4 +186,5 @@ class Site:
     decay: Decay | None = None  # a linear site's decay operand
     sink: BiasTerm | None = None  # a logit per row joining the softmax's normaliser only (attention sinks)
     lowerings: list[Lowering] = field(default_factory=list)
+    alibi: Alibi | Refusal | None = None  # a bias term proven ALiBi, or why none is
     nodes: tuple[Node, ...] = ()  # the subgraph the rewrite replaces
