@@ -25,13 +25,12 @@ def score_ops(w: Writer) -> list[ScoreOp]:
         ops.append((term.family, lambda w, term=term: write_term(w, term)))
     if scale.placement == "after_mask":
         ops.append(("scale", lambda w: write_scale(w, "s")))
-    if block.sink != "none":
-        ops.append(("sink", write_sink))
     return ops
 
 
 def write_sink(w: Writer) -> None:
-    """gpt-oss's sink: a learned logit per head (or per query) concatenated after the keys."""
+    """gpt-oss's sink: a learned logit per head (or per query) concatenated after the keys, right before
+    the normalisation (after every score op, a near-miss's included)."""
     if w.block.sink == "per_head":
         w.init("self.sinks = nn.Parameter(torch.randn(H))")
         w.line(f"sink = {w.align('self.sinks', 'h')}  # one logit per head")
