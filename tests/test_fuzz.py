@@ -209,3 +209,19 @@ def test_oracle_compares_outputs_holding_exclusion_values_normwise() -> None:
     assert _compare(want + torch.tensor([[0.0, 1e5 * 96, 0.0]]), want, tolerance) != ""
     small = torch.tensor([[1.0, 2.0, 0.5]])
     assert _compare(small + torch.tensor([[0.0, 1e-2, 0.0]]), small, tolerance) != ""
+
+
+def test_oracle_accepts_a_near_miss_that_is_exact_attention_at_length_one() -> None:
+    """Found by the long run (long6:122): at the edge shape (1, 1, 1) the specialisation's 1x1 `tril`
+    multiplies the scores by 1, so the near-miss is exact attention there and may be rewritten; the
+    oracle then checks its outputs, not its status."""
+    program = _simplest(kind="near_miss", mutation="multiplicative_mask")
+    ns = build(program).namespace
+    model = ns["make_model"]()
+    opt = attnfx.optimize(model, *ns["example_inputs"](*ns["SHAPES"][0]))
+    args, kwargs = ns["example_inputs"](1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(*args, **kwargs), model(*args, **kwargs), **ns["TOLERANCE"])
+    assert [e.status for e in opt.report.entries] == ["REFUSED"], opt.report
+    assert [e.status for e in opt.specializations[0].report.entries] == ["REWRITTEN"]
+    assert check(program).failures == []

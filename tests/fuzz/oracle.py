@@ -1,8 +1,9 @@
 """attnfx's invariant, checked on one generated program.
 
 `optimize()` raises nothing but `CaptureError`; every softmax-like site of every block is in the
-report; a near-miss is never REWRITTEN; the optimised module equals eager at the example, another
-batch and length, and an edge shape (length 1: a re-specialisation); every status and reason code is
+report; a near-miss is never REWRITTEN at the example (in a length-1 specialisation it may be exact
+attention); the optimised module equals eager at the example, another batch and length, and an
+edge shape (length 1: a re-specialisation); every status and reason code is
 one the README documents; and the report agrees with the graph (one fused call per REWRITTEN entry,
 an explicit softmax left in the graph for every explicit site that was not rewritten) — in the
 returned module and in every specialisation it made.
@@ -212,7 +213,8 @@ def _check_report(program: Program, opt: attnfx.OptimizedModule, outcome: Outcom
         elif len(entries) > max(allowed):
             findings.append(Finding("EXTRA_ENTRIES", f"attn{i} has {max(allowed)} softmax-like site(s), "
                                     f"the report lists {len(entries)}", where))
-        if block.mutation:
+        if block.mutation and where == "optimize":  # at an edge shape's specialization (length 1) a near-miss
+            # can be exact attention (a 1x1 `tril` multiplies by 1): there the outputs alone are checked
             _check_near_miss(block.mutation, i, entries, findings, where)
     if attributed != len(report.entries):
         findings.append(Finding("EXTRA_ENTRIES", f"{len(report.entries) - attributed} report entries name no "
