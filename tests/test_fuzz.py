@@ -225,3 +225,18 @@ def test_oracle_accepts_a_near_miss_that_is_exact_attention_at_length_one() -> N
     assert [e.status for e in opt.report.entries] == ["REFUSED"], opt.report
     assert [e.status for e in opt.specializations[0].report.entries] == ["REWRITTEN"]
     assert check(program).failures == []
+
+
+def test_oracle_counts_a_padded_call_its_reader_cannot_restate() -> None:
+    """Found by the long run (long6:191, which stopped it): key padding filled with -1e9 goes to
+    `attnfx::padded_attention`, whose reader raises for that fill; the oracle counts it as fused."""
+    program = draw_program(random_chooser("long6:191"))
+    outcome = check(program)
+    assert [(b.status, b.code) for b in outcome.blocks] == [("REWRITTEN", None)], outcome.explain()
+    assert "padded_attention" in str([n.target for n in _graph_of(program).nodes])
+    assert outcome.failures == [], outcome.explain()
+
+
+def _graph_of(program: Program):
+    ns = build(program).namespace
+    return attnfx.optimize(ns["make_model"](), *ns["example_inputs"](*ns["SHAPES"][0])).graph_module.graph
