@@ -1,6 +1,7 @@
 """The attention fuzzer's long mode: many generated programs, each checked against attnfx's invariant.
 
     python benchmarks/fuzz.py --n 5000 [--seed S] [--json out.json] [--show 3] [--minutes 15]
+    python benchmarks/fuzz.py --n 5000 --jobs 4 --counts counts.txt  # 4 processes; counts rewritten as it goes
     python benchmarks/fuzz.py --replay S:I          # print program I of seed S, its report and findings
     python benchmarks/fuzz.py --n 200 --force softmax=hw_amax --force softmax=hw_nomax --exclude layout=bmm
     python benchmarks/fuzz.py --n 500 --shrink    # also shrink one program per failure class
@@ -9,8 +10,10 @@ Prints: programs, rewritten, not-rewritten blocks by status and reason, misses (
 rewritten) by reason with the features they share, WRONG outputs and CRASHES (both must be 0), and
 every failure class with the source of its shortest program. Program I of seed S is drawn from
 `random.Random(f"{S}:{I}")`, so any key printed here reproduces with --replay (and the same
---force/--exclude flags). Tests pin the cost
-model to the fixed sandbox profile; so does this script, so its decisions match CI's.
+--force/--exclude flags); with --jobs the programs are the same, only the order they finish in
+changes. `--counts FILE` is rewritten with the summary after every program, so a run that is cut
+off still leaves its counts. Tests pin the cost model to the fixed sandbox profile; so does this
+script, so its decisions match CI's.
 """
 from __future__ import annotations
 
@@ -18,10 +21,14 @@ import argparse
 import ast
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="append", default=[], metavar="NAME=VALUE",
                         help="draw NAME only from these values (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--jobs", type=int, default=1, help="check programs in this many processes")
+    parser.add_argument("--counts", type=Path, help="rewrite this file with the counts after every program")
     args = parser.parse_args(argv)
     _pin_cost_model()
     exclude, force = _narrowing(args.exclude), _narrowing(args.force)
@@ -82,22 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         return _replay(args.replay, exclude, force, args.shrink)
     tally = Tally()
     deadline = time.monotonic() + 60 * args.minutes if args.minutes else float("inf")
-    for i in range(args.n):
-        if time.monotonic() > deadline:
-            print(f"stopped after {args.minutes:g} minutes")
-            break
-        key = f"{args.seed}:{i}"
-        program = draw(key, exclude, force)
-        if program is None:
+    started = time.monotonic()
+    for i, (key, outcome) in enumerate(_outcomes(args, exclude, force, deadline)):
+        if outcome is None:
             tally.unsatisfiable += 1
             continue
-        outcome = check(program)
         tally.add(key, outcome)
         if outcome.failures:
             print(f"[{key}] " + "; ".join(f"{f.kind} [{f.where}]" for f in outcome.failures), flush=True)
         if (i + 1) % 50 == 0:
             print(f"... {i + 1} programs, {tally.rewritten}/{tally.positives} positives rewritten, "
                   f"{sum(tally.failures.values())} failures", flush=True)
+        if args.counts:
+            _write_counts(args, tally, time.monotonic() - started)
+    if time.monotonic() > deadline:
+        print(f"stopped after {args.minutes:g} minutes")
     print(tally.summary())
     narrowing = "".join(f" --force {f}" for f in args.force) + "".join(f" --exclude {e}" for e in args.exclude)
     for name, members in sorted(tally.classes.items(), key=lambda item: -len(item[1])):
@@ -110,6 +118,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(tally.to_json(), indent=1))
     return 1 if tally.failures["WRONG"] or tally.failures["CRASH"] else 0
+
+
+def checked(key: str, exclude: dict[str, list], force: dict[str, list]) -> Outcome | None:
+    """The outcome of the program a key draws (None when it draws none), picklable for --jobs."""
+    program = draw(key, exclude, force)
+    return None if program is None else check(program).portable()
+
+
+def _outcomes(args: argparse.Namespace, exclude: dict, force: dict, deadline: float) -> Iterator[tuple[str, Outcome | None]]:
+    """(key, outcome) for programs 0.. of the seed, in this process or --jobs workers, until --n or the deadline."""
+    keys = (f"{args.seed}:{i}" for i in range(args.n))
+    if args.jobs <= 1:
+        for key in keys:
+            if time.monotonic() > deadline:
+                return
+            yield key, checked(key, exclude, force)
+        return
+    context = get_context("spawn")  # a fresh interpreter per worker: no torch state forked mid-use
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill PID: workers stop with the run
+    pool = ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init)
+    running: dict[Future, str] = {}
+    try:
+        while True:
+            while len(running) < 2 * args.jobs and time.monotonic() <= deadline:
+                key = next(keys, None)
+                if key is None:
+                    break
+                running[pool.submit(checked, key, exclude, force)] = key
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield running.pop(future), future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_init() -> None:
+    """One thread per worker (the workers share the cores); the pinned cost-model profile comes with the
+    environment the workers inherit."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _write_counts(args: argparse.Namespace, tally: Tally, elapsed: float) -> None:
+    header = (f"benchmarks/fuzz.py --seed {args.seed} --n {args.n} --jobs {args.jobs}: {tally.programs} programs "
+              f"checked in {elapsed / 60:.1f} min wall ({elapsed / max(tally.programs, 1):.2f} s wall each), "
+              f"updated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+    partial = args.counts.with_name(args.counts.name + ".partial")
+    partial.write_text(header + tally.summary() + "\n")
+    partial.replace(args.counts)
 
 
 def _classes(outcome: Outcome) -> set[str]:

@@ -24,8 +24,8 @@ from torch.fx import Node
 from attnfx.cost_model.spec import Kind, dtype_name
 
 from . import ops
-from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, is_batch_role,
-                     look_through_permutes, read_contraction, unflatten_sizes)
+from .layout import (Arranged, Contraction, Roles, _permute_source, batch_reshape, broadcast_prefix_sizes,
+                     is_batch_role, look_through_permutes, read_contraction, unflatten_sizes)
 from .alibi import first_alibi
 from .mask_eval import MaskEvaluator
 from .lowerings import alibi_lowerings, site_lowerings
@@ -241,8 +241,9 @@ def _value_roles(av: Contraction, probs: Node, prob_roles: Roles) -> tuple[Arran
 
 
 def _before_views(node: Node) -> Node:
-    """The tensor behind the model's own views, reshapes, expands, permutes and casts of it."""
-    while ops.kind(node) in ("reshape", "transpose", "permute", "cast", "identity") \
+    """The tensor behind the model's own views, reshapes, expands, head repeats, permutes and casts of it
+    (a scale before GQA's `repeat_interleave` is as much a scale on V as one after it)."""
+    while ops.kind(node) in ("reshape", "transpose", "permute", "cast", "identity", "repeat_interleave") \
             or ops.target_name(node) in ("expand", "unsqueeze", "flatten", "unflatten", "alias") or _whole_slice(node):
         node = node.args[0]
     return node
@@ -343,7 +344,8 @@ def _check_structures(structures: dict[Roles, tuple], batch_roles: Roles, operan
         sizes = dict(zip(tensor.roles, ops.shape(tensor.node)))
         whole = layout is not None and all(r in sizes and ops.same_size(sizes[r], full)
                                            for r, full in zip(layout, structures[layout]))
-        broadcast = layout is not None and all(ops.static_int(sizes.get(r, 1)) == 1 for r in layout)
+        broadcast = layout is not None and broadcast_prefix_sizes(
+            tuple(sizes.get(r, 1) for r in layout), structures[batch_roles]) is not None
         if not (whole or broadcast):
             return Refusal(Reason.RANK_UNSUPPORTED, f"{tensor.node.name} broadcasts over part of a batch layout "
                            "that the site reshapes", "S")

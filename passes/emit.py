@@ -14,7 +14,7 @@ from attnfx.cost_model.spec import MaskInput
 from attnfx.kernels import Operands, Variant
 
 from . import ops
-from .layout import Arranged, arrange, is_batch_role, unflatten_sizes
+from .layout import Arranged, arrange, broadcast_prefix_sizes, is_batch_role, unflatten_sizes
 from .narrow import pick
 from .site import Alibi, BiasTerm, Decay, Lowering, Site
 
@@ -122,9 +122,9 @@ class _Builder:
         node = arrange(self.graph, arranged, (*layout, *inner))
         if layout == self.batch_roles:
             return node
-        broadcast = all(ops.static_int(arranged.size(r)) == 1 for r in layout)
-        sizes = [1] * len(self.batch_roles) if broadcast else unflatten_sizes(self.structures[self.batch_roles])
-        return self._rebatch(node, len(layout), sizes)
+        canonical = self.structures[self.batch_roles]
+        sizes = broadcast_prefix_sizes(tuple(arranged.size(r) for r in layout), canonical)
+        return self._rebatch(node, len(layout), sizes if sizes is not None else unflatten_sizes(canonical))
 
     def _rebatch(self, node: Node, batch_dims: int, sizes: list[int]) -> Node:
         if batch_dims == 0:

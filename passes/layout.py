@@ -8,6 +8,7 @@ with permutes and unsqueezes, composing through the model's own transposes so th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -136,6 +137,26 @@ def unflatten_sizes(sizes: tuple) -> list[int] | None:
     """Sizes for `unflatten`: static values and at most one -1, else None."""
     values = [ops.unflatten_size(s) for s in sizes]
     return values if values.count(-1) <= 1 else None
+
+
+def broadcast_prefix_sizes(sizes: tuple, canonical: tuple) -> list[int] | None:
+    """Canonical batch sizes for a tensor in another (merged) batch layout that is size 1 on its leading
+    dims and whole, with static sizes, on the rest: Swin's relative-position bias (1, H) added to scores
+    in (B * windows, H) before they are viewed as (B, windows, H). Row-major flattening keeps the
+    trailing dims in place, so they are a suffix of the canonical layout with the same product."""
+    static = [ops.static_int(s) for s in sizes]
+    lead = next((i for i, s in enumerate(static) if s != 1), len(static))
+    if None in static[lead:]:
+        return None
+    trailing = math.prod(static[lead:])
+    suffix, product = len(canonical), 1
+    while product < trailing and suffix > 0:
+        suffix -= 1
+        value = ops.static_int(canonical[suffix])
+        if value is None:
+            return None
+        product *= value
+    return [1] * suffix + [ops.static_int(s) for s in canonical[suffix:]] if product == trailing else None
 
 
 def _permute_source(node: Node) -> tuple[Node, list[int]] | None:

@@ -42,7 +42,10 @@ def tensor_and_flag_lowerings(site: Site, real_bias: list[BiasTerm]) -> list[Low
     lowerings = []
     facts = site.facts
     rescaled = any(t.scaled_by for t in site.masks)  # excluded scores are fill * a tensor: only the tensor says so
-    if facts.structural and not rescaled:
+    # A finite fill (-1e9) is only a score: where a bias (say -1e9 on padded keys) brings every kept
+    # score of a row down to it, eager spreads the row over the "excluded" keys too, a flag does not.
+    fill_competes = bool(real_bias) and any(not math.isinf(t.fill) for t in site.masks)
+    if facts.structural and not rescaled and not fill_competes:
         flags = dict(causal=facts.causal, window=facts.window)
         if not real_bias:
             lowerings.append(Lowering("flag", replace(base, **flags)))

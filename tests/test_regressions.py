@@ -143,8 +143,64 @@ def _scaled_values_merged_heads(q, k, v):
     return torch.bmm(p, v).view(b, H, -1, D)
 
 
-def test_scale_on_values_behind_a_reshape_is_refused() -> None:
-    model = Heads(_scaled_values_merged_heads).eval()
+def _scaled_values_repeated_heads(q, k, v, past: int = 0):
+    """Found by the fuzzer (KNOWN_BROKEN scale_on_values): GQA's `repeat_interleave` between the scale
+    and the merged-heads bmm hid the scale, so the near-miss was rewritten."""
+    b = q.shape[0]
+    k, v = k[:, :2], v[:, :2]  # 2 kv heads
+    if past:
+        cached = torch.ones(b, 2, past, D, dtype=v.dtype)
+        k, v = torch.cat([cached, k], dim=2), torch.cat([cached, v], dim=2)
+    v = v * 0.5
+    k, v = k.repeat_interleave(H // 2, dim=1), v.repeat_interleave(H // 2, dim=1)
+    q, k, v = (z.reshape(b * H, -1, D) for z in (q, k, v))
+    p = torch.bmm(q, k.transpose(1, 2)).mul(D ** -0.5).softmax(-1)
+    return torch.bmm(p, v).view(b, H, -1, D)
+
+
+@pytest.mark.parametrize("attend", [_scaled_values_merged_heads, _scaled_values_repeated_heads,
+                                    lambda q, k, v: _scaled_values_repeated_heads(q, k, v, past=3)],
+                         ids=["reshape", "repeat_interleave", "repeat_interleave_after_cache_concat"])
+def test_scale_on_values_behind_a_reshape_is_refused(attend) -> None:
+    model = Heads(attend).eval()
     opt = attnfx.optimize(model, (_x(),))
     assert [(e.status, e.reason_code) for e in opt.report.entries] == [("REFUSED", "SCALE_ON_VALUES")], opt.report
     _assert_matches_eager(model, opt)
+
+
+# -- a finite fill competes with a finite bias: rows whose every kept key is padded -------------------
+class PaddedWindow(nn.Module):
+    """Found by the long run (long3:131): a softcap, a sliding window filled with -1e9 plus HF's
+    additive -1e9 key padding. With left padding a query's whole window can be padded; eager then spreads that row
+    over every key (all scores are about -1e9), so the window must not become a kernel flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, H, D).permute(2, 0, 3, 1, 4)
+        s = torch.tanh(q @ k.transpose(-2, -1) / 5.0) * 5.0  # a softcap: SDPA cannot take the site
+        s = s + (1.0 - attention_mask[:, None, None, :].to(s.dtype)) * -1e9
+        window = torch.ones(t, t, dtype=torch.bool).tril().triu(-3)
+        s = torch.where(window, s, -1e9)
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, C)
+
+
+def _left_padded(b: int, t: int, kept: int) -> torch.Tensor:
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1:, : t - kept] = 0  # row 0 unpadded; the others keep only their last `kept` keys
+    return mask
+
+
+def test_finite_window_fill_with_an_additive_padding_bias_keeps_eager_on_padded_rows() -> None:
+    model = PaddedWindow().eval()
+    opt = attnfx.optimize(model, (_x(), _left_padded(B, T, 8)))
+    entry, = opt.report.entries
+    assert (entry.status, entry.lowering) == ("REWRITTEN", "tensor"), opt.report
+    for b, t, kept in ((B, T, 8), (3, 7, 2), (2, 9, 1)):
+        x, mask = _x(b, t), _left_padded(b, t, kept)
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x, mask), model(x, mask), atol=1e-5, rtol=1e-5)

@@ -27,6 +27,7 @@ EINSUM_LETTERS = ("bhmndg", "thxpiu", "zyxwvu", "BHQKDG")
 EINSUM_Q_LAYOUTS = ("bmhd", "bhmd")
 EINSUM_SCORES = ("bhmn", "bmhn")
 SOFTCAPS = (None, 20.0, 5.0)
+SINKS = ("none", "per_head", "per_query")  # a learned logit column joining the keys (gpt-oss, StreamingLLM)
 SOFTCAP_SPELLINGS = ("tanh_div", "method", "cap_first", "mul_inverse")
 PLACEMENTS = ("scores", "q", "k", "none", "after_mask", "after_softcap")
 SCALE_VALUES = (SQRT_D, 1.0, 0.3, 2.0, -0.5)
@@ -64,7 +65,7 @@ DIMENSIONS: dict[str, tuple] = {
     "kind": ("positive", "near_miss"), "mutation": tuple(MUTATIONS), "projection": PROJECTIONS, "kv_heads": KV_HEADS,
     "layout": LAYOUTS, "gqa": ("none",) + GQA, "qk": ("default",) + QK_SPELLINGS["matmul"],
     "einsum.letters": EINSUM_LETTERS, "einsum.q_layout": EINSUM_Q_LAYOUTS, "einsum.scores": EINSUM_SCORES,
-    "softcap": SOFTCAPS, "softcap.spelling": SOFTCAP_SPELLINGS, "terms": (0, 1, 2), "term": (*EXCLUSIONS, *BIASES),
+    "softcap": SOFTCAPS, "softcap.spelling": SOFTCAP_SPELLINGS, "sink": SINKS, "terms": (0, 1, 2), "term": (*EXCLUSIONS, *BIASES),
     **{f"{family}.spelling": spellings for family, spellings in {**EXCLUSIONS, **BIASES}.items()},
     "mask.apply": MASK_APPLY, "mask.fill": FILLS, "bias.apply": BIAS_APPLY, "scale.placement": PLACEMENTS,
     "scale.value": SCALE_VALUES, "scale.form": SCALE_FORMS, "scale.op": ("mul", "div"),
@@ -119,6 +120,7 @@ class Block:
     softcap_spelling: str
     terms: tuple[Term, ...]
     scale: Scale
+    sink: str  # see SINKS: concatenated to the scores before the softmax, its weight sliced off after
     softmax: str
     upcast: str
     dropout: str
@@ -203,10 +205,11 @@ def _draw_fields(choose: Chooser, mutation: str | None) -> Block:
     softcap_spelling = choose("softcap.spelling", SOFTCAP_SPELLINGS) if softcap else ""
     terms = _draw_terms(choose, projection)
     scale = _draw_scale(choose, softcap is not None, bool(terms))
+    sink = choose("sink", ("none",) * 4 + SINKS[1:])
     softmax = choose("softmax", EXPLICIT_SOFTMAX * 3 + HANDWRITTEN_SOFTMAX)
     upcasts = UPCASTS if softmax in EXPLICIT_SOFTMAX and softmax != "module" else UPCASTS[:2]
     return Block(mutation=mutation, projection=projection, kv_heads=kv_heads, gqa=gqa, layout=layout, qk=qk,
-                 einsum=einsum, softcap=softcap, softcap_spelling=softcap_spelling, terms=terms, scale=scale,
+                 einsum=einsum, softcap=softcap, softcap_spelling=softcap_spelling, terms=terms, scale=scale, sink=sink,
                  softmax=softmax, upcast=choose("upcast", upcasts), dropout=choose("dropout", DROPOUTS),
                  out_proj=choose("out_proj", (True, False)))
 

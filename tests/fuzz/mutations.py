@@ -28,6 +28,7 @@ class Mutation:
     normalise: Hook | None = None  # (w) -> p: replaces the softmax
     probs: Hook | None = None  # (w, p) -> p
     transposed_av: bool = False
+    sink_slice: str = "[..., :-1]"  # how a block with a sink drops the sink's weight after the softmax
 
 
 def _future(w) -> str:
@@ -105,6 +106,10 @@ def _relu_normalised(w) -> str:
     return "p"
 
 
+def _value_row_for_sink(w) -> None:
+    w.line("v = torch.cat([v, torch.ones_like(v[:, :1])], dim=1)  # a value row that the sink's weight weighs")
+
+
 def _codes(*codes: str) -> frozenset[str]:
     return frozenset(codes)
 
@@ -124,7 +129,8 @@ MUTATIONS: dict[str, Mutation] = {
         lambda w: w.line(f"s = s.masked_fill(s < s.mean(dim={w.dim('n')}, keepdim=True), float('-inf'))"))),
     "sigmoid_renormalised": Mutation(_codes("PROBS_ESCAPE", "PROBS_MODIFIED"), {"softmax": ("F.softmax",),
                                      "upcast": ("none",)}, sites=(0, 1), normalise=_sigmoid_renormalised),
-    "relu_normalised": Mutation(_codes(), {"softmax": ("F.softmax",), "upcast": ("none",)}, sites=(0,),
+    "relu_normalised": Mutation(_codes("FEATURE_MAP_AFTER_PRODUCT"), {"softmax": ("F.softmax",), "upcast": ("none",)},
+                                sites=(0, 1),  # the linear rule lists it when it reads a map after QK
                                 normalise=_relu_normalised),
     "relu_scores": Mutation(_codes("SCORE_OP_UNSUPPORTED"), scores=_last(lambda w: w.line("s = F.relu(s)"))),
     "zero_fill": Mutation(_codes("UNPROVEN_MASK"), scores=_last(
@@ -137,6 +143,11 @@ MUTATIONS: dict[str, Mutation] = {
     "multiplicative_mask": Mutation(_codes("SCALE_NOT_SCALAR"), scores=_last(_multiplicative)),
     "probs_transposed_av": Mutation(_codes("PROBS_WRONG_AXIS"), {"projection": ("separate", "fused"),
                                     "layout": ("matmul",), "gqa": PLAIN_HEADS["gqa"]}, transposed_av=True),
+    "sink_not_sliced": Mutation(_codes("SCORE_OP_UNSUPPORTED"), {"sink": ("per_head", "per_query"),
+                                "layout": ("matmul", "ellipsis"), "gqa": ("none", "repeat_interleave", "broadcast")},
+                                values=_value_row_for_sink, sink_slice=""),
+    "sink_sliced_first": Mutation(_codes("NO_AV_CONTRACTION"), {"sink": ("per_head", "per_query")},
+                                  sink_slice="[..., 1:]"),
     "wrong_max_axis": Mutation(_codes(), {"softmax": ("hw_amax", "hw_max_values", "hw_max_indexed", "hw_detached")},
                                sites=(0, 1), softmax={"max_role": "m"}),
 }

@@ -1,8 +1,9 @@
 """attnfx's invariant, checked on one generated program.
 
 `optimize()` raises nothing but `CaptureError`; every softmax-like site of every block is in the
-report; a near-miss is never REWRITTEN; the optimised module equals eager at the example, another
-batch and length, and an edge shape (length 1: a re-specialisation); every status and reason code is
+report; a near-miss is never REWRITTEN at the example (in a length-1 specialisation it may be exact
+attention); the optimised module equals eager at the example, another batch and length, and an
+edge shape (length 1: a re-specialisation); every status and reason code is
 one the README documents; and the report agrees with the graph (one fused call per REWRITTEN entry,
 an explicit softmax left in the graph for every explicit site that was not rewritten) — in the
 returned module and in every specialisation it made.
@@ -12,12 +13,13 @@ from __future__ import annotations
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch.utils import _pytree as pytree
 
 import attnfx
@@ -30,7 +32,7 @@ from .render import Case, build
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 FAILURES = ("CRASH", "WRONG", "NEAR_MISS_REWRITTEN", "UNREPORTED", "EXTRA_ENTRIES", "COUNT_MISMATCH",
-            "UNDOCUMENTED", "GENERATOR_ERROR")
+            "UNDOCUMENTED", "GENERATOR_ERROR", "ORACLE_ERROR")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class Outcome:
     def failures(self) -> list[Finding]:
         return [f for f in self.findings if f.kind in FAILURES]
 
+    def portable(self) -> Outcome:
+        """This outcome without the program's executed namespace (its model and functions), so it pickles
+        back from a worker process."""
+        return replace(self, case=replace(self.case, namespace={}))
+
     def explain(self) -> str:
         """The failures and the program's source, ready to paste into a regression test."""
         lines = [f"{f.kind} [{f.where}]: {f.detail}" for f in self.findings]
@@ -82,10 +89,20 @@ def check(program: Program) -> Outcome:
     case = build(program)
     outcome = Outcome(case)
     try:
-        _check(case, outcome)
+        with without_fake_tensor_cache():
+            _check(case, outcome)
+    except Exception as exc:  # noqa: BLE001 - the oracle's own bug: recorded, so a long run goes on
+        outcome.findings.append(Finding("ORACLE_ERROR", _short(exc, with_frame=True), "oracle"))
     finally:
         outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def without_fake_tensor_cache() -> Any:
+    """Captures with fake-tensor dispatch caching off: a fuzz program's ops rarely repeat with the same
+    symbolic shapes, so building and validating cache entries costs more than the hits save (export
+    then takes about half the time). The cache is an optimisation only: what is captured is the same."""
+    return dynamo_config.patch(fake_tensor_cache_enabled=False)
 
 
 def _check(case: Case, outcome: Outcome) -> None:
@@ -198,7 +215,8 @@ def _check_report(program: Program, opt: attnfx.OptimizedModule, outcome: Outcom
         elif len(entries) > max(allowed):
             findings.append(Finding("EXTRA_ENTRIES", f"attn{i} has {max(allowed)} softmax-like site(s), "
                                     f"the report lists {len(entries)}", where))
-        if block.mutation:
+        if block.mutation and where == "optimize":  # at an edge shape's specialization (length 1) a near-miss
+            # can be exact attention (a 1x1 `tril` multiplies by 1): there the outputs alone are checked
             _check_near_miss(block.mutation, i, entries, findings, where)
     if attributed != len(report.entries):
         findings.append(Finding("EXTRA_ENTRIES", f"{len(report.entries) - attributed} report entries name no "
@@ -235,8 +253,15 @@ def _check_graph(program: Program, opt: attnfx.OptimizedModule, findings: list[F
 
 
 def _is_fused(node: torch.fx.Node) -> bool:
-    """An attention call some variant reads back: SDPA or any attnfx op."""
-    return any(variant.read(node) is not None for variant in kernels.VARIANTS)
+    """An attention call some variant reads back: SDPA or any attnfx op. A reader that raises has
+    recognised its op in a call it cannot restate as a spec (long6: padded_attention with fill -1e9)."""
+    for variant in kernels.VARIANTS:
+        try:
+            if variant.read(node) is not None:
+                return True
+        except ValueError:
+            return True
+    return False
 
 
 def _short(exc: BaseException, with_frame: bool = False) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from .grammar import C, D, H, PAST, TABLE, WINDOW, Block, Program
 from .layouts import write_av, write_scores
 from .mutations import MUTATIONS, Mutation
-from .scoreops import score_ops, write_scale, write_softmax
+from .scoreops import score_ops, write_scale, write_sink, write_softmax
 from .writer import Writer
 
 TOLERANCES = {"float32": {"atol": 1e-4, "rtol": 1e-4}, "bfloat16": {"atol": 5e-2, "rtol": 5e-2}}
@@ -68,7 +68,12 @@ def _block_class(block: Block, index: int) -> tuple[str, bool]:
         mutation.scores(w, ops)
     for _, write in ops:
         write(w)
+    if block.sink != "none":
+        write_sink(w)
     p = mutation.normalise(w) if mutation.normalise else write_softmax(w, **mutation.softmax)
+    if block.sink != "none" and mutation.sink_slice:
+        w.line(f"p = {p}{mutation.sink_slice}  # the sink's weight dropped")
+        p = "p"
     if mutation.probs:
         p = mutation.probs(w, p)
     p = _dropout(w, p)

@@ -28,6 +28,19 @@ def score_ops(w: Writer) -> list[ScoreOp]:
     return ops
 
 
+def write_sink(w: Writer) -> None:
+    """gpt-oss's sink: a learned logit per head (or per query) concatenated after the keys, right before
+    the normalisation (after every score op, a near-miss's included)."""
+    if w.block.sink == "per_head":
+        w.init("self.sinks = nn.Parameter(torch.randn(H))")
+        w.line(f"sink = {w.align('self.sinks', 'h')}  # one logit per head")
+    else:
+        w.init("self.sinks = nn.Parameter(torch.randn(TABLE))")
+        w.line(f"sink = {w.align('self.sinks[:m]', 'm')}  # one logit per query")
+    assert w.dim("n") == -1, "the sink joins the keys as the scores' last column"
+    w.line("s = torch.cat([s, sink.expand(*s.shape[:-1], 1)], dim=-1)  # (..., n + 1)")
+
+
 def write_scale(w: Writer, target: str) -> None:
     """`target = target * scale` (or `/ (1 / scale)`) in the form the block holds the factor."""
     scale: Scale = w.block.scale

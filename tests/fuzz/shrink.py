@@ -42,7 +42,7 @@ def simplifications(program: Program) -> Iterator[Program]:
 def _block_simplifications(block: Block) -> Iterator[Block]:
     edits = [{"mutation": None}]
     edits += [{"terms": block.terms[:i] + block.terms[i + 1:]} for i in range(len(block.terms))]
-    edits += [{"softcap": None, "softcap_spelling": ""}, {"scale": Scale("none")},
+    edits += [{"softcap": None, "softcap_spelling": ""}, {"scale": Scale("none")}, {"sink": "none"},
               {"scale": replace(block.scale, form="literal", op="mul")},
               {"kv_heads": H, "gqa": "none"}, {"layout": "matmul", "einsum": None, "qk": "at"},
               {"projection": "separate"}, {"softmax": "F.softmax", "upcast": "none"}, {"upcast": "none"},

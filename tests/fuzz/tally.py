@@ -16,7 +16,7 @@ def features(program: Program, block: Block) -> list[str]:
     found = [f"dtype={program.dtype}", f"projection={block.projection}", f"kv_heads={block.kv_heads}",
              f"gqa={block.gqa}", f"layout={block.layout}", f"softcap={block.softcap}",
              f"scale={scale.placement}/{scale.form}", f"softmax={block.softmax}", f"upcast={block.upcast}",
-             f"dropout={block.dropout}"]
+             f"dropout={block.dropout}", f"sink={block.sink}"]
     if block.einsum:
         found.append(f"einsum.scores={block.einsum.scores}")
     for term in block.terms:
