@@ -29,8 +29,11 @@ MAX_SOURCE_SEARCH = 64  # ancestors of the bias looked at for the tensor holding
 _STAGE = "alibi"
 
 
-def prove_alibi(term: BiasTerm, evaluator: MaskEvaluator, kind: Kind, batch_roles: Roles) -> Alibi | Refusal:
-    """`term` as ALiBi over the site's canonical heads, or the refusal saying which part does not fit."""
+def prove_alibi(term: BiasTerm, evaluator: MaskEvaluator, kind: Kind, batch_roles: Roles, sink: bool = False
+                ) -> Alibi | Refusal:
+    """`term` as ALiBi over the site's canonical heads, or the refusal saying which part does not fit.
+    With an attention sink the row's normaliser holds a logit the shift does not move, so, as for a
+    sigmoid, only the exact form is ALiBi."""
     value = evaluator.value(term.node)
     if is_predicate(value.expr):
         return _refusal(Reason.ALIBI_NOT_LINEAR, term, "is a boolean tensor added to the scores")
@@ -57,13 +60,16 @@ def prove_alibi(term: BiasTerm, evaluator: MaskEvaluator, kind: Kind, batch_role
     if kind is Kind.SIGMOID and not exact:
         return _refusal(Reason.ALIBI_SHIFT_KEPT, term, "is ALiBi up to a per-row constant, which a sigmoid does "
                         "not cancel (only a softmax does)")
+    if sink and not exact:
+        return _refusal(Reason.ALIBI_SHIFT_KEPT, term, "is ALiBi up to a per-row constant, which a softmax with an "
+                        "attention sink does not cancel (the sink's logit is not shifted)")
     return _with_source(term, evaluator, slope, head, exact)
 
 
-def first_alibi(real_bias: list[BiasTerm], evaluator: MaskEvaluator, kind: Kind, batch_roles: Roles
-                 ) -> Alibi | Refusal | None:
+def first_alibi(real_bias: list[BiasTerm], evaluator: MaskEvaluator, kind: Kind, batch_roles: Roles,
+                sink: bool = False) -> Alibi | Refusal | None:
     """The first bias term proven to be ALiBi, else why the first one is not (None: no bias)."""
-    proofs = [prove_alibi(t, evaluator, kind, batch_roles) for t in real_bias]
+    proofs = [prove_alibi(t, evaluator, kind, batch_roles, sink) for t in real_bias]
     return next((p for p in proofs if isinstance(p, Alibi)), proofs[0] if proofs else None)
 
 

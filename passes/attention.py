@@ -321,7 +321,7 @@ def _build_site(weights: Node, kind: Kind, sp: ScorePath, algebra: ScoreAlgebra,
         nodes=_with_checks((c.node, *sp.path, weights, *prob_path, av.node)),
     )
     real_bias = [t for t, keep in zip(site.bias, bias_keeps) if keep is None]
-    site.alibi = first_alibi(real_bias, evaluator, kind, batch_roles)
+    site.alibi = first_alibi(real_bias, evaluator, kind, batch_roles, sink=site.sink is not None)
     site.lowerings = site_lowerings(site, real_bias, evaluator)
     if isinstance(site.alibi, Alibi):
         site.lowerings[0:0] = alibi_lowerings(site, site.alibi, real_bias, evaluator)

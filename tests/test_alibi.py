@@ -135,3 +135,40 @@ def test_mpt_generates_eagers_tokens_through_the_backend_with_slopes() -> None:
     entries = [e for r in attnfx.reports(model) for e in r.entries]
     assert entries and all(e.status == "REWRITTEN" and e.lowering.startswith("alibi+") for e in entries)
     torch._dynamo.reset()
+
+
+class SinkAlibi(nn.Module):
+    """MPT's per-row-shifted ALiBi (or the exact form) on scores that also get an attention sink: the
+    sink's logit is not shifted, so only the exact form is ALiBi (found by the fuzzer, long8:2)."""
+
+    def __init__(self, exact: bool) -> None:
+        super().__init__()
+        self.exact = exact
+        self.qkv = nn.Linear(32, 96)
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+        self.sinks = nn.Parameter(torch.tensor([0.3, -0.2, 1.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        keys = torch.arange(n, device=x.device)
+        positions = keys.view(1, -1) - keys.view(-1, 1) if self.exact else torch.arange(1 - n, 1).view(1, -1)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + self.slopes.view(-1, 1, 1) * positions
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, n, -1)
+        p = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+        return (p @ v).transpose(1, 2).reshape(b, n, 32)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_with_a_sink_only_exact_alibi_is_taken(exact: bool) -> None:
+    model = SinkAlibi(exact).eval()
+    x = torch.randn(2, 12, 32)
+    opt = attnfx.optimize(model, (x,), variants=["attnfx_chunked"])
+    (e,) = opt.report.entries
+    assert e.status == "REWRITTEN", opt.report
+    if exact:
+        assert e.spec.alibi and e.alibi.startswith("ALiBi: ")
+    else:
+        assert not e.spec.alibi and e.alibi.startswith("ALIBI_SHIFT_KEPT: ") and "attention sink" in e.alibi
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), atol=1e-5, rtol=1e-5)
