@@ -67,18 +67,24 @@ def prompt(batch: int, length: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def contenders(name: str, example: dict[str, torch.Tensor]) -> dict[str, Any]:
-    models = {"eager": build(name, "eager"), "compile": build(name, "eager"), "attnfx": build(name, "eager")}
-    try:
-        models.update({"sdpa": build(name, "sdpa"), "sdpa+compile": build(name, "sdpa")})
-    except ValueError as exc:  # HF has no sdpa attention for this family (Gemma 2)
-        print(f"  no HF sdpa contenders: {str(exc).splitlines()[0][:120]}")
-    for key, backend in (("compile", "inductor"), ("sdpa+compile", "inductor"), ("attnfx", "attnfx")):
-        if key in models:
+def contenders(name: str, example: dict[str, torch.Tensor], wanted: tuple[str, ...] = CONTENDERS) -> dict[str, Any]:
+    """Each wanted contender (eager always: it gives the reference tokens), on its own copy of the weights."""
+    compiled = {"compile": ("eager", "inductor"), "sdpa+compile": ("sdpa", "inductor"), "attnfx": ("eager", "attnfx")}
+    models = {}
+    for key in wanted:
+        if key == "optimize":
+            started = time.perf_counter()
+            models[key] = attnfx.optimize(build(name, "eager"), (), example)
+            print(f"  attnfx.optimize() took {time.perf_counter() - started:.1f} s")
+            continue
+        attention, backend = compiled.get(key, (key, None))
+        try:
+            models[key] = build(name, attention)
+        except ValueError as exc:  # HF has no sdpa attention for this family (Gemma 2)
+            print(f"  no {key} contender: {str(exc).splitlines()[0][:120]}")
+            continue
+        if backend is not None:
             models[key].forward = torch.compile(models[key].forward, backend=backend)
-    started = time.perf_counter()
-    models["optimize"] = attnfx.optimize(build(name, "eager"), (), example)
-    print(f"  attnfx.optimize() took {time.perf_counter() - started:.1f} s")
     return {key: models[key] for key in CONTENDERS if key in models}
 
 
@@ -137,6 +143,8 @@ def _seconds(fn: Callable[[], Any]) -> float:
 def report_sites(models: dict[str, Any]) -> None:
     """What attnfx did in each graph of the backend contender (and why, where it kept a site)."""
     for key in ("attnfx", "optimize"):
+        if key not in models:
+            continue
         for report in attnfx.reports(models[key]):
             kept = [f"{e.reason_code}" for e in report.entries if e.status != "REWRITTEN"]
             variants = sorted({e.variant for e in report.entries if e.status == "REWRITTEN"})
@@ -151,6 +159,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--new", type=int, default=64, help="new tokens per generate")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS),
+                        help="eager and attnfx always run (eager's tokens are the reference)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 keeps OpenMP barrier stalls out of a loaded "
                              "machine's timings")
@@ -163,7 +173,8 @@ def main() -> None:
     rows = []
     for name in ns.models:
         print(f"{name}:")
-        models = contenders(name, prompt(ns.batches[0], ns.prompts[0]))
+        wanted = tuple(c for c in CONTENDERS if c in ns.contenders or c in ("eager", "attnfx"))
+        models = contenders(name, prompt(ns.batches[0], ns.prompts[0]), wanted)
         for length in ns.prompts:
             for batch in ns.batches:
                 times = measure(models, prompt(batch, length), ns.new, ns.repeats)
