@@ -197,6 +197,10 @@ def _flex_refusal(spec: AttentionSpec, device: str) -> str | None:
     reason = kind_refusal("flex", Kind.SOFTMAX, spec) or runtime_refusal(spec.torch_dtype, device)
     if reason is None and {"q_len", "kv_len"} & spec.dynamic:
         return "flex compiles one kernel per sequence length (seconds each) and this site's length is dynamic"
+    if reason is None and device == "cpu" and spec.kv_len % BLOCK:
+        return (f"Inductor's CPU FlexAttention gave wrong outputs at key lengths that are not a multiple of its "
+                f"{BLOCK}-key block (e.g. 200 queries x 200 keys, 4 x 8, with torch 2.13); this site has "
+                f"{spec.kv_len} keys")
     return reason
 
 
