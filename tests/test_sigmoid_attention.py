@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import attnfx
+from attnfx.kernels.variant import call_arguments
 import attention_cases as cases
 from attention_cases import Projected, inputs
 
@@ -88,7 +89,8 @@ def test_causal_sigmoid_is_proven_causal(attend) -> None:
     assert entry.mask == "causal top-left (n <= m)"
     assert (entry.lowering, entry.spec.causal.value) == ("flag", "top_left")
     (call,) = _calls(opt, "attnfx::sigmoid_attention")
-    assert call.args[3] is None and call.args[7] == "top_left"  # no mask tensor: the band is the kernel's
+    arguments = call_arguments(call)
+    assert arguments["bias"] is None and arguments["causal"] == "top_left"  # no mask tensor: the band is the kernel's
     x = inputs(1024)
     with torch.no_grad():  # unnormalised weights: each output sums ~500 terms, in another order
         torch.testing.assert_close(opt(*x), model(*x), rtol=1e-4, atol=1e-4)
