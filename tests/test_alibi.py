@@ -45,8 +45,9 @@ def test_mpt_alibi_is_passed_as_slopes() -> None:
                                        rtol=1e-4, atol=1e-5)
 
 
-class SigmoidMpt(nn.Module):
-    """Sigmoid attention with MPT's bias: ALiBi only up to a per-row constant, which a sigmoid keeps."""
+class AlibiScores(nn.Module):
+    """Four heads of eight with ALiBi scores: the exact form (n - m) or MPT's, shifted per row by a
+    constant (n - N + 1), which only a softmax with no other logit cancels."""
 
     def __init__(self, exact: bool) -> None:
         super().__init__()
@@ -54,13 +55,21 @@ class SigmoidMpt(nn.Module):
         self.qkv = nn.Linear(32, 96)
         self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, v)"""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
         keys = torch.arange(n, device=x.device)
         positions = keys.view(1, -1) - keys.view(-1, 1) if self.exact else torch.arange(1 - n, 1).view(1, -1)
-        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + self.slopes.view(-1, 1, 1) * positions
-        return (torch.sigmoid(scores - 2.0) @ v).transpose(1, 2).reshape(b, n, 32)
+        return q @ k.transpose(-1, -2) / 8 ** 0.5 + self.slopes.view(-1, 1, 1) * positions, v
+
+
+class SigmoidMpt(AlibiScores):
+    """Sigmoid attention with MPT's bias: ALiBi only up to a per-row constant, which a sigmoid keeps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, v = self.scores(x)
+        return (torch.sigmoid(scores - 2.0) @ v).transpose(1, 2).reshape(*x.shape)
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -137,23 +146,17 @@ def test_mpt_generates_eagers_tokens_through_the_backend_with_slopes() -> None:
     torch._dynamo.reset()
 
 
-class SinkAlibi(nn.Module):
+class SinkAlibi(AlibiScores):
     """MPT's per-row-shifted ALiBi (or the exact form) on scores that also get an attention sink: the
     sink's logit is not shifted, so only the exact form is ALiBi (found by the fuzzer, long8:2)."""
 
     def __init__(self, exact: bool) -> None:
-        super().__init__()
-        self.exact = exact
-        self.qkv = nn.Linear(32, 96)
-        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+        super().__init__(exact)
         self.sinks = nn.Parameter(torch.tensor([0.3, -0.2, 1.0, 0.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
-        keys = torch.arange(n, device=x.device)
-        positions = keys.view(1, -1) - keys.view(-1, 1) if self.exact else torch.arange(1 - n, 1).view(1, -1)
-        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 + self.slopes.view(-1, 1, 1) * positions
+        scores, v = self.scores(x)
         sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, n, -1)
         p = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
         return (p @ v).transpose(1, 2).reshape(b, n, 32)
